@@ -1,0 +1,154 @@
+"""What the fused linear ops share: input checks, dropping masked tokens, chunking, the products.
+
+A fused linear op sees hidden ``(N, H)``, weight ``(V, H)``, optional bias ``(V,)`` and target ``(N,)``.
+Tokens whose target is ``ignore_index`` are dropped first, so no product ever touches them; the
+valid tokens are processed in chunks of ``C`` rows whose ``(C, V)`` logits fit a memory budget.
+Gradients of the weight and bias are accumulated in fp32 across chunks (rounding each chunk's
+product to bf16 before summing biases training) and skipped when they are not required.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_linear_inputs(
+    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the argument when the shapes or dtypes do not fit.
+
+    Expected: hidden ``(N, H)`` float, weight ``(V, H)`` float, target ``(N,)`` integer, bias ``(V,)`` or None.
+    """
+    for name, t in (("hidden", hidden), ("weight", weight), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"hidden must be a floating-point tensor, got dtype {hidden.dtype}")
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
+    if target.dtype.is_floating_point or target.dtype == torch.bool or target.is_complex():
+        raise TypeError(f"target must be an integer tensor (int64), got dtype {target.dtype}")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must have shape (N, H), got {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (V, H), got {tuple(weight.shape)}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden's last dimension H={hidden.shape[1]} must match weight (V, H) with H={weight.shape[1]}"
+        )
+    if target.shape != hidden.shape[:1]:
+        raise ValueError(f"target must have shape (N,) = ({hidden.shape[0]},), got {tuple(target.shape)}")
+    if hidden.shape[0] == 0:
+        raise ValueError("hidden is empty: expected at least one token (N >= 1)")
+    if weight.shape[0] == 0:
+        raise ValueError("weight is empty: expected a vocabulary of at least one row (V >= 1)")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"bias must be a floating-point tensor or None, got {getattr(bias, 'dtype', type(bias))}")
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    devices = {t.device for t in (hidden, weight, target) + ((bias,) if bias is not None else ())}
+    if len(devices) > 1:
+        raise ValueError(f"hidden, weight, target and bias must be on one device, got {sorted(map(str, devices))}")
+
+
+def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype of the products: autocast's when it is on, else the common dtype of hidden and weight."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    if hidden.dtype != weight.dtype:
+        raise TypeError(
+            f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype outside autocast"
+        )
+    return hidden.dtype
+
+
+def valid_token_index(target: torch.Tensor, ignore_index: int, vocab: int) -> torch.Tensor:
+    """Indices ``(M,)`` of the tokens whose target is not ``ignore_index``, after checking the targets.
+
+    One host synchronisation per call: it reads the count of valid and of out-of-range targets
+    together, to size the products over valid tokens only and to reject bad targets.
+    """
+    valid = target != ignore_index
+    out_of_range = valid & ((target < 0) | (target >= vocab))
+    n_valid, n_bad = torch.stack((valid.sum(), out_of_range.sum())).tolist()
+    if n_bad:
+        bad = target[out_of_range][:5].tolist()
+        raise ValueError(
+            f"target must lie in [0, V) = [0, {vocab}) or equal ignore_index={ignore_index}; "
+            f"{n_bad} values do not, e.g. {bad}"
+        )
+    return torch.nonzero_static(valid, size=n_valid).squeeze(1)
+
+
+def chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, chunk_bytes: int | None) -> int:
+    """Rows per chunk such that a ``(rows, V)`` logits buffer of ``dtype`` fits ``chunk_bytes``."""
+    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    if budget <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    per_row = vocab * torch.empty((), dtype=dtype).element_size()
+    return max(1, min(n_rows, budget // per_row))
+
+
+def project(h_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """``out = h_chunk @ weight.T + bias``: logits ``(C, V)`` of one chunk, written into ``out``."""
+    if bias is None:
+        return torch.mm(h_chunk, weight.t(), out=out)
+    return torch.addmm(bias, h_chunk, weight.t(), out=out)
+
+
+def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for an fp32 ``acc`` without rounding ``a @ b`` to the inputs' dtype first."""
+    if acc.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+@dataclass
+class LinearGrads:
+    """Gradient buffers of a fused linear op: ``hidden (N, H)``, ``weight (V, H)`` fp32, ``bias (V,)`` fp32.
+
+    A buffer is None when its input does not require grad.
+    """
+
+    hidden: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+    @classmethod
+    def allocate(cls, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs: tuple[bool, bool, bool]):
+        acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        return cls(
+            hidden=torch.zeros_like(hidden, memory_format=torch.contiguous_format) if needs[0] else None,
+            weight=torch.zeros(weight.shape, device=weight.device, dtype=acc_dtype) if needs[1] else None,
+            bias=torch.zeros(bias.shape, device=bias.device, dtype=acc_dtype) if (needs[2] and bias is not None) else None,
+        )
+
+    def add_chunk(self, grad_logits: torch.Tensor, h_chunk: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> None:
+        """Add one chunk: ``grad_logits (C, V)`` of the tokens ``rows (C,)`` whose hidden states are ``h_chunk (C, H)``."""
+        if self.hidden is not None:
+            self.hidden.index_copy_(0, rows, torch.mm(grad_logits, weight).to(self.hidden.dtype))
+        if self.weight is not None:
+            addmm_fp32_(self.weight, grad_logits.t(), h_chunk)
+        if self.bias is not None:
+            self.bias += grad_logits.sum(0, dtype=self.bias.dtype)
+
+    def scaled(self, scale: torch.Tensor | None) -> "LinearGrads":
+        """The buffers multiplied by a scalar upstream gradient (None leaves them as they are)."""
+        if scale is None:
+            return self
+        mul = lambda g: None if g is None else g * scale.to(g.dtype)  # noqa: E731
+        return LinearGrads(mul(self.hidden), mul(self.weight), mul(self.bias))
+
+    def as_inputs(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        """``(grad_hidden, grad_weight, grad_bias)`` in the dtypes of the inputs they belong to."""
+        grad_weight = None if self.weight is None else self.weight.to(weight.dtype)
+        grad_bias = None if self.bias is None or bias is None else self.bias.to(bias.dtype)
+        return self.hidden, grad_weight, grad_bias

@@ -1,0 +1,127 @@
+"""Fused linear cross-entropy: ``CE(hidden @ weight.T + bias, target)`` without the ``(N, V)`` logits.
+
+For ``reduction="mean"`` or ``"sum"`` every token's gradient is known in the forward pass, so each
+chunk of valid tokens costs 3 products (logits, grad-hidden, grad-weight) and the backward only
+scales the stored gradients by the upstream scalar. ``reduction="none"`` goes through the
+recomputing base (:class:`~liger_align.kernels.linear_logprobs.LinearTokenObjectiveFunction`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import use_triton
+from ._linear_chunks import (
+    LinearGrads, check_linear_inputs, chunk_rows, compute_dtype, project, valid_token_index,
+)
+from ._row_softmax import row_grad_, row_stats
+from .linear_logprobs import LogitOptions, linear_token_objective
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    """Scalar ``sum_i CE_i / denominator`` with gradients computed in the forward pass.
+
+    ``CE_i = lse_i - (1 - eps) * z_i[target_i] - eps * mean_v z_iv`` (label smoothing ``eps``);
+    ``denominator`` is a 0-d fp32 tensor (the valid-token count, ``num_items_in_batch`` or 1).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, denominator, opts: LogitOptions, label_smoothing: float):
+        triton_path = use_triton(hidden, weight, impl=opts.impl)
+        dtype = compute_dtype(hidden, weight)
+        rows_all = valid_token_index(target, opts.ignore_index, weight.shape[0])
+        vocab = weight.shape[0]
+        w = weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        grads = LinearGrads.allocate(hidden, weight, bias, ctx.needs_input_grad[:3])
+        inv_denominator = 1.0 / denominator.to(device=hidden.device, dtype=torch.float32)
+        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        per_chunk = chunk_rows(rows_all.shape[0], vocab, dtype, opts.chunk_bytes)
+        buffer = torch.empty((per_chunk, vocab), device=hidden.device, dtype=dtype) if rows_all.numel() else None
+        any_grad = any(ctx.needs_input_grad[:3])
+        for start in range(0, rows_all.shape[0], per_chunk):
+            rows = rows_all[start : start + per_chunk]
+            h_chunk = hidden.index_select(0, rows).to(dtype)
+            chunk_target = target.index_select(0, rows)
+            logits = project(h_chunk, w, b, buffer[: rows.shape[0]])
+            lse, z_target, z_sum = row_stats(logits, chunk_target, **opts.row_kwargs(triton_path))
+            total += (lse - (1.0 - label_smoothing) * z_target - label_smoothing * z_sum / vocab).sum()
+            if any_grad:
+                a = (-(1.0 - label_smoothing) * inv_denominator).expand(rows.shape[0]).contiguous()
+                b_coef = (-label_smoothing * inv_denominator).expand(rows.shape[0]).contiguous()
+                row_grad_(logits, chunk_target, lse, a, b_coef, **opts.row_kwargs(triton_path))
+                grads.add_chunk(logits, h_chunk, rows, w)
+        grad_hidden, grad_weight, grad_bias = grads.as_inputs(weight, bias)
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_hidden, grad_weight, grad_bias)))
+        ctx.has_grad = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
+        return total * inv_denominator
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        stored = [g if has else None for g, has in zip(ctx.saved_tensors, ctx.has_grad)]
+        scaled = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in stored]
+        return scaled[0], scaled[1], scaled[2], None, None, None, None
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    chunk_bytes: int | None = None,
+    impl: str | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T + bias`` against ``target``, matching ``F.cross_entropy``.
+
+    Args:
+        hidden: ``(N, H)`` or ``(B, T, H)``; target ``(N,)`` or ``(B, T)`` (already shifted by the caller).
+        weight: ``(V, H)``; bias ``(V,)`` or None.
+        reduction: ``"mean"`` (over valid tokens, or over ``num_items_in_batch`` when given: Hugging
+            Face's convention for exact gradient accumulation), ``"sum"``, or ``"none"`` (per token,
+            0 where ignored, shaped like ``target``).
+        label_smoothing: ``eps`` in ``[0, 1]``, as in ``F.cross_entropy``.
+        softcap, temperature, logit_scale, chunk_bytes, impl: as in :func:`linear_logprobs`.
+
+    A batch whose tokens are all ignored gives 0 and zero gradients (``F.cross_entropy`` gives NaN).
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    if num_items_in_batch is not None and reduction != "mean":
+        raise ValueError(f"num_items_in_batch applies to reduction='mean' only, got reduction={reduction!r}")
+    if isinstance(hidden, torch.Tensor) and isinstance(target, torch.Tensor) and hidden.dim() == 3:
+        if target.shape != hidden.shape[:2]:
+            raise ValueError(f"target must have shape (B, T) = {tuple(hidden.shape[:2])}, got {tuple(target.shape)}")
+        out_shape = target.shape
+        hidden, target = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
+    else:
+        out_shape = getattr(target, "shape", None)
+    check_linear_inputs(hidden, weight, target, bias)
+    opts = LogitOptions(ignore_index, temperature, softcap, logit_scale, chunk_bytes, impl)
+    if reduction == "none":
+        per_token, _ = linear_token_objective(
+            hidden, weight, target, bias, alpha=-(1.0 - label_smoothing), beta=-label_smoothing, opts=opts
+        )
+        return per_token.reshape(out_shape)
+    if reduction == "sum":
+        denominator = torch.ones((), device=hidden.device)
+    elif num_items_in_batch is not None:
+        denominator = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device)
+        if denominator.dim() != 0:
+            raise ValueError(f"num_items_in_batch must be a scalar, got shape {tuple(denominator.shape)}")
+    else:
+        denominator = (target != ignore_index).sum().clamp(min=1).float()
+    return FusedLinearCrossEntropyFunction.apply(
+        hidden, weight, bias, target.long(), denominator, opts, float(label_smoothing)
+    )
