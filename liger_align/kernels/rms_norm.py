@@ -1,0 +1,177 @@
+"""RMSNorm (Zhang & Sennrich, 2019, "Root Mean Square Layer Normalization"), as in Llama.
+
+For a row ``x`` of length ``H``::
+
+    rstd = 1 / sqrt(mean_j x_j^2 + eps)
+    y    = weight * x * rstd
+
+Backward, with ``xhat = x * rstd`` and ``g = weight * dy``::
+
+    dx     = rstd * (g - xhat * mean_j(g_j * xhat_j))
+    dweight = sum_rows dy * xhat
+
+The Triton path reads ``x`` once and writes ``y`` once in the forward (plus one fp32 ``rstd`` per row,
+kept for the backward); the backward reads ``dy`` and ``x`` once, writes ``dx`` once and reduces
+``dweight`` per program in fp32 before one small sum. All arithmetic is fp32 whatever the storage
+dtype. The plain-PyTorch path computes the same formula (in fp32, or fp64 for fp64 inputs) with autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import triton_available, use_triton
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rms_norm_fwd_kernel(
+        x_ptr, w_ptr, y_ptr, rstd_ptr, x_stride, y_stride, n_rows, n_cols, eps,
+        BLOCK_COLS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    ):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        cols = tl.arange(0, BLOCK_COLS)
+        row_ok = rows < n_rows
+        mask = row_ok[:, None] & (cols < n_cols)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+        y = x * rstd[:, None] * w[None, :]
+        tl.store(y_ptr + rows[:, None] * y_stride + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+
+    @triton.jit
+    def _rms_norm_bwd_kernel(
+        dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
+        dy_stride, x_stride, dx_stride, n_rows, n_cols, rows_per_program,
+        BLOCK_COLS: tl.constexpr, BLOCK_ROWS: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_COLS)
+        col_ok = cols < n_cols
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
+        first = pid.to(tl.int64) * rows_per_program
+        last = tl.minimum(first + rows_per_program, n_rows)
+        for start in range(first, last, BLOCK_ROWS):
+            rows = start + tl.arange(0, BLOCK_ROWS)
+            row_ok = rows < last
+            mask = row_ok[:, None] & col_ok[None, :]
+            x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + rows[:, None] * dy_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+            xhat = x * rstd[:, None]
+            g = dy * w[None, :]
+            mean_gx = tl.sum(g * xhat, axis=1) / n_cols
+            dx = (g - xhat * mean_gx[:, None]) * rstd[:, None]
+            tl.store(dx_ptr + rows[:, None] * dx_stride + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            if COMPUTE_DW:
+                dw_acc += dy * xhat
+        if COMPUTE_DW:
+            tl.store(dw_partial_ptr + pid.to(tl.int64) * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+
+
+_MAX_BLOCK_COLS = 65536
+
+
+def _launch_shape(n_cols: int) -> tuple[int, int, int]:
+    """``(BLOCK_COLS, BLOCK_ROWS, num_warps)``: a whole row per block, about 4096 elements per program."""
+    block_cols = triton.next_power_of_2(n_cols)
+    block_rows = max(1, 4096 // block_cols)
+    elements = block_cols * block_rows
+    num_warps = 4 if elements <= 4096 else 8 if elements <= 8192 else 16
+    return block_cols, block_rows, num_warps
+
+
+def _backward_programs(device: torch.device, n_rows: int) -> int:
+    """Number of persistent backward programs: a few per SM on CUDA, a handful under the interpreter."""
+    if device.type == "cuda":
+        return max(1, min(n_rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(n_rows, 4))
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Triton RMSNorm over the last dimension of a contiguous ``(N, H)`` input; see :func:`rms_norm`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        n_rows, n_cols = x.shape
+        out_dtype = torch.promote_types(x.dtype, weight.dtype)
+        y = torch.empty((n_rows, n_cols), device=x.device, dtype=out_dtype)
+        rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
+        block_cols, block_rows, num_warps = _launch_shape(n_cols)
+        grid = (triton.cdiv(n_rows, block_rows),)
+        _rms_norm_fwd_kernel[grid](
+            x, weight, y, rstd, x.stride(0), y.stride(0), n_rows, n_cols, float(eps),
+            BLOCK_COLS=block_cols, BLOCK_ROWS=block_rows, num_warps=num_warps,
+        )
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, weight, rstd = ctx.saved_tensors
+        n_rows, n_cols = x.shape
+        dy = dy.contiguous()
+        dx = torch.empty_like(x)
+        compute_dw = ctx.needs_input_grad[1]
+        programs = _backward_programs(x.device, n_rows)
+        rows_per_program = triton.cdiv(n_rows, programs)
+        dw_partial = torch.empty((programs, n_cols), device=x.device, dtype=torch.float32) if compute_dw else rstd
+        block_cols, block_rows, num_warps = _launch_shape(n_cols)
+        _rms_norm_bwd_kernel[(programs,)](
+            dy, x, weight, rstd, dx, dw_partial,
+            dy.stride(0), x.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
+            BLOCK_COLS=block_cols, BLOCK_ROWS=block_rows, COMPUTE_DW=compute_dw, num_warps=num_warps,
+        )
+        dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
+        return (dx if ctx.needs_input_grad[0] else None), dw, None
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
+    """Plain-PyTorch RMSNorm with the contract of :func:`rms_norm` (autograd gives the gradients)."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xc = x.to(compute)
+    y = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps) * weight.to(compute)
+    return y.to(torch.promote_types(x.dtype, weight.dtype))
+
+
+def _check(x: object, weight: object, eps: object) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor (..., H), got {type(x).__name__}"
+                        f"{'' if not isinstance(x, torch.Tensor) else ' of dtype ' + str(x.dtype)}")
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor (H,), got {type(weight).__name__}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have shape (..., H) with H > 0, got {tuple(x.shape)}")
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(f"weight must have shape (H,) = ({x.shape[-1]},), got {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"weight must be on x's device {x.device}, got {weight.device}")
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    if x.shape[-1] > _MAX_BLOCK_COLS:
+        raise ValueError(f"x's last dimension H must be <= {_MAX_BLOCK_COLS}, got {x.shape[-1]}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, impl: str | None = None) -> torch.Tensor:
+    """RMSNorm over the last dimension: ``y = weight * x / sqrt(mean(x^2, -1) + eps)``.
+
+    Args:
+        x: ``(..., H)`` floating point (fp32, bf16, fp16, fp64); any leading shape.
+        weight: ``(H,)`` floating point, on ``x``'s device.
+        eps: added to the mean square (Llama uses ``config.rms_norm_eps``, 1e-5 or 1e-6).
+        impl: ``"triton"``, ``"torch"`` or ``None`` (Triton on CUDA or under ``TRITON_INTERPRET=1``).
+
+    Returns:
+        ``(..., H)`` in ``promote_types(x.dtype, weight.dtype)`` (the dtype Hugging Face's
+        ``LlamaRMSNorm`` returns). The math runs in fp32 on the Triton path; the result is rounded once.
+    """
+    _check(x, weight, eps)
+    if not use_triton(x, weight, impl=impl) or x.numel() == 0:
+        return rms_norm_torch(x, weight, eps=eps)
+    shape = x.shape
+    y = RMSNormFunction.apply(x.reshape(-1, shape[-1]).contiguous(), weight.contiguous(), float(eps))
+    return y.view(shape)
