@@ -19,6 +19,11 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def interpreter_enabled() -> bool:
+    """True when ``TRITON_INTERPRET=1`` is set (Triton kernels then run on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def use_triton(*tensors: torch.Tensor, impl: str | None = None) -> bool:
     """Whether an op on ``tensors`` runs its Triton kernels.
 
@@ -33,4 +38,4 @@ def use_triton(*tensors: torch.Tensor, impl: str | None = None) -> bool:
         return False
     if all(t.is_cuda for t in tensors):
         return True
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return interpreter_enabled()

@@ -1,0 +1,53 @@
+"""Test settings shared by the whole suite.
+
+Without a GPU, Triton's interpreter is switched on *before* anything imports ``triton``, so every
+Triton kernel is built for the interpreter and tests can run it on CPU tensors with ``impl="triton"``.
+Automatic dispatch (``impl=None``) would then also pick the interpreter for every CPU tensor, which
+is far too slow for model and trainer tests: outside tests marked ``interpreter``, automatic dispatch
+is told the interpreter is off, so it takes the plain-PyTorch path on CPU (``impl="triton"`` still
+runs the interpreter).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+HAS_CUDA = False
+if importlib.util.find_spec("torch") is not None:
+    import torch
+
+    HAS_CUDA = torch.cuda.is_available()
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON and not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+INTERPRETER = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_runs_on(device: str) -> bool:
+    """Whether Triton kernels can run on tensors of ``device`` in this process."""
+    if not HAS_TRITON:
+        return False
+    return HAS_CUDA if device == "cuda" else INTERPRETER
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "interpreter: keep TRITON_INTERPRET=1 set while the test runs")
+
+
+@pytest.fixture(autouse=True)
+def _dispatch_to_torch_on_cpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    if INTERPRETER and request.node.get_closest_marker("interpreter") is None:
+        from liger_align.kernels import _dispatch
+
+        monkeypatch.setattr(_dispatch, "interpreter_enabled", lambda: False)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _skip_gpu_without_cuda(request: pytest.FixtureRequest):
+    if request.node.get_closest_marker("gpu") is not None and not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
