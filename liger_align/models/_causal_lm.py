@@ -1,0 +1,163 @@
+"""The patched ``<Family>ForCausalLM.forward``: loss and per-token log-probs without the logits.
+
+Training with ``labels`` (``model.train()``): the loss is Hugging Face's ``ForCausalLMLoss`` (labels
+shifted left by one and padded with ``-100``, or ``shift_labels`` as given; mean over valid tokens,
+or ``sum / num_items_in_batch`` when the trainer passes ``num_items_in_batch``), computed by
+:func:`~liger_align.kernels.fused_linear_cross_entropy` straight from the last hidden states, and
+``logits`` is ``None``.
+
+``logprob_targets (B, T)``: the output's ``logps (B, T)`` fp32 holds ``log softmax(logits)[b, t,
+target[b, t]]`` (no shift: position ``t``'s own distribution), 0 where ``target == -100``, from
+:func:`~liger_align.kernels.linear_logprobs`; ``logits`` is ``None`` (train or eval).
+
+Otherwise (eval, or no labels) the forward returns the logits exactly as before. When the output head
+is not a plain ``nn.Linear`` (e.g. a LoRA-wrapped or hooked ``lm_head``) the logits are materialised
+through it and the same quantities are computed from them, so results stay right.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..kernels import fused_linear_cross_entropy, linear_logprobs
+
+try:
+    from transformers.utils import can_return_tuple
+except ImportError:  # pragma: no cover - older transformers
+    def can_return_tuple(fn):
+        return fn
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LigerCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus ``logps (B, T)`` fp32, the log-probs of ``logprob_targets``."""
+
+    logps: torch.FloatTensor | None = None
+
+
+def _keep(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """Hugging Face's slicing of ``(B, T, H)`` hidden states before the head (``0`` keeps all)."""
+    if isinstance(logits_to_keep, int):
+        return hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:, :]
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+    except ImportError:
+        return hidden[:, logits_to_keep, :]
+    return slice_logits_to_keep(hidden, logits_to_keep)
+
+
+def _plain_linear(head: nn.Module) -> bool:
+    """True when ``head(x)`` is exactly ``x @ head.weight.T (+ bias)`` (no adapter, no hook)."""
+    return (
+        type(head) is nn.Linear and "forward" not in vars(head)
+        and not head._forward_hooks and not head._forward_pre_hooks
+    )
+
+
+def shift_labels_left(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """``(B, T) -> (B, T)``: ``out[:, t] = labels[:, t + 1]``, last position ``ignore_index``."""
+    return nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def _check_targets(name: str, target: torch.Tensor, hidden: torch.Tensor) -> None:
+    if not isinstance(target, torch.Tensor) or target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an integer tensor (B, T), got "
+                        f"{target.dtype if isinstance(target, torch.Tensor) else type(target).__name__}")
+    if target.shape != hidden.shape[:-1]:
+        raise ValueError(f"{name} must have shape (B, T) = {tuple(hidden.shape[:-1])} (after logits_to_keep), "
+                         f"got {tuple(target.shape)}")
+
+
+def _logps_from_logits(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    valid = target != IGNORE_INDEX
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * valid
+
+
+@can_return_tuple
+def causal_lm_forward(
+    self: nn.Module,
+    input_ids: torch.LongTensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.LongTensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    labels: torch.LongTensor | None = None,
+    use_cache: bool | None = None,
+    logits_to_keep: int | torch.Tensor = 0,
+    logprob_targets: torch.LongTensor | None = None,
+    **kwargs,
+) -> LigerCausalLMOutputWithPast:
+    """Hugging Face's causal-LM forward with a fused loss and fused per-token log-probs.
+
+    Args (beyond Hugging Face's, whose cache argument and attention kwargs pass through ``kwargs``):
+        labels: ``(B, T)`` token ids, ``-100`` where no loss (shifted here, as Hugging Face does).
+        logprob_targets: ``(B, T)`` token ids, ``-100`` where masked, aligned with the positions (not shifted).
+        kwargs: ``num_items_in_batch`` and ``shift_labels`` are loss arguments; the rest go to the backbone.
+
+    Returns:
+        :class:`LigerCausalLMOutputWithPast`: ``loss`` (0-d fp32) when labels are given, ``logits``
+        ``(B, T, V)`` or ``None`` (see the module docstring), ``logps (B, T)`` fp32 or ``None``.
+    """
+    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+    shift_labels = kwargs.pop("shift_labels", None)
+    outputs = self.model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+    )
+    hidden = _keep(outputs.last_hidden_state, logits_to_keep)
+    target = None
+    if shift_labels is not None:
+        target = shift_labels
+    elif labels is not None:
+        target = shift_labels_left(labels)
+    fuse_loss = target is not None and (self.training or logprob_targets is not None)
+    if target is not None:
+        _check_targets("labels", target, hidden)
+    if logprob_targets is not None:
+        _check_targets("logprob_targets", logprob_targets, hidden)
+
+    head = self.lm_head
+    softcap = getattr(self.config, "final_logit_softcapping", None)
+    want_logits = not fuse_loss and logprob_targets is None
+    logits = loss = logps = None
+    if want_logits or not _plain_linear(head):
+        logits = head(hidden)
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        if target is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                num_items_in_batch=num_items_in_batch, shift_labels=shift_labels,
+            )
+        if logprob_targets is not None:
+            logps = _logps_from_logits(logits, logprob_targets)
+        if not want_logits:
+            logits = None
+    else:
+        flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+        if fuse_loss:
+            loss = fused_linear_cross_entropy(
+                flat_hidden, head.weight, target.reshape(-1), head.bias, ignore_index=IGNORE_INDEX,
+                reduction="mean", num_items_in_batch=num_items_in_batch, softcap=softcap,
+            )
+        if logprob_targets is not None:
+            logps = linear_logprobs(
+                flat_hidden, head.weight, logprob_targets.reshape(-1), head.bias,
+                ignore_index=IGNORE_INDEX, softcap=softcap,
+            ).logps.view(logprob_targets.shape)
+
+    passthrough = {
+        f.name: getattr(outputs, f.name, None) for f in fields(CausalLMOutputWithPast)
+        if f.name not in ("loss", "logits")
+    }
+    return LigerCausalLMOutputWithPast(loss=loss, logits=logits, logps=logps, **passthrough)
+
+
+causal_lm_forward._liger_align = True  # type: ignore[attr-defined]

@@ -1,0 +1,93 @@
+"""Reversible, reference-counted attribute patches and the handle that undoes them.
+
+Every patch this package makes is ``setattr(owner, name, new)`` on a class, a module object or an
+``nn.Module`` instance. The first patch of ``(owner, name)`` remembers what ``owner`` itself held (or
+that it held nothing, so the attribute was inherited); later patches of the same attribute only
+count up, so patching twice changes nothing and the original comes back when the last handle reverts.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+_MISSING = object()
+_LOCK = threading.Lock()
+
+
+@dataclass
+class _Entry:
+    owner: Any
+    name: str
+    original: Any
+    count: int
+
+
+_REGISTRY: dict[tuple[int, str], _Entry] = {}
+
+
+def _restore(entry: _Entry) -> None:
+    if entry.original is _MISSING:
+        if entry.name in vars(entry.owner):
+            delattr(entry.owner, entry.name)
+    else:
+        setattr(entry.owner, entry.name, entry.original)
+
+
+def patch_attr(owner: Any, name: str, new: Any) -> Callable[[], None]:
+    """Set ``owner.name = new`` (once per ``(owner, name)``) and return the matching undo."""
+    key = (id(owner), name)
+    with _LOCK:
+        entry = _REGISTRY.get(key)
+        if entry is None:
+            entry = _Entry(owner, name, vars(owner).get(name, _MISSING), 0)
+            setattr(owner, name, new)
+            _REGISTRY[key] = entry
+        entry.count += 1
+    done = False
+
+    def undo() -> None:
+        nonlocal done
+        if done:
+            return
+        done = True
+        with _LOCK:
+            entry.count -= 1
+            if entry.count == 0:
+                _restore(entry)
+                del _REGISTRY[key]
+
+    return undo
+
+
+def is_patched(owner: Any, name: str) -> bool:
+    """True while some live handle holds a patch of ``owner.name``."""
+    return (id(owner), name) in _REGISTRY
+
+
+@dataclass
+class PatchHandle:
+    """What :func:`apply_liger_kernel_to_llama` and friends return.
+
+    ``revert()`` restores what was there before (idempotent); usable as a context manager.
+    ``patched`` lists the patched attributes as ``"Owner.name"`` strings, for logs and tests.
+    """
+
+    patched: list[str] = field(default_factory=list)
+    _undos: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def add(self, owner: Any, name: str, new: Any, label: str) -> None:
+        self._undos.append(patch_attr(owner, name, new))
+        self.patched.append(label)
+
+    def revert(self) -> None:
+        while self._undos:
+            self._undos.pop()()
+        self.patched.clear()
+
+    def __enter__(self) -> "PatchHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.revert()
