@@ -1,0 +1,334 @@
+"""What the alignment examples share: arguments, data loading and checks, evaluation, the summary.
+
+Each ``run_<algorithm>.py`` describes its algorithm with an :class:`Algorithm` and calls :func:`main`.
+With no ``--model_name_or_path`` the embedded default is used (``embedded.py``: a tiny Llama 3.2
+built from a config, a local tokenizer), and with no ``--dataset_name`` the shipped preference data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import TrainingArguments
+from trl.data_utils import maybe_apply_chat_template
+
+import embedded
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PAIRED_COLUMNS = ("prompt", "chosen", "rejected")
+UNPAIRED_COLUMNS = ("prompt", "completion", "label")
+DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def add_repo_to_path() -> None:
+    """Make ``liger_align`` importable from a repository checkout that is not pip-installed."""
+    if (REPO_ROOT / "liger_align").is_dir() and str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+
+
+@dataclass
+class ScriptArguments:
+    """Arguments of the example scripts, beside the trainer's config (``ORPOConfig``, ``DPOConfig``, ...)."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Model to align (hub id or local folder). Default: the embedded tiny Llama 3.2."}
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A .jsonl/.json/.parquet/.csv file, a folder written by save_to_disk, or a hub data set name. "
+            "Default: the preference data shipped in examples/alignment/data."
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of a hub data set."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Held-out split, if the data set has one."})
+    eval_size: float = field(
+        default=0.1,
+        metadata={"help": "Without a held-out split: the fraction (< 1) or number (>= 1) of rows held out."},
+    )
+    use_liger: bool = field(
+        default=True, metadata={"help": "Use liger_align's trainer; --no-use_liger runs TRL's trainer to compare."}
+    )
+    dtype: str = field(
+        default="auto", metadata={"help": "dtype to load --model_name_or_path in: auto, bfloat16, float16, float32."}
+    )
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """How one example script differs from the others.
+
+    ``liger_trainer`` is ``None`` when ``liger_align.trainers`` could not be imported; then
+    ``liger_import_error`` says why and TRL's ``trl_trainer`` runs instead. ``embedded_defaults``
+    tune the embedded run; ``config_defaults`` apply to every run (flags still override both).
+    """
+
+    name: str
+    config_class: type[TrainingArguments]
+    trl_trainer: type
+    liger_trainer: type | None
+    liger_import_error: ImportError | None = None
+    paired: bool = True
+    embedded_defaults: dict[str, Any] = field(default_factory=dict)
+    config_defaults: dict[str, Any] = field(default_factory=dict)
+
+
+# Settings of the embedded default run, shared by all algorithms (each may override some).
+EMBEDDED_DEFAULTS: dict[str, Any] = {
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 32,
+    "learning_rate": 3e-3,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 10,
+    "num_train_epochs": 8,
+    "max_length": 64,
+    "logging_steps": 20,
+    "save_strategy": "no",
+    "report_to": "none",
+    "seed": 42,
+    "gradient_checkpointing": False,
+}
+
+
+def parse_args(algorithm: Algorithm, argv: Sequence[str] | None = None) -> tuple[ScriptArguments, TrainingArguments]:
+    """Parse ``argv`` (default: the command line) into script arguments and the algorithm's config.
+
+    Without ``--model_name_or_path`` the embedded run's tuned settings are the defaults (flags still win).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser((ScriptArguments, algorithm.config_class))
+    defaults: dict[str, Any] = {"output_dir": str(Path("outputs") / algorithm.name)}
+    if not any(arg == "--model_name_or_path" or arg.startswith("--model_name_or_path=") for arg in argv):
+        defaults.update(EMBEDDED_DEFAULTS, **algorithm.embedded_defaults)
+        defaults["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    defaults.update(algorithm.config_defaults)
+    parser.set_defaults(**defaults)
+    script_args, config = parser.parse_args_into_dataclasses(args=argv)
+    return script_args, config
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).suffix.lower() in DATA_FILE_TYPES or name.count("/") > 1
+
+
+def load_raw_dataset(name: str | None, config_name: str | None = None) -> Dataset | DatasetDict:
+    """Load ``name``: ``None`` (the shipped data), a local file or ``save_to_disk`` folder, or a hub id.
+
+    Raises ``FileNotFoundError`` for a local-looking path that does not exist, and ``RuntimeError``
+    naming the data set when a hub id cannot be loaded (for instance offline).
+    """
+    if name is None:
+        return embedded.load_preference_dataset()
+    path = Path(name).expanduser()
+    if path.is_file():
+        file_type = DATA_FILE_TYPES.get(path.suffix.lower())
+        if file_type is None:
+            raise ValueError(f"--dataset_name {name!r}: unsupported file type {path.suffix!r}; use one of {sorted(DATA_FILE_TYPES)}")
+        return load_dataset(file_type, data_files=str(path), split="train")
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            return load_from_disk(str(path))
+        return load_dataset(str(path), config_name)
+    if _looks_like_path(name):
+        raise FileNotFoundError(f"--dataset_name {name!r}: no such file or folder ({path.resolve()})")
+    try:
+        return load_dataset(name, config_name)
+    except Exception as error:  # the hub raises many kinds of errors offline
+        raise RuntimeError(
+            f"--dataset_name {name!r}: could not load it from the Hugging Face Hub ({type(error).__name__}: {error}). "
+            "Offline, pass a local .jsonl/.json/.parquet file or a save_to_disk folder instead."
+        ) from error
+
+
+def check_columns(dataset: Dataset, required: Sequence[str], *, what: str) -> None:
+    """Raise ``ValueError`` naming the missing and the present columns unless ``dataset`` has ``required``."""
+    missing = [column for column in required if column not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"{what} needs the columns {list(required)}; missing {missing}, found {dataset.column_names}"
+        )
+
+
+def split_dataset(raw: Dataset | DatasetDict, args: ScriptArguments, seed: int) -> tuple[Dataset, Dataset]:
+    """Return (train, held-out): the named splits, or a seeded ``eval_size`` cut of the train split."""
+    if isinstance(raw, DatasetDict):
+        if args.dataset_train_split not in raw:
+            raise ValueError(f"--dataset_train_split {args.dataset_train_split!r} not in the data set's splits {list(raw)}")
+        if args.dataset_test_split in raw:
+            return raw[args.dataset_train_split], raw[args.dataset_test_split]
+        raw = raw[args.dataset_train_split]
+    size = args.eval_size if args.eval_size < 1 else int(args.eval_size)
+    if len(raw) < 2:
+        raise ValueError(f"the data set has {len(raw)} row(s); at least 2 are needed to hold some out")
+    parts = raw.train_test_split(test_size=size, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def prepare_datasets(algorithm: Algorithm, args: ScriptArguments, seed: int) -> tuple[Dataset, Dataset, Dataset | None]:
+    """Load, check and split the data: (train, held-out for the trainer, held-out pairs or ``None``).
+
+    Paired algorithms need ``prompt``/``chosen``/``rejected``. KTO takes ``prompt``/``completion``/
+    ``label``, or paired data that it unpairs (then the held-out pairs also give a preference accuracy).
+    """
+    raw = load_raw_dataset(args.dataset_name, args.dataset_config)
+    first = raw[next(iter(raw))] if isinstance(raw, DatasetDict) else raw
+    what = f"--dataset_name {args.dataset_name or str(embedded.DATA_PATH)!r} for {algorithm.name.upper()}"
+    if algorithm.paired or not set(UNPAIRED_COLUMNS) <= set(first.column_names):
+        check_columns(first, PAIRED_COLUMNS, what=what if algorithm.paired else f"{what} (or {list(UNPAIRED_COLUMNS)})")
+        train, held_out = split_dataset(raw, args, seed)
+        if algorithm.paired:
+            return train, held_out, held_out
+        return embedded.to_unpaired(train), embedded.to_unpaired(held_out), held_out
+    train, held_out = split_dataset(raw, args, seed)
+    return train, held_out, None
+
+
+def load_model_and_tokenizer(args: ScriptArguments, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``--model_name_or_path`` and its tokenizer, or the embedded tiny Llama 3.2 and local tokenizer."""
+    if args.model_name_or_path is None:
+        model, tokenizer, _ = embedded.build_embedded(seed=seed)
+        return model, tokenizer
+    if _looks_like_path(args.model_name_or_path) and not Path(args.model_name_or_path).expanduser().exists():
+        raise FileNotFoundError(f"--model_name_or_path {args.model_name_or_path!r}: no such folder")
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+@torch.no_grad()
+def preference_accuracy(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Dataset, *, batch_size: int = 16, max_length: int = 512
+) -> float:
+    """Fraction of ``pairs`` whose chosen completion gets the higher mean per-token log-prob under ``model``.
+
+    Independent of any trainer: each completion is scored with its EOS token after the prompt (the
+    way TRL's trainers train on it), truncated to ``max_length`` tokens. A tie counts as wrong.
+    """
+    texts: list[tuple[list[int], int]] = []  # (token ids, index where the completion starts)
+    for row in pairs:
+        row = maybe_apply_chat_template(dict(row), tokenizer)
+        prompt_ids = tokenizer(row["prompt"])["input_ids"]
+        for completion in (row["chosen"], row["rejected"]):
+            ids = tokenizer(row["prompt"] + completion)["input_ids"] + [tokenizer.eos_token_id]
+            start = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids) - 1))
+            texts.append((ids[:max_length], max(start, 1)))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    scores: list[float] = []
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i : i + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, (ids, start) in enumerate(chunk):
+            input_ids[j, : len(ids)] = torch.tensor(ids)
+            labels[j, start : len(ids)] = torch.tensor(ids[start:])
+            attention[j, : len(ids)] = 1
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
+        target = labels[:, 1:].to(device)
+        logps = -torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), target.clamp(min=0), reduction="none"
+        ) * (target != -100)
+        counts = (target != -100).sum(-1).clamp(min=1)
+        scores += (logps.sum(-1) / counts).tolist()
+    model.train(was_training)
+    wins = [chosen > rejected for chosen, rejected in zip(scores[0::2], scores[1::2], strict=True)]
+    return sum(wins) / max(len(wins), 1)
+
+
+def peak_memory() -> tuple[float, str]:
+    """Peak memory in MiB and what was measured: CUDA ``max_memory_allocated`` or the process max RSS."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20, "CUDA max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process max RSS"
+
+
+def _metrics(trainer: Any, pairs: Dataset | None, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict[str, float]:
+    metrics = {k: float(v) for k, v in trainer.evaluate().items() if k.startswith("eval_rewards/")}
+    if pairs is not None and trainer.args.world_size == 1:
+        metrics["preference_accuracy"] = preference_accuracy(
+            trainer.model, tokenizer, pairs, batch_size=trainer.args.per_device_eval_batch_size, max_length=max_length
+        )
+    return metrics
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """Print the run's summary: steps, wall time, peak memory, held-out metrics at the start and the end."""
+    print(f"\n== {summary['algorithm'].upper()} with {summary['trainer']} on {summary['model']} ({summary['device']}) ==")
+    print(f"steps        {summary['steps']}")
+    print(f"wall time    {summary['train_seconds']:.1f} s (training only)")
+    print(f"peak memory  {summary['peak_memory_mib']:.0f} MiB ({summary['peak_memory_kind']})")
+    print(f"held-out ({summary['eval_rows']} rows)".ljust(40) + "start      end")
+    for key, start in summary["start"].items():
+        end = summary["end"].get(key, math.nan)
+        print(f"  {key.removeprefix('eval_')}".ljust(40) + f"{start:<10.3f} {end:.3f}")
+    print(f"saved model and tokenizer to {summary['output_dir']}")
+
+
+def main(algorithm: Algorithm, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse arguments, load everything (checking it first), train, save, print and return the summary.
+
+    The summary is also written to ``<output_dir>/run_summary.json``.
+    """
+    script_args, config = parse_args(algorithm, argv)
+    train, held_out, pairs = prepare_datasets(algorithm, script_args, config.seed)
+    model, tokenizer = load_model_and_tokenizer(script_args, config.seed)
+
+    trainer_class = algorithm.liger_trainer if script_args.use_liger else algorithm.trl_trainer
+    if script_args.use_liger and trainer_class is None:
+        print(
+            f"liger_align.trainers could not be imported ({algorithm.liger_import_error}); "
+            f"running TRL's {algorithm.trl_trainer.__name__} instead.",
+            file=sys.stderr,
+        )
+        trainer_class = algorithm.trl_trainer
+    trainer = trainer_class(
+        model=model, args=config, train_dataset=train, eval_dataset=held_out, processing_class=tokenizer
+    )
+    max_length = config.max_length or 512
+    start = _metrics(trainer, pairs, tokenizer, max_length)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    began = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - began
+    memory, memory_kind = peak_memory()
+    end = _metrics(trainer, pairs, tokenizer, max_length)
+
+    trainer.save_model(config.output_dir)
+    summary = {
+        "algorithm": algorithm.name,
+        "trainer": type(trainer).__name__,
+        "model": script_args.model_name_or_path or "embedded tiny Llama 3.2",
+        "device": str(trainer.args.device),
+        "steps": trainer.state.global_step,
+        "train_seconds": seconds,
+        "peak_memory_mib": memory,
+        "peak_memory_kind": memory_kind,
+        "eval_rows": len(held_out),
+        "start": start,
+        "end": end,
+        "output_dir": config.output_dir,
+    }
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(config.output_dir)
+        (Path(config.output_dir) / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print_summary(summary)
+    return summary
