@@ -1,0 +1,113 @@
+"""What the preference losses share: option handling, the chosen/rejected split, the reference, metrics.
+
+Nothing here multiplies by the lm_head itself: every log-prob comes from
+:func:`~liger_align.losses._sequences.sequence_stats`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from ..kernels.linear_logprobs import LogitOptions
+from ._sequences import SequenceStats, sequence_stats
+
+
+def logit_options(
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    chunk_bytes: int | None = None,
+    impl: str | None = None,
+) -> LogitOptions:
+    """The :class:`LogitOptions` of a loss's keyword arguments (validated here, before any kernel)."""
+    return LogitOptions(ignore_index, temperature, softcap, logit_scale, chunk_bytes, impl)
+
+
+def options_kwargs(opts: LogitOptions) -> dict[str, Any]:
+    """The keyword arguments that rebuild ``opts`` through :func:`logit_options`."""
+    return dict(
+        ignore_index=opts.ignore_index, temperature=opts.temperature, softcap=opts.softcap,
+        logit_scale=opts.logit_scale, chunk_bytes=opts.chunk_bytes, impl=opts.impl,
+    )
+
+
+def check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming ``name`` when ``value`` is not one of ``valid``."""
+    if value not in valid:
+        raise ValueError(f"{name} must be one of {list(valid)}, got {value!r}")
+
+
+def check_vector(name: str, value: torch.Tensor, length: int) -> torch.Tensor:
+    """``value`` as a ``(length,)`` fp32 tensor without gradient; ``ValueError`` naming ``name`` otherwise."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape ({length},), got {type(value).__name__}")
+    if value.shape != (length,):
+        raise ValueError(f"{name} must have shape ({length},), got {tuple(value.shape)}")
+    return value.detach().float()
+
+
+class Halves(NamedTuple):
+    """Statistics of the B chosen rows and of the B rejected rows of a paired batch, each ``(B,)``."""
+
+    chosen: SequenceStats
+    rejected: SequenceStats
+
+
+def split_pairs(stats: SequenceStats) -> Halves:
+    """Split ``(2B,)`` statistics into the chosen (first B rows) and rejected (last B rows) halves."""
+    half = stats.sum_logps.shape[0] // 2
+    first = SequenceStats(*(t[:half] for t in stats))
+    second = SequenceStats(*(t[half:] for t in stats))
+    return Halves(first, second)
+
+
+def logits_mean(stats: SequenceStats) -> torch.Tensor:
+    """Mean logit over every valid token of the rows in ``stats`` (0-d, detached); 0 when there is none."""
+    return (stats.logit_sum.sum() / stats.n_tokens.sum().clamp(min=1)).detach()
+
+
+def token_mean_nll(stats: SequenceStats) -> torch.Tensor:
+    """Cross-entropy averaged over all valid tokens of the rows in ``stats`` (0-d); 0 when there is none."""
+    return -stats.sum_logps.sum() / stats.n_tokens.sum().clamp(min=1)
+
+
+def reference_logps(
+    target: torch.Tensor,
+    opts: LogitOptions,
+    *,
+    ref_hidden: torch.Tensor | None,
+    ref_weight: torch.Tensor | None,
+    ref_bias: torch.Tensor | None,
+    policy_weight: torch.Tensor,
+    policy_bias: torch.Tensor | None,
+) -> SequenceStats | None:
+    """Reference statistics of ``ref_hidden (R, T, H_ref)`` without gradient, or None without ``ref_hidden``.
+
+    ``ref_weight (V, H_ref)`` and ``ref_bias (V,)`` default to the policy's head (a shared, frozen head,
+    e.g. under PEFT) when ``ref_weight`` is None.
+    """
+    if ref_hidden is None:
+        if ref_weight is not None or ref_bias is not None:
+            raise ValueError("ref_weight/ref_bias were given without ref_hidden: pass ref_hidden (R, T, H) too")
+        return None
+    if not isinstance(ref_hidden, torch.Tensor) or ref_hidden.dim() != 3 or ref_hidden.shape[:2] != target.shape:
+        raise ValueError(
+            f"ref_hidden must have shape (R, T, H) with (R, T) = {tuple(target.shape)} like target, "
+            f"got {tuple(getattr(ref_hidden, 'shape', ()))}"
+        )
+    if ref_weight is None:
+        ref_weight, ref_bias = policy_weight, policy_bias
+    if not isinstance(ref_weight, torch.Tensor) or ref_weight.dim() != 2 or ref_weight.shape[1] != ref_hidden.shape[2]:
+        raise ValueError(
+            f"ref_weight must have shape (V, H) with H={ref_hidden.shape[2]} like ref_hidden, "
+            f"got {tuple(getattr(ref_weight, 'shape', ()))}"
+        )
+    with torch.no_grad():
+        stats = sequence_stats(
+            ref_hidden.detach(), ref_weight.detach(), target, None if ref_bias is None else ref_bias.detach(), opts
+        )
+    return SequenceStats(*(t.detach() for t in stats))

@@ -1,0 +1,251 @@
+"""CPO: Contrastive Preference Optimization (Xu et al., 2024, arXiv:2401.08417), SimPO and AlphaPO.
+
+As TRL 1.16's ``CPOTrainer``: with ``u = logp_c - logp_r`` (or, for AlphaPO with ``alpha != 0``,
+``u = r_c - r_r``, ``r = (1 - p^-alpha) / alpha``), ``eps = label_smoothing``:
+
+- ``sigmoid``: ``-(1 - eps) log sigmoid(beta u) - eps log sigmoid(-beta u)`` (summed log-probs);
+- ``hinge``: ``relu(1 - beta u)`` (summed); ``ipo``: ``(u - 1 / (2 beta))^2`` (averaged);
+- ``simpo`` (SimPO, Meng et al., 2024, arXiv:2405.14734): ``sigmoid`` on ``u - gamma / beta`` (averaged);
+- ``alphapo`` (AlphaPO, arXiv:2501.03884): ``simpo`` with ``cpo_alpha = 0`` (set ``alpha`` too).
+
+``loss = mean_b loss_b + cpo_alpha * NLL(chosen)``, the NLL averaged over the chosen completion tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._paired import check_choice, logit_options, logits_mean, options_kwargs, split_pairs, token_mean_nll
+from ._sequences import check_rows, sequence_stats
+
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
+
+
+def cpo_config(loss_type: str, cpo_alpha: float) -> tuple[str, float]:
+    """``(loss_type, cpo_alpha)`` after validation; ``alphapo`` becomes ``simpo`` with ``cpo_alpha = 0`` as in TRL."""
+    check_choice("loss_type", loss_type, CPO_LOSS_TYPES)
+    return ("simpo", 0.0) if loss_type == "alphapo" else (loss_type, float(cpo_alpha))
+
+
+def cpo_averages_logps(loss_type: str) -> bool:
+    """Whether ``loss_type`` reads per-token average log-probs (``ipo``, ``simpo``) rather than sums."""
+    return loss_type in ("ipo", "simpo", "alphapo")
+
+
+def cpo_objective(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    nll_loss: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    cpo_alpha: float = 1.0,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+    alpha: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CPO-family loss from per-sequence log-probs (averaged for ``ipo``/``simpo``, summed otherwise).
+
+    Args:
+        chosen_logps, rejected_logps: ``(B,)``, see :func:`cpo_averages_logps`.
+        nll_loss: 0-d NLL of the chosen tokens (ignored when ``cpo_alpha == 0``).
+        beta, loss_type, cpo_alpha, label_smoothing, simpo_gamma, alpha: as in TRL's ``CPOConfig``.
+
+    Returns:
+        ``(loss, metrics)``: 0-d ``mean_b loss_b + cpo_alpha * nll_loss``; metrics (detached)
+        ``nll_loss`` (0 when ``cpo_alpha == 0``), ``chosen_rewards``, ``rejected_rewards`` ``(B,)``
+        (``beta * logps``, or ``beta * r`` for AlphaPO).
+    """
+    loss_type, cpo_alpha = cpo_config(loss_type, cpo_alpha)
+    c, r = chosen_logps.float(), rejected_logps.float()
+    if alpha != 0.0:
+        # AlphaPO reward r = (1 - p^-alpha) / alpha, written with expm1 for accuracy
+        c = -torch.expm1(-alpha * c) / alpha
+        r = -torch.expm1(-alpha * r) / alpha
+    u = c - r
+    eps = label_smoothing
+    if loss_type in ("sigmoid", "simpo"):
+        if loss_type == "simpo":
+            u = u - simpo_gamma / beta
+        losses = -F.logsigmoid(beta * u) * (1 - eps) - F.logsigmoid(-beta * u) * eps
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * u)
+    else:  # ipo
+        losses = (u - 1 / (2 * beta)) ** 2
+    nll = nll_loss if cpo_alpha != 0 else torch.zeros_like(losses[0])
+    loss = losses.mean() + cpo_alpha * nll
+    metrics = {
+        "nll_loss": nll.detach(),
+        "chosen_rewards": beta * c.detach(),
+        "rejected_rewards": beta * r.detach(),
+    }
+    return loss, metrics
+
+
+def fused_linear_cpo_loss(
+    lin_weight: torch.Tensor,
+    hidden: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    cpo_alpha: float = 1.0,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+    alpha: float = 0.0,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    chunk_bytes: int | None = None,
+    impl: str | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CPO / SimPO / AlphaPO on ``hidden @ lin_weight.T + bias`` without materialising the logits.
+
+    Args:
+        lin_weight: ``(V, H)``; bias ``(V,)`` or None.
+        hidden: ``(2B, T, H)``, B chosen rows then B rejected rows; target ``(2B, T)`` already shifted.
+        beta, loss_type, cpo_alpha, label_smoothing, simpo_gamma, alpha: see :func:`cpo_objective`.
+        ignore_index, temperature, softcap, logit_scale, chunk_bytes, impl: see :class:`LogitOptions`.
+
+    Returns:
+        ``(loss, out)``: 0-d fp32 loss and detached metrics ``chosen_logps``, ``rejected_logps`` ``(B,)``
+        (averaged or summed as the loss type reads them), ``chosen_logits_mean``,
+        ``rejected_logits_mean`` and those of :func:`cpo_objective`.
+    """
+    check_rows(hidden, target, lin_weight, paired=True)
+    loss_type, cpo_alpha = cpo_config(loss_type, cpo_alpha)
+    opts = logit_options(
+        ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+        chunk_bytes=chunk_bytes, impl=impl,
+    )
+    policy = split_pairs(sequence_stats(hidden, lin_weight, target, bias, opts))
+    if cpo_averages_logps(loss_type):
+        chosen_logps, rejected_logps = policy.chosen.mean_logps(), policy.rejected.mean_logps()
+    else:
+        chosen_logps, rejected_logps = policy.chosen.sum_logps, policy.rejected.sum_logps
+    loss, metrics = cpo_objective(
+        chosen_logps, rejected_logps, token_mean_nll(policy.chosen),
+        beta=beta, loss_type=loss_type, cpo_alpha=cpo_alpha, label_smoothing=label_smoothing,
+        simpo_gamma=simpo_gamma, alpha=alpha,
+    )
+    out = {
+        "chosen_logps": chosen_logps.detach(),
+        "rejected_logps": rejected_logps.detach(),
+        "chosen_logits_mean": logits_mean(policy.chosen),
+        "rejected_logits_mean": logits_mean(policy.rejected),
+        **metrics,
+    }
+    return loss, out
+
+
+def fused_linear_simpo_loss(
+    lin_weight: torch.Tensor,
+    hidden: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    chunk_bytes: int | None = None,
+    impl: str | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SimPO (Meng et al., 2024): ``-log sigmoid(beta (avg_logp_c - avg_logp_r) - gamma)``, no reference, no NLL.
+
+    The same as :func:`fused_linear_cpo_loss` with ``loss_type="simpo"``, ``cpo_alpha=0`` and
+    ``simpo_gamma=gamma``; shapes and outputs as there.
+    """
+    return fused_linear_cpo_loss(
+        lin_weight, hidden, target, bias, beta=beta, loss_type="simpo", cpo_alpha=0.0,
+        label_smoothing=label_smoothing, simpo_gamma=gamma, ignore_index=ignore_index, temperature=temperature,
+        softcap=softcap, logit_scale=logit_scale, chunk_bytes=chunk_bytes, impl=impl,
+    )
+
+
+class LigerFusedLinearCPOLoss(nn.Module):
+    """CPO (Xu et al., 2024), SimPO and AlphaPO as in TRL's ``CPOTrainer``, without materialising the logits.
+
+    ``loss_fn(lin_weight, hidden, target, bias=None) -> (loss, out)``; see :func:`fused_linear_cpo_loss`.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        cpo_alpha: float = 1.0,
+        label_smoothing: float = 0.0,
+        simpo_gamma: float = 0.5,
+        alpha: float = 0.0,
+        *,
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+        softcap: float | None = None,
+        logit_scale: float = 1.0,
+        chunk_bytes: int | None = None,
+        impl: str | None = None,
+    ) -> None:
+        super().__init__()
+        loss_type, cpo_alpha = cpo_config(loss_type, cpo_alpha)
+        self.config = dict(
+            beta=beta, loss_type=loss_type, cpo_alpha=cpo_alpha, label_smoothing=label_smoothing,
+            simpo_gamma=simpo_gamma, alpha=alpha,
+        )
+        self.logit_kwargs = options_kwargs(
+            logit_options(
+                ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+                chunk_bytes=chunk_bytes, impl=impl,
+            )
+        )
+
+    def forward(
+        self, lin_weight: torch.Tensor, hidden: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return fused_linear_cpo_loss(lin_weight, hidden, target, bias, **self.config, **self.logit_kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.config}, {self.logit_kwargs}"
+
+
+class LigerFusedLinearSimPOLoss(nn.Module):
+    """SimPO (Meng et al., 2024, arXiv:2405.14734) without materialising the logits.
+
+    ``loss_fn(lin_weight, hidden, target, bias=None) -> (loss, out)``; see :func:`fused_linear_simpo_loss`.
+    """
+
+    def __init__(
+        self,
+        beta: float = 2.0,
+        gamma: float = 0.5,
+        label_smoothing: float = 0.0,
+        *,
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+        softcap: float | None = None,
+        logit_scale: float = 1.0,
+        chunk_bytes: int | None = None,
+        impl: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = dict(beta=beta, gamma=gamma, label_smoothing=label_smoothing)
+        self.logit_kwargs = options_kwargs(
+            logit_options(
+                ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+                chunk_bytes=chunk_bytes, impl=impl,
+            )
+        )
+
+    def forward(
+        self, lin_weight: torch.Tensor, hidden: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return fused_linear_simpo_loss(lin_weight, hidden, target, bias, **self.config, **self.logit_kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.config}, {self.logit_kwargs}"

@@ -1,0 +1,62 @@
+"""Fused linear cross-entropy as an ``nn.Module``: ``CE(hidden @ lin_weight.T + bias, target)`` without logits."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.fused_linear_cross_entropy import REDUCTIONS, fused_linear_cross_entropy
+from ._paired import logit_options, options_kwargs
+
+
+class LigerFusedLinearCrossEntropyLoss(nn.Module):
+    """Cross-entropy of the lm_head output, matching ``F.cross_entropy`` on the materialised logits.
+
+    ``loss_fn(lin_weight, hidden, target, bias=None, *, num_items_in_batch=None)`` with lin_weight
+    ``(V, H)``, hidden ``(N, H)`` or ``(B, T, H)``, target ``(N,)`` or ``(B, T)`` already shifted, bias
+    ``(V,)`` or None. Returns a 0-d loss (``reduction="mean"`` over valid tokens, or over
+    ``num_items_in_batch`` when given; ``"sum"``), or per-token losses shaped like target (``"none"``).
+    See :func:`liger_align.kernels.fused_linear_cross_entropy`.
+    """
+
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        softcap: float | None = None,
+        temperature: float = 1.0,
+        logit_scale: float = 1.0,
+        chunk_bytes: int | None = None,
+        impl: str | None = None,
+    ) -> None:
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.logit_kwargs = options_kwargs(
+            logit_options(
+                ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+                chunk_bytes=chunk_bytes, impl=impl,
+            )
+        )
+
+    def forward(
+        self,
+        lin_weight: torch.Tensor,
+        hidden: torch.Tensor,
+        target: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return fused_linear_cross_entropy(
+            hidden, lin_weight, target, bias, reduction=self.reduction, label_smoothing=self.label_smoothing,
+            num_items_in_batch=num_items_in_batch, **self.logit_kwargs,
+        )
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, {self.logit_kwargs}"

@@ -1,0 +1,339 @@
+"""DPO: Direct Preference Optimization (Rafailov et al., 2023, arXiv:2305.18290) and its variants.
+
+Every ``loss_type`` of TRL 1.16's ``DPOTrainer`` on *summed* completion log-probs, weighted and
+added when several are given (RPO is ``["sigmoid", "sft"]``, MPO ``["sigmoid", "bco_pair", "sft"]``).
+With ``s_c = logp_c - ref_logp_c`` and ``s_r`` likewise (mapped through the f-divergence, f-DPO),
+``delta = s_c - s_r``:
+
+- ``sigmoid`` (DPO): ``-log sigmoid(beta * delta)``; ``hinge`` (SLiC): ``relu(1 - beta * delta)``;
+- ``ipo`` (IPO, Azar et al.): ``(delta_avg - 1 / (2 beta))^2`` on per-token averages;
+- ``exo_pair`` (EXO), ``nca_pair`` (NCA), ``robust`` (rDPO), ``bco_pair`` (BCO), ``sppo_hard`` (SPPO),
+  ``aot`` / ``aot_unpaired`` (AOT), ``apo_zero`` / ``apo_down`` (APO), ``discopop`` (DiscoPOP),
+  ``sigmoid_norm`` (DPO on per-token averages), ``sft`` (NLL of the chosen tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._paired import (
+    check_choice, check_vector, logit_options, logits_mean, options_kwargs, reference_logps, split_pairs,
+)
+from ._sequences import check_rows, sequence_stats
+
+DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+_F_DIVERGENCE_LOSS_TYPES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+
+
+def check_dpo_config(
+    loss_type: str | Sequence[str],
+    loss_weights: Sequence[float] | None,
+    *,
+    label_smoothing: float,
+    f_divergence_type: str,
+) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """Validate the configuration; return ``(loss_types, loss_weights)`` as tuples."""
+    loss_types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    if not loss_types:
+        raise ValueError(f"loss_type must name at least one of {list(DPO_LOSS_TYPES)}, got {loss_type!r}")
+    for name in loss_types:
+        check_choice("loss_type", name, DPO_LOSS_TYPES)
+    weights = tuple(float(w) for w in loss_weights) if loss_weights is not None else (1.0,) * len(loss_types)
+    if len(weights) != len(loss_types):
+        raise ValueError(f"loss_weights must have one weight per loss_type ({len(loss_types)}), got {len(weights)}")
+    check_choice("f_divergence_type", f_divergence_type, F_DIVERGENCES)
+    if f_divergence_type != "reverse_kl" and not set(loss_types) <= _F_DIVERGENCE_LOSS_TYPES:
+        raise ValueError(
+            f"f_divergence_type={f_divergence_type!r} supports only loss_type in {sorted(_F_DIVERGENCE_LOSS_TYPES)}, "
+            f"got {list(loss_types)}"
+        )
+    if "robust" in loss_types and not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type 'robust', got {label_smoothing}")
+    if "exo_pair" in loss_types and not 0.0 < label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must lie in (0, 1) for loss_type 'exo_pair', got {label_smoothing}")
+    return loss_types, weights
+
+
+def needs_reference(loss_types: Sequence[str]) -> bool:
+    """Whether any of ``loss_types`` reads the reference log-probs (all but ``sft``)."""
+    return any(name != "sft" for name in loss_types)
+
+
+def _f_scores(logratios: torch.Tensor, f_divergence_type: str, alpha: float) -> torch.Tensor:
+    """``f'(pi / pi_ref)`` of the f-DPO paper (Wang et al., 2023) from ``log(pi / pi_ref)``."""
+    if f_divergence_type == "forward_kl":
+        return 1 - torch.exp(-logratios)
+    if f_divergence_type == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratios)
+    if f_divergence_type == "alpha_divergence" and abs(alpha - 1.0) >= 1e-6:
+        return (torch.exp(((alpha - 1.0) * logratios).clamp(max=80.0)) - 1.0) / (alpha - 1.0)
+    return logratios
+
+
+def _one_dpo_loss(
+    name, *, beta, label_smoothing, discopop_tau, c, r, ref_c, ref_r, c_ratio, r_ratio, c_score, r_score, n_c, n_r
+):
+    """Per-pair loss ``(B,)`` of one loss type (the symbols of :func:`dpo_objective`)."""
+    delta = c_score - r_score
+    ls = label_smoothing
+    if name == "sigmoid":
+        return -F.logsigmoid(beta * delta)
+    if name == "hinge":
+        return torch.relu(1 - beta * delta)
+    if name == "ipo":
+        return (c_score / n_c.clamp(min=1) - r_score / n_r.clamp(min=1) - 1 / (2 * beta)) ** 2
+    if name == "sigmoid_norm":
+        return -F.logsigmoid(beta * (c_score / n_c.clamp(min=1) - r_score / n_r.clamp(min=1)))
+    if name == "exo_pair":
+        z = beta * delta
+        return torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-ls)) + torch.sigmoid(-z) * (
+            F.logsigmoid(-z) - math.log(ls)
+        )
+    if name == "nca_pair":
+        return -F.logsigmoid(beta * c_ratio) - 0.5 * F.logsigmoid(-beta * c_ratio) - 0.5 * F.logsigmoid(-beta * r_ratio)
+    if name == "robust":
+        z = beta * delta
+        return (-(1 - ls) * F.logsigmoid(z) + ls * F.logsigmoid(-z)) / (1 - 2 * ls)
+    if name == "bco_pair":
+        return -F.logsigmoid(beta * c_ratio) - F.logsigmoid(-beta * r_ratio)
+    if name == "sppo_hard":
+        return (c_ratio - 0.5 / beta) ** 2 + (r_ratio + 0.5 / beta) ** 2
+    if name in ("aot", "aot_unpaired"):
+        if name == "aot":
+            d = torch.sort(c - r).values - torch.sort(ref_c - ref_r).values
+        else:
+            d = torch.sort(c_ratio).values - torch.sort(r_ratio).values
+        return -F.logsigmoid(beta * d) * (1 - ls) - F.logsigmoid(-beta * d) * ls
+    if name == "apo_zero":
+        return 1 - torch.sigmoid(beta * c_ratio) + torch.sigmoid(beta * r_ratio)
+    if name == "apo_down":
+        return torch.sigmoid(beta * c_ratio) + 1 - torch.sigmoid(beta * (c_ratio - r_ratio))
+    if name == "discopop":
+        z = beta * delta
+        mix = torch.sigmoid(z / discopop_tau)
+        return -F.logsigmoid(z) * (1 - mix) + torch.exp(-z) * mix
+    if name == "sft":
+        return (-c.sum() / n_c.sum().clamp(min=1)).expand(c.shape[0])
+    raise ValueError(f"loss_type must be one of {list(DPO_LOSS_TYPES)}, got {name!r}")
+
+
+def dpo_objective(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+    discopop_tau: float = 0.05,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    chosen_n_tokens: torch.Tensor | None = None,
+    rejected_n_tokens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO-family loss from per-sequence *summed* log-probs, as TRL 1.16's ``DPOTrainer``.
+
+    Args:
+        chosen_logps, rejected_logps: ``(B,)`` policy log-probs summed over each completion.
+        ref_chosen_logps, ref_rejected_logps: ``(B,)`` the reference's (no gradient; zeros when reference-free).
+        beta, loss_type, loss_weights, label_smoothing, discopop_tau, f_divergence_type,
+            f_alpha_divergence_coef: as in TRL's ``DPOConfig``.
+        chosen_n_tokens, rejected_n_tokens: ``(B,)`` completion lengths, for ``ipo``, ``sigmoid_norm``
+            and ``sft`` (default: 1 each).
+
+    Returns:
+        ``(loss, metrics)``: 0-d ``sum_k loss_weights[k] * mean_b loss_k``; metrics (detached)
+        ``chosen_rewards = beta * (chosen_logps - ref_chosen_logps)`` and ``rejected_rewards`` ``(B,)``.
+    """
+    loss_types, weights = check_dpo_config(
+        loss_type, loss_weights, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type
+    )
+    c, r = chosen_logps.float(), rejected_logps.float()
+    ref_c, ref_r = ref_chosen_logps.float(), ref_rejected_logps.float()
+    c_ratio, r_ratio = c - ref_c, r - ref_r
+    ones = torch.ones_like(c)
+    terms = dict(
+        c=c, r=r, ref_c=ref_c, ref_r=ref_r, c_ratio=c_ratio, r_ratio=r_ratio,
+        c_score=_f_scores(c_ratio, f_divergence_type, f_alpha_divergence_coef),
+        r_score=_f_scores(r_ratio, f_divergence_type, f_alpha_divergence_coef),
+        n_c=ones if chosen_n_tokens is None else chosen_n_tokens.float(),
+        n_r=ones if rejected_n_tokens is None else rejected_n_tokens.float(),
+    )
+    loss = c.new_zeros(())
+    for name, weight in zip(loss_types, weights):
+        per_pair = _one_dpo_loss(
+            name, beta=beta, label_smoothing=label_smoothing, discopop_tau=discopop_tau, **terms
+        )
+        loss = loss + weight * per_pair.mean()
+    metrics = {"chosen_rewards": beta * c_ratio.detach(), "rejected_rewards": beta * r_ratio.detach()}
+    return loss, metrics
+
+
+def fused_linear_dpo_loss(
+    lin_weight: torch.Tensor,
+    hidden: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    beta: float = 0.1,
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+    discopop_tau: float = 0.05,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    reference_free: bool = False,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    chunk_bytes: int | None = None,
+    impl: str | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO (any TRL 1.16 ``loss_type``) on ``hidden @ lin_weight.T + bias`` without materialising the logits.
+
+    Args:
+        lin_weight: ``(V, H)``; bias ``(V,)`` or None.
+        hidden: ``(2B, T, H)``, B chosen rows then B rejected rows; target ``(2B, T)`` already shifted.
+        ref_hidden: ``(2B, T, H_ref)`` reference hidden states, projected without gradient through
+            ``ref_weight (V, H_ref)`` and ``ref_bias`` (default: ``lin_weight`` and ``bias``).
+        ref_chosen_logps, ref_rejected_logps: ``(B,)`` precomputed summed reference log-probs, instead.
+        reference_free: with no reference given, use 0 for the reference log-probs; otherwise a loss
+            type that reads the reference (all but ``sft``) raises ``ValueError``.
+        beta, loss_type, loss_weights, label_smoothing, discopop_tau, f_divergence_type,
+            f_alpha_divergence_coef: see :func:`dpo_objective`.
+        ignore_index, temperature, softcap, logit_scale, chunk_bytes, impl: see :class:`LogitOptions`.
+
+    Returns:
+        ``(loss, out)``: 0-d fp32 loss and detached metrics ``chosen_logps``, ``rejected_logps``,
+        ``ref_chosen_logps``, ``ref_rejected_logps``, ``chosen_rewards``, ``rejected_rewards`` ``(B,)``,
+        ``chosen_logits_mean`` and ``rejected_logits_mean`` (over completion tokens).
+    """
+    check_rows(hidden, target, lin_weight, paired=True)
+    loss_types, weights = check_dpo_config(
+        loss_type, loss_weights, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type
+    )
+    opts = logit_options(
+        ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+        chunk_bytes=chunk_bytes, impl=impl,
+    )
+    half = hidden.shape[0] // 2
+    if ref_hidden is not None and (ref_chosen_logps is not None or ref_rejected_logps is not None):
+        raise ValueError("pass either ref_hidden or ref_chosen_logps/ref_rejected_logps, not both")
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError("ref_chosen_logps and ref_rejected_logps must be given together")
+    ref_stats = reference_logps(
+        target, opts, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
+        policy_weight=lin_weight, policy_bias=bias,
+    )
+    if ref_stats is not None:
+        ref_c, ref_r = ref_stats.sum_logps[:half], ref_stats.sum_logps[half:]
+    elif ref_chosen_logps is not None:
+        ref_c = check_vector("ref_chosen_logps", ref_chosen_logps, half).to(hidden.device)
+        ref_r = check_vector("ref_rejected_logps", ref_rejected_logps, half).to(hidden.device)
+    elif reference_free or not needs_reference(loss_types):
+        ref_c = ref_r = torch.zeros(half, device=hidden.device)
+    else:
+        raise ValueError(
+            f"loss_type {list(loss_types)} needs a reference: pass ref_hidden (with ref_weight), or "
+            "ref_chosen_logps and ref_rejected_logps, or set reference_free=True"
+        )
+    policy = split_pairs(sequence_stats(hidden, lin_weight, target, bias, opts))
+    loss, metrics = dpo_objective(
+        policy.chosen.sum_logps, policy.rejected.sum_logps, ref_c, ref_r,
+        beta=beta, loss_type=loss_types, loss_weights=weights, label_smoothing=label_smoothing,
+        discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef,
+        chosen_n_tokens=policy.chosen.n_tokens, rejected_n_tokens=policy.rejected.n_tokens,
+    )
+    out = {
+        "chosen_logps": policy.chosen.sum_logps.detach(),
+        "rejected_logps": policy.rejected.sum_logps.detach(),
+        "ref_chosen_logps": ref_c.detach(),
+        "ref_rejected_logps": ref_r.detach(),
+        "chosen_logits_mean": logits_mean(policy.chosen),
+        "rejected_logits_mean": logits_mean(policy.rejected),
+        **metrics,
+    }
+    return loss, out
+
+
+class LigerFusedLinearDPOLoss(nn.Module):
+    """DPO and its TRL 1.16 variants (Rafailov et al., 2023) on the lm_head output, without logits.
+
+    ``loss_fn(lin_weight, hidden, target, bias=None, *, ref_hidden=None, ref_weight=None, ref_bias=None,
+    ref_chosen_logps=None, ref_rejected_logps=None) -> (loss, out)``; see :func:`fused_linear_dpo_loss`.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss_type: str | Sequence[str] = "sigmoid",
+        loss_weights: Sequence[float] | None = None,
+        label_smoothing: float = 0.0,
+        *,
+        discopop_tau: float = 0.05,
+        f_divergence_type: str = "reverse_kl",
+        f_alpha_divergence_coef: float = 0.5,
+        reference_free: bool = False,
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+        softcap: float | None = None,
+        logit_scale: float = 1.0,
+        chunk_bytes: int | None = None,
+        impl: str | None = None,
+    ) -> None:
+        super().__init__()
+        loss_types, weights = check_dpo_config(
+            loss_type, loss_weights, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type
+        )
+        self.config = dict(
+            beta=beta, loss_type=loss_types, loss_weights=weights, label_smoothing=label_smoothing,
+            discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef, reference_free=reference_free,
+        )
+        self.logit_kwargs = options_kwargs(
+            logit_options(
+                ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+                chunk_bytes=chunk_bytes, impl=impl,
+            )
+        )
+
+    def forward(
+        self,
+        lin_weight: torch.Tensor,
+        hidden: torch.Tensor,
+        target: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        ref_hidden: torch.Tensor | None = None,
+        ref_weight: torch.Tensor | None = None,
+        ref_bias: torch.Tensor | None = None,
+        ref_chosen_logps: torch.Tensor | None = None,
+        ref_rejected_logps: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return fused_linear_dpo_loss(
+            lin_weight, hidden, target, bias,
+            ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
+            ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+            **self.config, **self.logit_kwargs,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.config}, {self.logit_kwargs}"

@@ -1,0 +1,272 @@
+"""KTO: Model Alignment as Prospect Theoretic Optimization (Ethayarajh et al., 2024, arXiv:2402.01306).
+
+Unpaired: each row is a desirable or an undesirable completion. As TRL 1.16's ``KTOTrainer``, with
+``rho = logp - ref_logp`` (summed completion log-probs) and ``z`` the batch's KL estimate:
+
+- ``kto``: desirable ``1 - sigmoid(beta (rho - z))``, undesirable ``1 - sigmoid(beta (z - rho))``;
+- ``apo_zero_unpaired`` (APO, arXiv:2408.06266): desirable ``1 - sigmoid(beta rho)``, undesirable
+  ``sigmoid(beta rho)`` (no KL term);
+
+weighted by ``desirable_weight`` / ``undesirable_weight`` and averaged over all rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.linear_logprobs import LogitOptions
+from ._paired import check_choice, check_vector, logit_options, logits_mean, options_kwargs, reference_logps
+from ._sequences import SequenceStats, check_rows, sequence_stats
+
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+def kto_objective(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    preference_labels: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    kl: torch.Tensor | float | None = None,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    loss_type: str = "kto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """KTO-family loss from per-row summed log-probs.
+
+    Args:
+        logps, ref_logps: ``(R,)`` policy and reference (no gradient) completion log-probs.
+        preference_labels: ``(R,)`` bool (or 0/1): True for a desirable completion.
+        kl: the KL estimate ``z`` (0-d or float, used without gradient, clamped at 0 as TRL does);
+            None means 0. Unused by ``apo_zero_unpaired``.
+        beta, desirable_weight, undesirable_weight, loss_type: as in TRL's ``KTOConfig``.
+
+    Returns:
+        ``(loss, metrics)``: 0-d mean over the R rows of the weighted per-row losses; metrics (detached)
+        ``rewards = beta * rho`` ``(R,)`` and ``kl`` (0-d).
+    """
+    check_choice("loss_type", loss_type, KTO_LOSS_TYPES)
+    desirable = preference_labels.to(device=logps.device, dtype=torch.bool)
+    rho = logps.float() - ref_logps.float()
+    z = torch.zeros((), device=logps.device)
+    if loss_type == "kto" and kl is not None:
+        z = torch.as_tensor(kl, dtype=torch.float32, device=logps.device).detach().reshape(()).clamp(min=0)
+    if loss_type == "kto":
+        desirable_loss = 1 - torch.sigmoid(beta * (rho - z))
+        undesirable_loss = 1 - torch.sigmoid(beta * (z - rho))
+    else:
+        desirable_loss = 1 - torch.sigmoid(beta * rho)
+        undesirable_loss = torch.sigmoid(beta * rho)
+    per_row = torch.where(desirable, desirable_weight * desirable_loss, undesirable_weight * undesirable_loss)
+    return per_row.mean(), {"rewards": beta * rho.detach(), "kl": z}
+
+
+def kl_estimate(
+    lin_weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    opts: LogitOptions,
+    *,
+    kl_hidden: torch.Tensor,
+    kl_target: torch.Tensor,
+    ref_kl_hidden: torch.Tensor | None,
+    ref_kl_logps: torch.Tensor | None,
+    ref_weight: torch.Tensor | None,
+    ref_bias: torch.Tensor | None,
+    reference_free: bool,
+) -> torch.Tensor:
+    """TRL's KL term ``mean_j (logp(y'_j) - ref_logp(y'_j))`` over mismatched completions, without gradient."""
+    check_rows(kl_hidden, kl_target, lin_weight, paired=False)
+    with torch.no_grad():
+        kl_logps = sequence_stats(kl_hidden.detach(), lin_weight.detach(), kl_target, _detach(bias), opts).sum_logps
+    ref = reference_logps(
+        kl_target, opts, ref_hidden=ref_kl_hidden, ref_weight=ref_weight if ref_kl_hidden is not None else None,
+        ref_bias=ref_bias if ref_kl_hidden is not None else None, policy_weight=lin_weight, policy_bias=bias,
+    )
+    if ref is not None:
+        ref_kl = ref.sum_logps
+    elif ref_kl_logps is not None:
+        ref_kl = check_vector("ref_kl_logps", ref_kl_logps, kl_target.shape[0]).to(kl_logps.device)
+    elif reference_free:
+        ref_kl = torch.zeros_like(kl_logps)
+    else:
+        raise ValueError("kl_hidden needs a reference: pass ref_kl_hidden or ref_kl_logps, or set reference_free=True")
+    return (kl_logps - ref_kl).mean()
+
+
+def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
+def fused_linear_kto_loss(
+    lin_weight: torch.Tensor,
+    hidden: torch.Tensor,
+    target: torch.Tensor,
+    preference_labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    kl: torch.Tensor | float | None = None,
+    kl_hidden: torch.Tensor | None = None,
+    kl_target: torch.Tensor | None = None,
+    ref_kl_hidden: torch.Tensor | None = None,
+    ref_kl_logps: torch.Tensor | None = None,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    loss_type: str = "kto",
+    reference_free: bool = False,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    chunk_bytes: int | None = None,
+    impl: str | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """KTO on ``hidden @ lin_weight.T + bias`` without materialising the logits; any mix of labels.
+
+    Args:
+        lin_weight: ``(V, H)``; bias ``(V,)`` or None.
+        hidden: ``(R, T, H)``; target ``(R, T)`` already shifted; preference_labels ``(R,)`` bool.
+        ref_hidden: ``(R, T, H_ref)`` reference hidden states, through ``ref_weight``/``ref_bias``
+            (default: the policy's head) without gradient; or ``ref_logps`` ``(R,)`` precomputed;
+            with neither, ``reference_free=True`` uses 0, else ``ValueError``.
+        kl: a precomputed KL estimate (0-d); or ``kl_hidden (R', T', H)``, ``kl_target (R', T')`` of
+            mismatched completions with ``ref_kl_hidden`` or ``ref_kl_logps (R',)``, estimated as TRL
+            does (``mean(logp - ref_logp)``, no gradient). None of these: 0.
+        beta, desirable_weight, undesirable_weight, loss_type: see :func:`kto_objective`.
+        ignore_index, temperature, softcap, logit_scale, chunk_bytes, impl: see :class:`LogitOptions`.
+
+    Returns:
+        ``(loss, out)``: 0-d fp32 loss and detached metrics: ``logps``, ``rewards`` ``(R,)``;
+        ``chosen_logps``, ``chosen_rewards`` over desirable rows and ``rejected_logps``,
+        ``rejected_rewards`` over undesirable rows (variable length); ``chosen_logits_mean``,
+        ``rejected_logits_mean`` and ``kl`` (0-d).
+    """
+    check_rows(hidden, target, lin_weight, paired=False)
+    check_choice("loss_type", loss_type, KTO_LOSS_TYPES)
+    rows = hidden.shape[0]
+    if not isinstance(preference_labels, torch.Tensor) or preference_labels.shape != (rows,):
+        raise ValueError(
+            f"preference_labels must have shape (R,) = ({rows},) like hidden, "
+            f"got {tuple(getattr(preference_labels, 'shape', ()))}"
+        )
+    opts = logit_options(
+        ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+        chunk_bytes=chunk_bytes, impl=impl,
+    )
+    if ref_hidden is not None and ref_logps is not None:
+        raise ValueError("pass either ref_hidden or ref_logps, not both")
+    ref_stats = reference_logps(
+        target, opts, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
+        policy_weight=lin_weight, policy_bias=bias,
+    )
+    if ref_stats is not None:
+        ref = ref_stats.sum_logps
+    elif ref_logps is not None:
+        ref = check_vector("ref_logps", ref_logps, rows).to(hidden.device)
+    elif reference_free:
+        ref = torch.zeros(rows, device=hidden.device)
+    else:
+        raise ValueError(
+            f"loss_type {loss_type!r} needs a reference: pass ref_hidden (with ref_weight) or ref_logps, "
+            "or set reference_free=True"
+        )
+    if kl_hidden is not None or kl_target is not None:
+        if kl is not None or kl_hidden is None or kl_target is None:
+            raise ValueError("pass kl, or kl_hidden with kl_target (and ref_kl_hidden or ref_kl_logps), not both")
+        kl = kl_estimate(
+            lin_weight, bias, opts, kl_hidden=kl_hidden, kl_target=kl_target, ref_kl_hidden=ref_kl_hidden,
+            ref_kl_logps=ref_kl_logps, ref_weight=ref_weight, ref_bias=ref_bias, reference_free=reference_free,
+        )
+    stats = sequence_stats(hidden, lin_weight, target, bias, opts)
+    desirable = preference_labels.to(device=hidden.device, dtype=torch.bool)
+    loss, metrics = kto_objective(
+        stats.sum_logps, ref, desirable, beta=beta, kl=kl, desirable_weight=desirable_weight,
+        undesirable_weight=undesirable_weight, loss_type=loss_type,
+    )
+    logps = stats.sum_logps.detach()
+    out = {
+        "logps": logps,
+        "chosen_logps": logps[desirable],
+        "rejected_logps": logps[~desirable],
+        "chosen_rewards": metrics["rewards"][desirable],
+        "rejected_rewards": metrics["rewards"][~desirable],
+        "chosen_logits_mean": logits_mean(_rows_where(stats, desirable)),
+        "rejected_logits_mean": logits_mean(_rows_where(stats, ~desirable)),
+        **metrics,
+    }
+    return loss, out
+
+
+def _rows_where(stats: SequenceStats, mask: torch.Tensor) -> SequenceStats:
+    """``stats`` with the rows outside ``mask`` zeroed (no host synchronisation)."""
+    return SequenceStats(*(torch.where(mask, t, torch.zeros_like(t)) for t in stats))
+
+
+class LigerFusedLinearKTOLoss(nn.Module):
+    """KTO (Ethayarajh et al., 2024) as in TRL's ``KTOTrainer``, without materialising the logits.
+
+    ``loss_fn(lin_weight, hidden, target, preference_labels, bias=None, *, ref_hidden=None, ref_weight=None,
+    ref_bias=None, ref_logps=None, kl=None, kl_hidden=None, kl_target=None, ref_kl_hidden=None,
+    ref_kl_logps=None) -> (loss, out)``; see :func:`fused_linear_kto_loss`.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0,
+        loss_type: str = "kto",
+        *,
+        reference_free: bool = False,
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+        softcap: float | None = None,
+        logit_scale: float = 1.0,
+        chunk_bytes: int | None = None,
+        impl: str | None = None,
+    ) -> None:
+        super().__init__()
+        check_choice("loss_type", loss_type, KTO_LOSS_TYPES)
+        self.config = dict(
+            beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+            loss_type=loss_type, reference_free=reference_free,
+        )
+        self.logit_kwargs = options_kwargs(
+            logit_options(
+                ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+                chunk_bytes=chunk_bytes, impl=impl,
+            )
+        )
+
+    def forward(
+        self,
+        lin_weight: torch.Tensor,
+        hidden: torch.Tensor,
+        target: torch.Tensor,
+        preference_labels: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        ref_hidden: torch.Tensor | None = None,
+        ref_weight: torch.Tensor | None = None,
+        ref_bias: torch.Tensor | None = None,
+        ref_logps: torch.Tensor | None = None,
+        kl: torch.Tensor | float | None = None,
+        kl_hidden: torch.Tensor | None = None,
+        kl_target: torch.Tensor | None = None,
+        ref_kl_hidden: torch.Tensor | None = None,
+        ref_kl_logps: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return fused_linear_kto_loss(
+            lin_weight, hidden, target, preference_labels, bias,
+            ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps, kl=kl,
+            kl_hidden=kl_hidden, kl_target=kl_target, ref_kl_hidden=ref_kl_hidden, ref_kl_logps=ref_kl_logps,
+            **self.config, **self.logit_kwargs,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.config}, {self.logit_kwargs}"

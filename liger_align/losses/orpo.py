@@ -1,0 +1,190 @@
+"""ORPO: Monolithic Preference Optimization without Reference Model (Hong et al., 2024, arXiv:2403.07691).
+
+``loss = NLL(chosen) - beta * mean_b log sigmoid(log_odds_b)`` with
+``log_odds = (c - r) - (log(1 - exp(c)) - log(1 - exp(r)))`` on the *average* per-token log-probs
+``c``, ``r`` of the chosen and rejected completions, as TRL 1.16's ``ORPOTrainer`` computes it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._paired import logit_options, logits_mean, options_kwargs, split_pairs
+from ._sequences import check_rows, sequence_stats
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, accurate on both sides of ``-log 2``."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_objective(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    nll_loss: torch.Tensor,
+    *,
+    beta: float,
+    pair_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ORPO's loss from per-sequence average log-probs.
+
+    Args:
+        chosen_logps, rejected_logps: ``(B,)`` average log-prob per completion token (negative).
+        nll_loss: 0-d cross-entropy of the chosen sequences (averaged over their tokens).
+        beta: weight ``lambda`` of the odds-ratio term.
+        pair_mask: ``(B,)`` bool; pairs marked False (a row with no valid token) add 0 to the loss
+            and get no gradient instead of an infinite log-odds.
+
+    Returns:
+        ``(loss, metrics)``: 0-d ``loss = nll_loss - beta * mean_b log sigmoid(log_odds_b)``; metrics
+        (detached) ``nll_loss``, ``log_odds_ratio`` (mean log sigmoid), ``log_odds_chosen`` (mean
+        log-odds), ``chosen_rewards`` and ``rejected_rewards`` ``(B,) = beta * logps``.
+    """
+    chosen, rejected = chosen_logps.float(), rejected_logps.float()
+    if pair_mask is not None:
+        chosen = torch.where(pair_mask, chosen, torch.full_like(chosen, -1.0))
+        rejected = torch.where(pair_mask, rejected, torch.full_like(rejected, -1.0))
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+    ratio = F.logsigmoid(log_odds)
+    if pair_mask is not None:
+        ratio = torch.where(pair_mask, ratio, torch.zeros_like(ratio))
+        log_odds = torch.where(pair_mask, log_odds, torch.zeros_like(log_odds))
+    loss = nll_loss - beta * ratio.mean()
+    metrics = {
+        "nll_loss": nll_loss.detach(),
+        "log_odds_ratio": ratio.mean().detach(),
+        "log_odds_chosen": log_odds.mean().detach(),
+        "chosen_rewards": beta * chosen_logps.detach().float(),
+        "rejected_rewards": beta * rejected_logps.detach().float(),
+    }
+    return loss, metrics
+
+
+def fused_linear_orpo_loss(
+    lin_weight: torch.Tensor,
+    hidden: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    nll_target: torch.Tensor | None = None,
+    beta: float = 0.1,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    chunk_bytes: int | None = None,
+    impl: str | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ORPO on ``hidden @ lin_weight.T + bias`` without materialising the logits.
+
+    Args:
+        lin_weight: ``(V, H)`` lm_head weight; bias ``(V,)`` or None.
+        hidden: ``(2B, T, H)``, the B chosen rows first, then the B rejected rows.
+        target: ``(2B, T)`` integer, already shifted; ``ignore_index`` on prompt and padding.
+        nll_target: ``(B, T)`` (or ``(2B, T)``, of which the chosen half is used) targets of the NLL
+            term; TRL's trainer uses prompt + completion there. Default: the chosen half of ``target``.
+        beta: weight of the odds-ratio term.
+        ignore_index, temperature, softcap, logit_scale, chunk_bytes, impl: see :class:`LogitOptions`.
+
+    Returns:
+        ``(loss, out)``: 0-d fp32 loss and detached metrics: ``chosen_logps``, ``rejected_logps``
+        ``(B,)`` (average log-probs), ``chosen_logits_mean``, ``rejected_logits_mean`` (over valid
+        tokens) and those of :func:`orpo_objective`.
+    """
+    check_rows(hidden, target, lin_weight, paired=True)
+    opts = logit_options(
+        ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+        chunk_bytes=chunk_bytes, impl=impl,
+    )
+    half = hidden.shape[0] // 2
+    if nll_target is None:
+        stats = sequence_stats(hidden, lin_weight, target, bias, opts)
+        policy = split_pairs(stats)
+        nll_sum, nll_count = policy.chosen.sum_logps.sum(), policy.chosen.n_tokens.sum()
+    else:
+        nll_target = _chosen_nll_target(nll_target, target, half)
+        # One pass over [policy rows | chosen rows with the NLL-only tokens | chosen rows with the
+        # policy-only tokens]: tokens shared by target and nll_target are computed once.
+        chosen_target = target[:half]
+        extra = torch.where(nll_target != chosen_target, nll_target, ignore_index)
+        missing = torch.where(nll_target != chosen_target, chosen_target, ignore_index)
+        chosen_hidden = hidden[:half]
+        stats = sequence_stats(
+            torch.cat((hidden, chosen_hidden, chosen_hidden)), lin_weight,
+            torch.cat((target, extra, missing)), bias, opts,
+        )
+        sums = stats.sum_logps
+        policy = split_pairs(type(stats)(*(t[: 2 * half] for t in stats)))
+        nll_sum = sums[:half].sum() + sums[2 * half : 3 * half].sum() - sums[3 * half :].sum()
+        nll_count = (nll_target != ignore_index).sum().float()
+    nll_loss = -nll_sum / nll_count.clamp(min=1)
+    chosen_logps, rejected_logps = policy.chosen.mean_logps(), policy.rejected.mean_logps()
+    pair_mask = (policy.chosen.n_tokens > 0) & (policy.rejected.n_tokens > 0)
+    loss, metrics = orpo_objective(chosen_logps, rejected_logps, nll_loss, beta=beta, pair_mask=pair_mask)
+    out = {
+        "chosen_logps": chosen_logps.detach(),
+        "rejected_logps": rejected_logps.detach(),
+        "chosen_logits_mean": logits_mean(policy.chosen),
+        "rejected_logits_mean": logits_mean(policy.rejected),
+        **metrics,
+    }
+    return loss, out
+
+
+def _chosen_nll_target(nll_target: torch.Tensor, target: torch.Tensor, half: int) -> torch.Tensor:
+    """The ``(B, T)`` NLL targets of the chosen rows, from ``nll_target`` of shape ``(B, T)`` or ``(2B, T)``."""
+    shapes = ((half, target.shape[1]), tuple(target.shape))
+    if not isinstance(nll_target, torch.Tensor) or tuple(nll_target.shape) not in shapes:
+        raise ValueError(
+            f"nll_target must have shape (B, T) = {shapes[0]} or (2B, T) = {shapes[1]}, "
+            f"got {tuple(getattr(nll_target, 'shape', ()))}"
+        )
+    if nll_target.dtype.is_floating_point or nll_target.dtype == torch.bool:
+        raise TypeError(f"nll_target must be an integer tensor, got dtype {nll_target.dtype}")
+    return nll_target[:half].to(device=target.device, dtype=target.dtype)
+
+
+class LigerFusedLinearORPOLoss(nn.Module):
+    """ORPO (Hong et al., 2024) on the lm_head output, without materialising the logits.
+
+    ``loss_fn(lin_weight, hidden, target, bias=None, *, nll_target=None) -> (loss, out)``; see
+    :func:`fused_linear_orpo_loss` for shapes and outputs.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        ignore_index: int = -100,
+        *,
+        temperature: float = 1.0,
+        softcap: float | None = None,
+        logit_scale: float = 1.0,
+        chunk_bytes: int | None = None,
+        impl: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.beta = beta
+        self.logit_kwargs = options_kwargs(
+            logit_options(
+                ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+                chunk_bytes=chunk_bytes, impl=impl,
+            )
+        )
+
+    def forward(
+        self,
+        lin_weight: torch.Tensor,
+        hidden: torch.Tensor,
+        target: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        nll_target: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return fused_linear_orpo_loss(
+            lin_weight, hidden, target, bias, nll_target=nll_target, beta=self.beta, **self.logit_kwargs
+        )
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, {self.logit_kwargs}"
