@@ -37,12 +37,15 @@ def _reference(hidden, weight, bias, target, **kw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
-def test_matches_cross_entropy(device, impl, dtype, reduction, label_smoothing):
+@pytest.mark.parametrize("strategy", ["grad_in_forward", "recompute"])
+def test_matches_cross_entropy(device, impl, dtype, reduction, label_smoothing, strategy):
     _skip_unless_runs(device, impl)
+    if strategy == "grad_in_forward" and reduction == "none":
+        pytest.skip("per-token losses need the recomputing strategy")
     hidden, weight, b, target = _inputs((37,), 48, 1003, dtype, device)
     loss = fused_linear_cross_entropy(
         hidden, weight, target, b, reduction=reduction, label_smoothing=label_smoothing, impl=impl,
-        chunk_bytes=16 * 1003 * 4,
+        chunk_bytes=16 * 1003 * 4, strategy=strategy,
     )
     h64, w64, b64 = leaf_copies(hidden, weight, b)
     ref = _reference(h64, w64, b64, target, reduction=reduction, label_smoothing=label_smoothing)
@@ -68,13 +71,16 @@ def test_batched_input_and_sum_with_other_loss(device, impl):
 
 
 @pytest.mark.parametrize("device,impl", PATHS)
-def test_num_items_in_batch_makes_accumulation_exact(device, impl):
+@pytest.mark.parametrize("strategy", ["grad_in_forward", "recompute"])
+def test_num_items_in_batch_makes_accumulation_exact(device, impl, strategy):
     _skip_unless_runs(device, impl)
     hidden, weight, b, target = _inputs((2, 19), 32, 301, torch.float32, device)
     target[1, :12] = -100  # micro-batches with different numbers of valid tokens
     total_items = (target != -100).sum()
     accumulated = sum(
-        fused_linear_cross_entropy(hidden[i], weight, target[i], b, num_items_in_batch=total_items, impl=impl)
+        fused_linear_cross_entropy(
+            hidden[i], weight, target[i], b, num_items_in_batch=total_items, impl=impl, strategy=strategy
+        )
         for i in range(2)
     )
     accumulated.backward()
@@ -115,6 +121,8 @@ def test_frozen_weight_and_no_bias_grad():
         (dict(reduction="avg"), ValueError, "reduction must be one of"),
         (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
         (dict(reduction="sum", num_items_in_batch=4), ValueError, "num_items_in_batch"),
+        (dict(strategy="fast"), ValueError, "strategy must be one of"),
+        (dict(reduction="none", strategy="grad_in_forward"), ValueError, "grad_in_forward"),
     ],
 )
 def test_bad_options(kwargs, error, message):
@@ -129,3 +137,18 @@ def test_bad_shapes():
         fused_linear_cross_entropy(hidden, weight, target[:, :4], b)
     with pytest.raises(ValueError, match="must match weight"):
         fused_linear_cross_entropy(hidden, weight[:, :8], target, b)
+
+
+def test_auto_strategy_respects_the_grad_buffer_budget(monkeypatch):
+    import importlib
+
+    module = importlib.import_module("liger_align.kernels.fused_linear_cross_entropy")
+
+    calls = []
+    real = module.linear_token_objective
+    monkeypatch.setattr(module, "linear_token_objective", lambda *a, **k: calls.append(1) or real(*a, **k))
+    hidden, weight, b, target = _inputs((7,), 16, 101, torch.bfloat16, "cpu")
+    fused_linear_cross_entropy(hidden, weight, target, b)
+    assert calls == []
+    fused_linear_cross_entropy(hidden, weight, target, b, max_grad_buffer_bytes=weight.numel())
+    assert calls == [1]

@@ -1,10 +1,12 @@
 """What the fused linear ops share: input checks, dropping masked tokens, chunking, the products.
 
 A fused linear op sees hidden ``(N, H)``, weight ``(V, H)``, optional bias ``(V,)`` and target ``(N,)``.
-Tokens whose target is ``ignore_index`` are dropped first, so no product ever touches them; the
-valid tokens are processed in chunks of ``C`` rows whose ``(C, V)`` logits fit a memory budget.
-Gradients of the weight and bias are accumulated in fp32 across chunks (rounding each chunk's
-product to bf16 before summing biases training) and skipped when they are not required.
+Tokens whose target is ``ignore_index`` are dropped first, so no product ever touches them. The
+``M`` valid tokens are then processed either in vocabulary slices (``(M, Vc)`` logits at a time:
+each slice's grad-weight is complete in one product) or in token chunks (``(C, V)`` logits at a
+time: grad-weight is summed over chunks). Sums over chunks are accumulated in fp32 (rounding each
+chunk's product to bf16 before summing biases training); a gradient that is not required is not
+computed.
 """
 
 from __future__ import annotations
@@ -96,6 +98,15 @@ def chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, chunk_bytes: int | N
     return max(1, min(n_rows, budget // per_row))
 
 
+def slice_cols(n_rows: int, vocab: int, dtype: torch.dtype, chunk_bytes: int | None) -> int:
+    """Vocabulary columns per slice such that an ``(n_rows, cols)`` logits buffer fits ``chunk_bytes``."""
+    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    if budget <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    per_col = max(1, n_rows) * torch.empty((), dtype=dtype).element_size()
+    return max(1, min(vocab, budget // per_col))
+
+
 def project(h_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
     """``out = h_chunk @ weight.T + bias``: logits ``(C, V)`` of one chunk, written into ``out``."""
     if bias is None:
@@ -109,6 +120,21 @@ def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` accumulated and returned in fp32 (bf16/fp16 operands are not upcast on CUDA)."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def mm_into_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out[...] = a @ b`` with fp32 accumulation, rounded once to ``out``'s dtype."""
+    if out.dtype == a.dtype == b.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(mm_fp32(a, b))
 
 
 @dataclass

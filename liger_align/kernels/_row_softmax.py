@@ -1,4 +1,4 @@
-"""Row-wise softmax statistics and gradients over one chunk of logits ``(C, V)``.
+"""Row-wise softmax statistics and gradients over one chunk of logits ``(M, Vc)``.
 
 These are the only element-wise passes of the fused linear ops (``linear_logprobs`` and the fused
 cross-entropy): the matrix products around them run in cuBLAS. Each op has a Triton kernel and a
@@ -8,8 +8,8 @@ The logits go through the transform users of other libraries rely on, in this or
 ``z = logit_scale * raw``; with softcapping ``z = softcap * tanh(z / softcap)`` (Gemma 2);
 ``z = z / temperature``.
 
-Statistics per row ``i`` (fp32): ``lse_i = log sum_v exp(z_iv)``, ``zt_i = z_i[target_i]`` and
-``zsum_i = sum_v z_iv``.
+Statistics per row ``i`` (fp32), folded over vocabulary slices with an online log-sum-exp:
+``lse_i = log sum_v exp(z_iv)``, ``zt_i = z_i[target_i]`` and ``zsum_i = sum_v z_iv``.
 
 Gradient per row, for an objective ``a_i * log p_i[target_i] + b_i * mean_v log p_iv``:
 ``d/dz_iv = a_i * onehot_iv + b_i / V - (a_i + b_i) * p_iv``, chained through the transform and
@@ -38,15 +38,15 @@ if triton_available():
 
     @triton.jit
     def _row_stats_kernel(
-        logits_ptr, stride, target_ptr, lse_ptr, target_logit_ptr, logit_sum_ptr,
-        n_cols, logit_scale, softcap, inv_temperature,
+        logits_ptr, stride, target_ptr, max_ptr, sum_exp_ptr, target_logit_ptr, logit_sum_ptr,
+        vocab_start, n_cols, logit_scale, softcap, inv_temperature,
         HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         row_ptr = logits_ptr + row * stride
-        running_max = -float("inf")
-        sum_exp = 0.0
-        logit_sum = 0.0
+        running_max = tl.load(max_ptr + row)
+        sum_exp = tl.load(sum_exp_ptr + row)
+        logit_sum = tl.load(logit_sum_ptr + row)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             in_row = cols < n_cols
@@ -57,17 +57,19 @@ if triton_available():
             new_max = tl.maximum(running_max, tl.max(z, axis=0))
             sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
             running_max = new_max
-        target = tl.load(target_ptr + row)
-        z_target = tl.load(row_ptr + target).to(tl.float32)
-        z_target = _transform(z_target, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
-        tl.store(lse_ptr + row, running_max + tl.log(sum_exp))
-        tl.store(target_logit_ptr + row, z_target)
+        tl.store(max_ptr + row, running_max)
+        tl.store(sum_exp_ptr + row, sum_exp)
         tl.store(logit_sum_ptr + row, logit_sum)
+        local = tl.load(target_ptr + row) - vocab_start
+        if (local >= 0) & (local < n_cols):
+            z_target = tl.load(row_ptr + local).to(tl.float32)
+            z_target = _transform(z_target, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
+            tl.store(target_logit_ptr + row, z_target)
 
     @triton.jit
     def _row_grad_kernel(
         logits_ptr, stride, target_ptr, lse_ptr, a_ptr, b_ptr,
-        n_cols, logit_scale, softcap, inv_temperature,
+        vocab_start, n_cols, vocab, logit_scale, softcap, inv_temperature,
         HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
@@ -84,8 +86,8 @@ if triton_available():
         p = tl.exp(z - tl.load(lse_ptr + row))
         a = tl.load(a_ptr + row)
         b = tl.load(b_ptr + row)
-        is_target = cols == tl.load(target_ptr + row)
-        grad = tl.where(is_target, a, 0.0) + b / n_cols - (a + b) * p
+        is_target = (cols + vocab_start) == tl.load(target_ptr + row)
+        grad = tl.where(is_target, a, 0.0) + b / vocab - (a + b) * p
         grad = grad * inv_temperature
         if HAS_SOFTCAP:
             grad = grad * (1.0 - t * t)
@@ -104,34 +106,56 @@ def _torch_transform(raw: torch.Tensor, logit_scale: float, softcap: float | Non
     return z / temperature
 
 
-def row_stats(
-    logits: torch.Tensor, target: torch.Tensor, *, logit_scale: float, softcap: float | None,
-    temperature: float, triton_path: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row ``(lse, target_logit, logit_sum)``, each ``(C,)`` fp32, of transformed ``logits (C, V)``.
+class RowStats:
+    """Running softmax statistics of ``M`` rows, each ``(M,)`` fp32, folded one vocabulary slice at a time."""
 
-    Every ``target`` must lie in ``[0, V)``: masked tokens were dropped before the product.
+    def __init__(self, rows: int, device: torch.device) -> None:
+        self.running_max = torch.full((rows,), float("-inf"), device=device)
+        self.sum_exp = torch.zeros(rows, device=device)
+        self.target_logit = torch.zeros(rows, device=device)
+        self.logit_sum = torch.zeros(rows, device=device)
+
+    def lse(self) -> torch.Tensor:
+        """``log sum_v exp(z_v)`` per row, once every slice has been folded."""
+        return self.running_max + torch.log(self.sum_exp)
+
+
+def fold_row_stats_(
+    stats: RowStats, logits: torch.Tensor, target: torch.Tensor, vocab_start: int, *, logit_scale: float,
+    softcap: float | None, temperature: float, triton_path: bool,
+) -> None:
+    """Fold the logits ``(M, Vc)`` of vocabulary ids ``[vocab_start, vocab_start + Vc)`` into ``stats``.
+
+    ``target (M,)`` holds vocabulary ids in ``[0, V)``; a row's target logit is taken from the slice
+    that contains it.
     """
     rows, n_cols = logits.shape
     if not triton_path:
         z = _torch_transform(logits, logit_scale, softcap, temperature)
-        return torch.logsumexp(z, dim=1), z.gather(1, target[:, None]).squeeze(1), z.sum(1)
-    lse, target_logit, logit_sum = (torch.empty(rows, device=logits.device, dtype=torch.float32) for _ in range(3))
+        new_max = torch.maximum(stats.running_max, z.amax(1))
+        stats.sum_exp.mul_(torch.exp(stats.running_max - new_max)).add_(torch.exp(z - new_max[:, None]).sum(1))
+        stats.running_max.copy_(new_max)
+        stats.logit_sum.add_(z.sum(1))
+        local = target - vocab_start
+        inside = (local >= 0) & (local < n_cols)
+        picked = z.gather(1, local.clamp(0, n_cols - 1)[:, None]).squeeze(1)
+        stats.target_logit.copy_(torch.where(inside, picked, stats.target_logit))
+        return
     _row_stats_kernel[(rows,)](
-        logits, logits.stride(0), target, lse, target_logit, logit_sum,
-        n_cols, float(logit_scale), float(softcap or 1.0), 1.0 / temperature,
+        logits, logits.stride(0), target, stats.running_max, stats.sum_exp, stats.target_logit, stats.logit_sum,
+        vocab_start, n_cols, float(logit_scale), float(softcap or 1.0), 1.0 / temperature,
         HAS_SOFTCAP=softcap is not None, BLOCK=min(_STATS_BLOCK, triton.next_power_of_2(n_cols)),
     )
-    return lse, target_logit, logit_sum
 
 
 def row_grad_(
     logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
-    logit_scale: float, softcap: float | None, temperature: float, triton_path: bool,
+    vocab_start: int, vocab: int, logit_scale: float, softcap: float | None, temperature: float, triton_path: bool,
 ) -> torch.Tensor:
-    """Overwrite ``logits (C, V)`` with the gradient of ``a * log p[target] + b * mean_v log p`` per row.
+    """Overwrite ``logits (M, Vc)`` with the gradient of ``a * log p[target] + b * mean_v log p`` per row.
 
-    ``lse``, ``a`` and ``b`` are ``(C,)`` fp32. Returns ``logits``, now holding the gradient with
+    The columns are vocabulary ids ``[vocab_start, vocab_start + Vc)`` of a vocabulary of ``vocab``;
+    ``lse``, ``a`` and ``b`` are ``(M,)`` fp32. Returns ``logits``, now holding the gradient with
     respect to the raw (untransformed) logits, in the logits' dtype.
     """
     rows, n_cols = logits.shape
@@ -140,8 +164,10 @@ def row_grad_(
         tanh = torch.tanh(raw / softcap) if softcap is not None else None
         z = (softcap * tanh if tanh is not None else raw) / temperature
         p = torch.exp(z - lse[:, None])
-        grad = (b / n_cols)[:, None] - (a + b)[:, None] * p
-        grad.scatter_add_(1, target[:, None], a[:, None])
+        grad = (b / vocab)[:, None] - (a + b)[:, None] * p
+        local = target - vocab_start
+        inside = (local >= 0) & (local < n_cols)
+        grad.scatter_add_(1, local.clamp(0, n_cols - 1)[:, None], torch.where(inside, a, 0.0)[:, None])
         grad = grad / temperature
         if tanh is not None:
             grad = grad * (1.0 - tanh * tanh)
@@ -150,7 +176,7 @@ def row_grad_(
     block = min(_GRAD_BLOCK, triton.next_power_of_2(n_cols))
     _row_grad_kernel[(rows, math.ceil(n_cols / block))](
         logits, logits.stride(0), target, lse, a, b,
-        n_cols, float(logit_scale), float(softcap or 1.0), 1.0 / temperature,
+        vocab_start, n_cols, vocab, float(logit_scale), float(softcap or 1.0), 1.0 / temperature,
         HAS_SOFTCAP=softcap is not None, BLOCK=block,
     )
     return logits

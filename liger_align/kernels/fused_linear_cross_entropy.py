@@ -1,9 +1,17 @@
 """Fused linear cross-entropy: ``CE(hidden @ weight.T + bias, target)`` without the ``(N, V)`` logits.
 
-For ``reduction="mean"`` or ``"sum"`` every token's gradient is known in the forward pass, so each
-chunk of valid tokens costs 3 products (logits, grad-hidden, grad-weight) and the backward only
-scales the stored gradients by the upstream scalar. ``reduction="none"`` goes through the
-recomputing base (:class:`~liger_align.kernels.linear_logprobs.LinearTokenObjectiveFunction`).
+Two strategies, picked with ``strategy=``:
+
+- ``"grad_in_forward"`` (``reduction="mean"``/``"sum"`` only): every token's gradient is known in the
+  forward pass, so each chunk of valid tokens costs 3 products (logits, grad-hidden, grad-weight);
+  grad-weight is summed over token chunks in a ``(V, H)`` fp32 buffer, and the backward only
+  scales the stored gradients by the upstream scalar. Fastest; the fp32 buffer is its memory cost.
+- ``"recompute"``: the per-token loss goes through the recomputing base
+  (:class:`~liger_align.kernels.linear_logprobs.LinearTokenObjectiveFunction`): 4 products, and only
+  an ``(M, Vc)`` logits slice and an ``(M, H)`` fp32 buffer of extra memory.
+
+``"auto"`` takes ``"grad_in_forward"`` when the reduction allows it, unless the fp32 grad-weight
+buffer would exceed ``max_grad_buffer_bytes``.
 """
 
 from __future__ import annotations
@@ -14,10 +22,11 @@ from ._dispatch import use_triton
 from ._linear_chunks import (
     LinearGrads, check_linear_inputs, chunk_rows, compute_dtype, project, valid_token_index,
 )
-from ._row_softmax import row_grad_, row_stats
+from ._row_softmax import RowStats, fold_row_stats_, row_grad_
 from .linear_logprobs import LogitOptions, linear_token_objective
 
 REDUCTIONS = ("mean", "sum", "none")
+STRATEGIES = ("auto", "grad_in_forward", "recompute")
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
@@ -46,12 +55,16 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             h_chunk = hidden.index_select(0, rows).to(dtype)
             chunk_target = target.index_select(0, rows)
             logits = project(h_chunk, w, b, buffer[: rows.shape[0]])
-            lse, z_target, z_sum = row_stats(logits, chunk_target, **opts.row_kwargs(triton_path))
-            total += (lse - (1.0 - label_smoothing) * z_target - label_smoothing * z_sum / vocab).sum()
+            stats = RowStats(rows.shape[0], hidden.device)
+            fold_row_stats_(stats, logits, chunk_target, 0, **opts.row_kwargs(triton_path))
+            lse = stats.lse()
+            total += (lse - (1.0 - label_smoothing) * stats.target_logit - label_smoothing * stats.logit_sum / vocab).sum()
             if any_grad:
                 a = (-(1.0 - label_smoothing) * inv_denominator).expand(rows.shape[0]).contiguous()
                 b_coef = (-label_smoothing * inv_denominator).expand(rows.shape[0]).contiguous()
-                row_grad_(logits, chunk_target, lse, a, b_coef, **opts.row_kwargs(triton_path))
+                row_grad_(
+                    logits, chunk_target, lse, a, b_coef, vocab_start=0, vocab=vocab, **opts.row_kwargs(triton_path)
+                )
                 grads.add_chunk(logits, h_chunk, rows, w)
         grad_hidden, grad_weight, grad_bias = grads.as_inputs(weight, bias)
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_hidden, grad_weight, grad_bias)))
@@ -80,6 +93,8 @@ def fused_linear_cross_entropy(
     logit_scale: float = 1.0,
     chunk_bytes: int | None = None,
     impl: str | None = None,
+    strategy: str = "auto",
+    max_grad_buffer_bytes: int | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``target``, matching ``F.cross_entropy``.
 
@@ -91,6 +106,9 @@ def fused_linear_cross_entropy(
             0 where ignored, shaped like ``target``).
         label_smoothing: ``eps`` in ``[0, 1]``, as in ``F.cross_entropy``.
         softcap, temperature, logit_scale, chunk_bytes, impl: as in :func:`linear_logprobs`.
+        strategy: ``"auto"``, ``"grad_in_forward"`` or ``"recompute"`` (module docstring).
+        max_grad_buffer_bytes: with ``"auto"``, the largest fp32 grad-weight buffer allowed
+            (default: no limit).
 
     A batch whose tokens are all ignored gives 0 and zero gradients (``F.cross_entropy`` gives NaN).
     """
@@ -107,14 +125,17 @@ def fused_linear_cross_entropy(
         hidden, target = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
     else:
         out_shape = getattr(target, "shape", None)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "grad_in_forward" and reduction == "none":
+        raise ValueError("strategy='grad_in_forward' needs reduction 'mean' or 'sum', got reduction='none'")
     check_linear_inputs(hidden, weight, target, bias)
     opts = LogitOptions(ignore_index, temperature, softcap, logit_scale, chunk_bytes, impl)
-    if reduction == "none":
-        per_token, _ = linear_token_objective(
-            hidden, weight, target, bias, alpha=-(1.0 - label_smoothing), beta=-label_smoothing, opts=opts
-        )
-        return per_token.reshape(out_shape)
-    if reduction == "sum":
+    if strategy == "auto":
+        buffer_bytes = weight.numel() * 4 if weight.requires_grad and weight.dtype != torch.float32 else 0
+        fits = max_grad_buffer_bytes is None or buffer_bytes <= max_grad_buffer_bytes
+        strategy = "grad_in_forward" if reduction != "none" and fits else "recompute"
+    if reduction != "mean":
         denominator = torch.ones((), device=hidden.device)
     elif num_items_in_batch is not None:
         denominator = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device)
@@ -122,6 +143,11 @@ def fused_linear_cross_entropy(
             raise ValueError(f"num_items_in_batch must be a scalar, got shape {tuple(denominator.shape)}")
     else:
         denominator = (target != ignore_index).sum().clamp(min=1).float()
+    if strategy == "recompute":
+        per_token, _ = linear_token_objective(
+            hidden, weight, target, bias, alpha=-(1.0 - label_smoothing), beta=-label_smoothing, opts=opts
+        )
+        return per_token.reshape(out_shape) if reduction == "none" else per_token.sum() / denominator
     return FusedLinearCrossEntropyFunction.apply(
         hidden, weight, bias, target.long(), denominator, opts, float(label_smoothing)
     )

@@ -1,10 +1,12 @@
 """Fused linear -> per-token target log-probability, without materialising the ``(N, V)`` logits.
 
-The shared base of every loss in liger-align. Forward: for each chunk of valid tokens, one product
-``h @ W.T`` into a reused ``(C, V)`` buffer and one row pass for the log-sum-exp; only the log-sum-exp
-``(M,)`` is kept. Backward recomputes each chunk's logits (4 products in all: logits twice, then
-grad-hidden and grad-weight), turns them into the logits' gradient in place, and accumulates
-grad-weight in fp32. Masked tokens are dropped before any product.
+The shared base of every loss in liger-align. Masked tokens are dropped before any product; the
+``M`` valid tokens are processed in vocabulary slices. Forward: per slice, one product
+``h @ W[slice].T`` into a reused ``(M, Vc)`` buffer and one row pass that folds an online
+log-sum-exp; only the log-sum-exp ``(M,)`` is kept. Backward recomputes each slice's logits (4
+products in all), turns them into the logits' gradient in place, and then: grad-weight of the slice
+is complete in one product (fp32 accumulation inside the GEMM, rounded once, no ``(V, H)`` fp32
+buffer); grad-hidden is summed over slices in an ``(M, H)`` fp32 buffer.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import torch
 
 from ._dispatch import use_triton
 from ._linear_chunks import (
-    LinearGrads, check_linear_inputs, chunk_rows, compute_dtype, project, valid_token_index,
+    addmm_fp32_, check_linear_inputs, compute_dtype, mm_into_, project, slice_cols, valid_token_index,
 )
-from ._row_softmax import row_grad_, row_stats
+from ._row_softmax import RowStats, fold_row_stats_, row_grad_
 
 
 @dataclass(frozen=True)
@@ -56,62 +58,82 @@ class LinearLogProbs(NamedTuple):
     logit_mean: torch.Tensor
 
 
+def _vocab_slices(vocab: int, width: int):
+    return [(start, min(start + width, vocab)) for start in range(0, vocab, width)]
+
+
 class LinearTokenObjectiveFunction(torch.autograd.Function):
     """Per-token ``alpha * log p[target] + beta * mean_v log p``, shape ``(N,)``, and the logit mean ``(N,)``.
 
     ``alpha=1, beta=0`` is the target log-prob; ``alpha=-(1-eps), beta=-eps`` is the label-smoothed
-    cross-entropy. Backward recomputes the logits chunk by chunk.
+    cross-entropy. Backward recomputes the logits slice by slice.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, opts: LogitOptions, alpha: float, beta: float):
         triton_path = use_triton(hidden, weight, impl=opts.impl)
         dtype = compute_dtype(hidden, weight)
-        rows_all = valid_token_index(target, opts.ignore_index, weight.shape[0])
-        w = weight.to(dtype)
-        b = None if bias is None else bias.to(dtype)
-        vocab = weight.shape[0]
-        value = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
+        rows = valid_token_index(target, opts.ignore_index, weight.shape[0])
+        vocab, n_valid = weight.shape[0], rows.shape[0]
+        value = torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32)
         logit_mean = torch.zeros_like(value)
-        lse_all = torch.empty(rows_all.shape[0], device=hidden.device, dtype=torch.float32)
-        per_chunk = chunk_rows(rows_all.shape[0], vocab, dtype, opts.chunk_bytes)
-        buffer = torch.empty((per_chunk, vocab), device=hidden.device, dtype=dtype) if rows_all.numel() else None
-        for start in range(0, rows_all.shape[0], per_chunk):
-            rows = rows_all[start : start + per_chunk]
-            logits = project(hidden.index_select(0, rows).to(dtype), w, b, buffer[: rows.shape[0]])
-            lse, z_target, z_sum = row_stats(logits, target.index_select(0, rows), **opts.row_kwargs(triton_path))
-            lse_all[start : start + rows.shape[0]] = lse
-            z_mean = z_sum / vocab
-            value.index_copy_(0, rows, alpha * (z_target - lse) + beta * (z_mean - lse))
+        lse = torch.zeros(n_valid, device=hidden.device, dtype=torch.float32)
+        if n_valid:
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            h = hidden.index_select(0, rows).to(dtype)
+            valid_target = target.index_select(0, rows)
+            stats = RowStats(n_valid, hidden.device)
+            width = slice_cols(n_valid, vocab, dtype, opts.chunk_bytes)
+            buffer = torch.empty(n_valid * width, device=hidden.device, dtype=dtype)
+            for start, stop in _vocab_slices(vocab, width):
+                logits = project(h, w[start:stop], None if b is None else b[start:stop], buffer[: n_valid * (stop - start)].view(n_valid, stop - start))
+                fold_row_stats_(stats, logits, valid_target, start, **opts.row_kwargs(triton_path))
+            lse = stats.lse()
+            z_mean = stats.logit_sum / vocab
+            value.index_copy_(0, rows, alpha * (stats.target_logit - lse) + beta * (z_mean - lse))
             logit_mean.index_copy_(0, rows, z_mean)
-        ctx.save_for_backward(hidden, weight, bias, target, rows_all, lse_all)
+        ctx.save_for_backward(hidden, weight, bias, target, rows, lse)
         ctx.opts, ctx.alpha, ctx.beta, ctx.dtype, ctx.triton_path = opts, alpha, beta, dtype, triton_path
         ctx.mark_non_differentiable(logit_mean)
         return value, logit_mean
 
     @staticmethod
     def backward(ctx, grad_value, _grad_logit_mean):
-        hidden, weight, bias, target, rows_all, lse_all = ctx.saved_tensors
-        grads = LinearGrads.allocate(hidden, weight, bias, ctx.needs_input_grad[:3])
-        if grad_value is not None and rows_all.numel():
-            opts, dtype = ctx.opts, ctx.dtype
-            w = weight.to(dtype)
-            b = None if bias is None else bias.to(dtype)
-            upstream = grad_value.float().index_select(0, rows_all)
-            per_chunk = chunk_rows(rows_all.shape[0], weight.shape[0], dtype, opts.chunk_bytes)
-            buffer = torch.empty((per_chunk, weight.shape[0]), device=hidden.device, dtype=dtype)
-            for start in range(0, rows_all.shape[0], per_chunk):
-                rows = rows_all[start : start + per_chunk]
-                stop = start + rows.shape[0]
-                h_chunk = hidden.index_select(0, rows).to(dtype)
-                logits = project(h_chunk, w, b, buffer[: rows.shape[0]])
-                g = upstream[start:stop]
-                row_grad_(
-                    logits, target.index_select(0, rows), lse_all[start:stop], ctx.alpha * g, ctx.beta * g,
-                    **opts.row_kwargs(ctx.triton_path),
-                )
-                grads.add_chunk(logits, h_chunk, rows, w)
-        grad_hidden, grad_weight, grad_bias = grads.as_inputs(weight, bias)
+        hidden, weight, bias, target, rows, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_bias = need_bias and bias is not None
+        vocab, n_valid = weight.shape[0], rows.shape[0]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_bias = torch.zeros_like(bias) if need_bias else None
+        if grad_value is None or n_valid == 0:
+            return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        opts, dtype = ctx.opts, ctx.dtype
+        w = weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        h = hidden.index_select(0, rows).to(dtype)
+        valid_target = target.index_select(0, rows)
+        upstream = grad_value.float().index_select(0, rows)
+        a_coef, b_coef = ctx.alpha * upstream, ctx.beta * upstream
+        grad_h = torch.zeros(n_valid, hidden.shape[1], device=hidden.device, dtype=torch.float32) if need_hidden else None
+        width = slice_cols(n_valid, vocab, dtype, opts.chunk_bytes)
+        buffer = torch.empty(n_valid * width, device=hidden.device, dtype=dtype)
+        for start, stop in _vocab_slices(vocab, width):
+            w_slice = w[start:stop]
+            logits = project(h, w_slice, None if b is None else b[start:stop], buffer[: n_valid * (stop - start)].view(n_valid, stop - start))
+            row_grad_(
+                logits, valid_target, lse, a_coef, b_coef, vocab_start=start, vocab=vocab,
+                **opts.row_kwargs(ctx.triton_path),
+            )
+            if need_weight:
+                mm_into_(grad_weight[start:stop], logits.t(), h)
+            if need_bias:
+                grad_bias[start:stop] = logits.sum(0, dtype=torch.float32)
+            if need_hidden:
+                addmm_fp32_(grad_h, logits, w_slice)
+        if need_hidden:
+            grad_hidden.index_copy_(0, rows, grad_h.to(hidden.dtype))
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
@@ -147,7 +169,7 @@ def linear_logprobs(
         ignore_index: targets with this value are dropped before any product; their outputs are 0.
         temperature, softcap, logit_scale: ``z = softcap * tanh(logit_scale * raw / softcap) / temperature``
             (no tanh when ``softcap`` is None).
-        chunk_bytes: memory budget of one chunk's ``(C, V)`` logits (default 256 MiB).
+        chunk_bytes: memory budget of one slice's ``(M, Vc)`` logits (default 256 MiB).
         impl: ``"triton"`` or ``"torch"`` to force a path; by default Triton on CUDA tensors.
 
     Returns:
