@@ -1,0 +1,15 @@
+"""TRL trainers whose preference losses run through liger-align's fused kernels (no ``[tokens, vocab]`` logits).
+
+``LigerORPOTrainer``, ``LigerCPOTrainer`` (SimPO is ``loss_type="simpo"``), ``LigerDPOTrainer`` and
+``LigerKTOTrainer`` take the same arguments and config classes as TRL's trainers, plus
+``use_liger_kernel_patches`` (default True). Importing this package checks the TRL and transformers
+versions (see :mod:`._versions`).
+"""
+
+from ._versions import check_supported_versions
+
+check_supported_versions()
+
+from .orpo import LigerORPOTrainer  # noqa: E402
+
+__all__ = ["LigerORPOTrainer"]

@@ -1,0 +1,75 @@
+"""``LigerCPOTrainer``: TRL's ``CPOTrainer`` (CPO, SimPO, AlphaPO, IPO, hinge) through :class:`LigerFusedLinearCPOLoss`.
+
+Only ``get_batch_loss_metrics`` changes. As TRL's decoder-only path: log-probs over the completion
+labels, averaged for ``ipo``/``simpo`` and summed otherwise; the NLL (weight ``cpo_alpha``) over the
+chosen completion labels; ``logits/*`` means over every position, padding included.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from trl.experimental.cpo import CPOTrainer
+
+from ..losses import LigerFusedLinearCPOLoss
+from ._head import LigerTrainerMixin, position_logit_means, shift_targets, with_flag_signature
+from .orpo import LigerORPOTrainer
+
+
+@with_flag_signature
+class LigerCPOTrainer(LigerTrainerMixin, CPOTrainer):
+    """Drop-in for ``trl.experimental.cpo.CPOTrainer`` (same arguments, config and metrics); SimPO is
+    ``CPOConfig(loss_type="simpo", cpo_alpha=0.0)``.
+
+    Extra keyword ``use_liger_kernel_patches`` (default True): apply liger-align's model patches.
+    """
+
+    _liger_metrics = LigerORPOTrainer._liger_metrics
+
+    def __init__(self, *args: Any, use_liger_kernel_patches: bool = True, **kwargs: Any) -> None:
+        model = args[0] if args else kwargs.get("model")
+        self._liger_pre_init(use_liger_kernel_patches, model)
+        super().__init__(*args, **kwargs)
+        self._liger_post_init(self.model)
+        self.liger_loss = LigerFusedLinearCPOLoss(
+            beta=self.beta, loss_type=self.loss_type, cpo_alpha=self.cpo_alpha, label_smoothing=self.label_smoothing,
+            simpo_gamma=getattr(self, "simpo_gamma", 0.5), alpha=self.alpha,
+        )
+
+    def get_batch_loss_metrics(
+        self, model: Any, batch: dict[str, Any], train_eval: Literal["train", "eval"] = "train"
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """CPO-family loss and TRL's metrics for one batch, through the fused loss."""
+        if self.is_encoder_decoder:
+            return super().get_batch_loss_metrics(model, batch, train_eval)
+        concat = self.concatenated_inputs(
+            batch, is_encoder_decoder=False, padding_value=self.pad_token_id, device=self.accelerator.device
+        )
+        input_ids, attention_mask = concat["concatenated_input_ids"], concat["concatenated_attention_mask"]
+        half = batch["chosen_labels"].shape[0]
+        target = shift_targets(concat["concatenated_labels"])
+        loss_fn = self.liger_loss
+
+        def head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+            loss, out = loss_fn(weight, hidden, target, bias)
+            means = position_logit_means(hidden, weight, bias)
+            return {"loss": loss, **out, "logits_chosen": means[:half].mean(), "logits_rejected": means[half:].mean()}
+
+        kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False, "liger_head": head}
+        if self.aux_loss_enabled:
+            kwargs["output_router_logits"] = True
+        with self.accelerator.autocast():
+            result = model(input_ids, **kwargs)
+        out = result["head"]
+        loss = out["loss"]
+        chosen_logps, rejected_logps = out["chosen_logps"], out["rejected_logps"]
+        # TRL's own formula on the (B,) log-probs, for the rewards only (no gradient, no logits).
+        _, chosen_rewards, rejected_rewards = self.cpo_loss(chosen_logps, rejected_logps)
+        metrics = self._liger_metrics(
+            train_eval, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps,
+            out["logits_chosen"], out["logits_rejected"], {"nll_loss": out["nll_loss"]},
+        )
+        if self.aux_loss_enabled:
+            loss = loss + self.aux_loss_coef * result["aux_loss"]
+        return loss, metrics

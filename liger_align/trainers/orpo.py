@@ -1,0 +1,94 @@
+"""``LigerORPOTrainer``: TRL's ``ORPOTrainer`` with the loss computed by :class:`LigerFusedLinearORPOLoss`.
+
+Only ``get_batch_loss_metrics`` changes (training and ``prediction_step`` both go through it); the
+``(2B, T, V)`` logits are never built. The batch is mapped exactly as TRL's decoder-only path does:
+log-probs are averaged over the completion labels (``concatenated_labels``, -100 on the prompt and
+padding), the NLL is the mean cross-entropy of the chosen rows over prompt + completion (every
+attended token), and ``logits/*`` are means over every position but the last, padding included.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from trl.experimental.orpo import ORPOTrainer
+
+from ..losses import LigerFusedLinearORPOLoss
+from ._head import LigerTrainerMixin, position_logit_means, shift_targets, with_flag_signature
+
+
+@with_flag_signature
+class LigerORPOTrainer(LigerTrainerMixin, ORPOTrainer):
+    """Drop-in for ``trl.experimental.orpo.ORPOTrainer`` (same arguments, config and metrics).
+
+    Extra keyword ``use_liger_kernel_patches`` (default True): apply liger-align's model patches
+    (RMSNorm, RoPE, SwiGLU) when the architecture is supported.
+    """
+
+    def __init__(self, *args: Any, use_liger_kernel_patches: bool = True, **kwargs: Any) -> None:
+        model = args[0] if args else kwargs.get("model")
+        self._liger_pre_init(use_liger_kernel_patches, model)
+        super().__init__(*args, **kwargs)
+        self._liger_post_init(self.model)
+        self.liger_loss = LigerFusedLinearORPOLoss(beta=self.beta, ignore_index=-100)
+
+    def get_batch_loss_metrics(
+        self, model: Any, batch: dict[str, Any], train_eval: Literal["train", "eval"] = "train"
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """ORPO loss and TRL's metrics for one batch, through the fused loss."""
+        if self.is_encoder_decoder:
+            return super().get_batch_loss_metrics(model, batch, train_eval)
+        concat = self.concatenated_inputs(
+            batch, is_encoder_decoder=False, padding_value=self.padding_value, device=self.accelerator.device
+        )
+        input_ids, attention_mask = concat["concatenated_input_ids"], concat["concatenated_attention_mask"]
+        half = batch["chosen_labels"].shape[0]
+        target = shift_targets(concat["concatenated_labels"])
+        nll_target = shift_targets(input_ids.masked_fill(attention_mask == 0, -100)[:half])
+        loss_fn = self.liger_loss
+
+        def head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+            loss, out = loss_fn(weight, hidden, target, bias, nll_target=nll_target)
+            means = position_logit_means(hidden[:, :-1], weight, bias)
+            return {"loss": loss, **out, "logits_chosen": means[:half].mean(), "logits_rejected": means[half:].mean()}
+
+        kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False, "liger_head": head}
+        if self.aux_loss_enabled:
+            kwargs["output_router_logits"] = True
+        with self.accelerator.autocast():
+            result = model(input_ids, **kwargs)
+        out = result["head"]
+        loss = out["loss"]
+        chosen_logps, rejected_logps = out["chosen_logps"], out["rejected_logps"]
+        # TRL's own formula on the (B,) log-probs, for metrics only (no gradient, no logits).
+        _, chosen_rewards, rejected_rewards, log_odds_ratio, log_odds_chosen = self.odds_ratio_loss(chosen_logps, rejected_logps)
+        metrics = self._liger_metrics(
+            train_eval, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps,
+            out["logits_chosen"], out["logits_rejected"],
+            {"nll_loss": out["nll_loss"], "log_odds_ratio": log_odds_ratio, "log_odds_chosen": log_odds_chosen},
+        )
+        if self.aux_loss_enabled:
+            loss = loss + self.aux_loss_coef * result["aux_loss"]
+        return loss, metrics
+
+    def _liger_metrics(
+        self, train_eval: str, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+        chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, logits_chosen: torch.Tensor,
+        logits_rejected: torch.Tensor, scalars: dict[str, torch.Tensor],
+    ) -> dict[str, float]:
+        """TRL's paired metrics (same names, same gathering), as floats."""
+        gather = self.accelerator.gather_for_metrics
+        prefix = "eval_" if train_eval == "eval" else ""
+        values = {
+            "rewards/chosen": gather(chosen_rewards).mean(),
+            "rewards/rejected": gather(rejected_rewards).mean(),
+            "rewards/accuracies": gather((chosen_rewards > rejected_rewards).float()).mean(),
+            "rewards/margins": gather(chosen_rewards - rejected_rewards).mean(),
+            "logps/rejected": gather(rejected_logps.detach()).mean(),
+            "logps/chosen": gather(chosen_logps.detach()).mean(),
+            "logits/rejected": gather(logits_rejected.detach()).mean(),
+            "logits/chosen": gather(logits_chosen.detach()).mean(),
+        }
+        values.update({k: gather(v.detach()).mean() for k, v in scalars.items()})
+        return {f"{prefix}{k}": v.item() for k, v in values.items()}
