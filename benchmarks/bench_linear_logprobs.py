@@ -33,10 +33,14 @@ def make_inputs(rows: int, seq: int, hidden_size: int, dtype=torch.bfloat16):
     return hidden, weight, target.reshape(-1)
 
 
-def logprob_methods(hidden, weight, target):
+def logprob_methods(hidden, weight, target, chunk_mib=()):
     """fwd+bwd closures with the summed per-token log-probs as the loss."""
     valid = target != -100
     methods = {"liger_align": lambda: linear_logprobs(hidden, weight, target).logps.sum().backward()}
+    for mib in chunk_mib:
+        methods[f"liger_align[{mib}MiB]"] = (
+            lambda mib=mib: linear_logprobs(hidden, weight, target, chunk_bytes=mib * 2**20).logps.sum().backward()
+        )
 
     def naive():
         logp = torch.log_softmax((hidden @ weight.t()).float(), -1)
@@ -56,9 +60,17 @@ def logprob_methods(hidden, weight, target):
     return methods
 
 
-def cross_entropy_methods(hidden, weight, target):
+def cross_entropy_methods(hidden, weight, target, chunk_mib=()):
     """fwd+bwd closures with the mean cross-entropy over valid tokens as the loss."""
     methods = {"liger_align": lambda: fused_linear_cross_entropy(hidden, weight, target).backward()}
+    methods["liger_align_recompute"] = (
+        lambda: fused_linear_cross_entropy(hidden, weight, target, strategy="recompute").backward()
+    )
+    for mib in chunk_mib:
+        for strategy in ("grad_in_forward", "recompute"):
+            methods[f"liger_align_{strategy}[{mib}MiB]"] = lambda mib=mib, strategy=strategy: fused_linear_cross_entropy(
+                hidden, weight, target, strategy=strategy, chunk_bytes=mib * 2**20
+            ).backward()
     methods["naive_torch"] = lambda: F.cross_entropy((hidden @ weight.t()).float(), target).backward()
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -77,7 +89,7 @@ def cross_entropy_methods(hidden, weight, target):
     return methods
 
 
-def run(shapes, skip_naive_over_tokens: int) -> list[dict]:
+def run(shapes, skip_naive_over_tokens: int, chunk_mib=()) -> list[dict]:
     rows_out = []
     for rows, seq, hidden_size in shapes:
         hidden, weight, target = make_inputs(rows, seq, hidden_size)
@@ -86,7 +98,7 @@ def run(shapes, skip_naive_over_tokens: int) -> list[dict]:
         shape = f"{rows}x{seq} H={hidden_size}"
         rows_out.append(dict(op="floor_valid", shape=shape, method="3 GEMMs", ms=floor, extra_gib=0.0, x_floor=1.0))
         for op, methods in (("logprobs", logprob_methods), ("cross_entropy", cross_entropy_methods)):
-            for name, fn in methods(hidden, weight, target).items():
+            for name, fn in methods(hidden, weight, target, chunk_mib).items():
                 if name == "naive_torch" and rows * seq > skip_naive_over_tokens:
                     continue
                 row = dict(op=op, shape=shape, method=name)
@@ -109,9 +121,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="first shape only")
     parser.add_argument("--skip-naive-over-tokens", type=int, default=16384)
+    parser.add_argument("--chunk-mib", type=int, nargs="*", default=[], help="also run ours with these chunk budgets")
+    parser.add_argument("--no-peers", action="store_true", help="only liger_align and the floor")
     args = parser.parse_args()
     shapes = SHAPES[:1] if args.quick else SHAPES
-    rows = run(shapes, args.skip_naive_over_tokens)
+    rows = run(shapes, args.skip_naive_over_tokens, args.chunk_mib)
+    if args.no_peers:
+        rows = [r for r in rows if r["method"].startswith(("liger_align", "3 GEMMs"))]
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, vocab=VOCAB, dtype="bf16", masked="first 25%")
     save_results("linear_logprobs", rows, meta)
     plot_ratios("linear_logprobs", [r for r in rows if r["op"] != "floor_valid"], group="shape", method="method",
