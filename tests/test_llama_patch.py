@@ -1,0 +1,331 @@
+"""Whole-model patches: a tiny Llama-3.2-shaped model (GQA, llama3 rope scaling, tied embeddings)
+patched vs unpatched, the fused-loss forward, reverting, idempotence, PEFT, dispatch by model type."""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config
+from transformers import Qwen2ForCausalLM
+from transformers.models.llama import modeling_llama
+
+from conftest import HAS_CUDA
+from _reference import rel_err
+from liger_align.models import apply_liger_kernel, apply_liger_kernel_to_llama
+from liger_align.models._causal_lm import causal_lm_forward
+from liger_align.models._layers import rms_norm_forward, swiglu_mlp_forward
+
+VOCAB = 1003
+SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}
+
+
+def llama_config(**overrides) -> LlamaConfig:
+    return LlamaConfig(**SHAPE, tie_word_embeddings=True, rope_scaling=dict(LLAMA3_SCALING), rope_theta=500000.0,
+                       attn_implementation="eager", **overrides)
+
+
+def tiny_llama(seed: int | None = None, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(torch.seed() % 2**31 if seed is None else seed)
+    model = LlamaForCausalLM(llama_config(**overrides))
+    with torch.no_grad():  # the default init has tiny weights; make the layers matter
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def batch(batch_size: int = 2, seq: int = 37, *, seed: int | None = None):
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31 if seed is None else seed)
+    ids = torch.randint(0, VOCAB, (batch_size, seq), generator=gen)
+    labels = ids.clone()
+    labels[0, :7] = -100  # a prompt
+    labels[-1, -5:] = -100  # padding
+    return ids, labels
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def loss_and_grads(model, ids, labels, **kwargs):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=labels, **kwargs)
+    out.loss.backward()
+    return out, grads(model)
+
+
+def assert_same_grads(got: dict, want: dict, tol: float) -> None:
+    assert got.keys() == want.keys() and got
+    for name in want:
+        assert rel_err(got[name], want[name]) < tol, name
+
+
+def test_patched_instance_matches_unpatched_loss_and_gradients():
+    ref = tiny_llama().train()
+    model = copy.deepcopy(ref)
+    ids, labels = batch()
+    want, want_grads = loss_and_grads(ref, ids, labels)  # before patching: RoPE is patched module-wide
+    handle = apply_liger_kernel_to_llama(model=model)
+    assert any("mlp" in p for p in handle.patched) and any("norm" in p for p in handle.patched)
+    got, got_grads = loss_and_grads(model, ids, labels)
+    assert got.logits is None and want.logits is not None
+    assert rel_err(got.loss, want.loss) < 1e-5
+    assert_same_grads(got_grads, want_grads, 1e-4)
+    # the patch is real: the layers run liger-align's forwards
+    assert model.model.norm.forward.__func__ is rms_norm_forward
+    assert model.model.layers[0].mlp.forward.__func__ is swiglu_mlp_forward
+    handle.revert()
+
+
+def test_num_items_in_batch_and_shift_labels():
+    ref = tiny_llama().train()
+    model = copy.deepcopy(ref)
+    ids, labels = batch(3, 29)
+    n_items = torch.tensor(57)
+    want, want_grads = loss_and_grads(ref, ids, labels, num_items_in_batch=n_items)
+    logits = ref(input_ids=ids).logits.double()
+    with apply_liger_kernel_to_llama(model=model):
+        got, got_grads = loss_and_grads(model, ids, labels, num_items_in_batch=n_items)
+        assert rel_err(got.loss, want.loss) < 1e-5
+        assert_same_grads(got_grads, want_grads, 1e-4)
+        # sum over valid shifted tokens / num_items_in_batch, computed by hand from the logits
+        shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+        by_hand = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), shifted.reshape(-1), reduction="sum") / 57
+        assert rel_err(got.loss, by_hand) < 1e-5
+        # shift_labels given: used as is
+        explicit = model(input_ids=ids, shift_labels=shifted).loss
+        assert rel_err(explicit, want.loss * 57 / (shifted != -100).sum()) < 1e-5
+
+
+def test_eval_returns_logits_as_before():
+    ref = tiny_llama().eval()
+    model = copy.deepcopy(ref)
+    ids, labels = batch()
+    with torch.no_grad():
+        want = ref(input_ids=ids, labels=labels)
+    with apply_liger_kernel_to_llama(model=model), torch.no_grad():
+        got = model(input_ids=ids, labels=labels)
+        assert got.logits is not None and got.logits.shape == (2, 37, VOCAB)
+        assert rel_err(got.logits, want.logits) < 1e-5 and rel_err(got.loss, want.loss) < 1e-5
+        last = model(input_ids=ids, logits_to_keep=1).logits
+        assert last.shape == (2, 1, VOCAB) and rel_err(last, want.logits[:, -1:]) < 1e-5
+        tup = model(input_ids=ids, return_dict=False)
+        assert isinstance(tup, tuple) and rel_err(tup[0], want.logits) < 1e-5
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_logprob_targets(training):
+    ref = tiny_llama().train(training)
+    model = copy.deepcopy(ref)
+    ids, labels = batch()
+    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    logp = torch.log_softmax(ref(input_ids=ids).logits.float(), -1)
+    want = logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * (targets != -100)
+    with apply_liger_kernel_to_llama(model=model):
+        out = model(input_ids=ids, logprob_targets=targets)
+        assert out.logits is None and out.logps.shape == (2, 37) and out.logps.dtype == torch.float32
+        assert rel_err(out.logps, want) < 1e-5
+        assert torch.all(out.logps[targets == -100] == 0)
+        weights = torch.randn(2, 37)
+        got_grads = torch.autograd.grad((out.logps * weights).sum(), list(model.parameters()))
+        want_grads = torch.autograd.grad((want * weights).sum(), list(ref.parameters()))
+        for g, w in zip(got_grads, want_grads):
+            assert rel_err(g, w) < 1e-4
+        with pytest.raises(ValueError, match=r"logprob_targets must have shape \(B, T\) = \(2, 37\)"):
+            model(input_ids=ids, logprob_targets=targets[:, :-1])
+
+
+def test_thirty_step_training_curves_match():
+    """Convergence: AdamW on a fixed batch, same seed; the patched curve tracks the unpatched one."""
+    ids, labels = batch(4, 33, seed=1)
+    curves = []
+    start = time.perf_counter()
+    for patched in (False, True):
+        model = tiny_llama(seed=123).train()
+        handle = apply_liger_kernel_to_llama(model=model) if patched else None
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+        losses = []
+        for _ in range(30):
+            opt.zero_grad(set_to_none=True)
+            loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        curves.append(torch.tensor(losses))
+        if handle:
+            handle.revert()
+    plain, liger = curves
+    assert plain[-1] < 0.7 * plain[0]  # it learns
+    assert ((plain - liger).abs() / plain).max() < 2e-3
+    assert time.perf_counter() - start < 60
+
+
+def test_class_patch_revert_and_patch_again():
+    original_norm = modeling_llama.LlamaRMSNorm.forward
+    original_mlp = modeling_llama.LlamaMLP.forward
+    original_rope = modeling_llama.apply_rotary_pos_emb
+    original_forward = LlamaForCausalLM.forward
+    ids, labels = batch()
+    ref = tiny_llama().train()
+    want = ref(input_ids=ids, labels=labels).loss
+    for _ in range(2):  # patch, revert, patch again
+        handle = apply_liger_kernel_to_llama()
+        try:
+            assert modeling_llama.LlamaRMSNorm.forward is rms_norm_forward
+            assert modeling_llama.LlamaMLP.forward is swiglu_mlp_forward
+            assert LlamaForCausalLM.forward is causal_lm_forward
+            assert modeling_llama.apply_rotary_pos_emb is not original_rope
+            model = copy.deepcopy(ref)  # built before the patch: the class patch covers it too
+            out = model(input_ids=ids, labels=labels)
+            assert out.logits is None and rel_err(out.loss, want) < 1e-5
+            fresh = LlamaForCausalLM(llama_config()).train()  # built after
+            assert fresh(input_ids=ids, labels=labels).logits is None
+        finally:
+            handle.revert()
+        assert modeling_llama.LlamaRMSNorm.forward is original_norm
+        assert modeling_llama.LlamaMLP.forward is original_mlp
+        assert modeling_llama.apply_rotary_pos_emb is original_rope
+        assert LlamaForCausalLM.forward is original_forward
+        assert ref(input_ids=ids, labels=labels).logits is not None
+    handle.revert()  # idempotent
+
+
+def test_selected_flags_only():
+    with apply_liger_kernel_to_llama(rope=False, swiglu=False, fused_linear_cross_entropy=False) as handle:
+        assert modeling_llama.LlamaRMSNorm.forward is rms_norm_forward
+        assert modeling_llama.LlamaMLP.forward is not swiglu_mlp_forward
+        assert LlamaForCausalLM.forward is not causal_lm_forward
+        assert handle.patched == ["LlamaRMSNorm.forward"]
+    assert modeling_llama.LlamaRMSNorm.forward is not rms_norm_forward
+
+
+def test_instance_patch_twice_is_idempotent():
+    model = tiny_llama().train()
+    ids, labels = batch()
+    first = apply_liger_kernel_to_llama(model=model)
+    norm_forward = model.model.norm.forward
+    loss_once = model(input_ids=ids, labels=labels).loss
+    second = apply_liger_kernel_to_llama(model=model)
+    assert model.model.norm.forward is norm_forward  # not wrapped twice
+    assert torch.equal(model(input_ids=ids, labels=labels).loss, loss_once)
+    first.revert()
+    assert model(input_ids=ids, labels=labels).logits is None  # still held by the second handle
+    second.revert()
+    assert "forward" not in vars(model.model.norm) and "forward" not in vars(model)
+    assert modeling_llama.apply_rotary_pos_emb is getattr(modeling_llama.apply_rotary_pos_emb, "original",
+                                                          modeling_llama.apply_rotary_pos_emb)
+    assert model(input_ids=ids, labels=labels).logits is not None
+    other = tiny_llama().train()  # instance patches never touch other instances' layers
+    with apply_liger_kernel_to_llama(model=model):
+        assert "forward" not in vars(other.model.norm)
+        assert other(input_ids=ids, labels=labels).logits is not None
+
+
+def test_peft_lora_model():
+    peft = pytest.importorskip("peft")
+    base = tiny_llama().train()
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    torch.manual_seed(7)
+    ref = peft.get_peft_model(copy.deepcopy(base), lora)
+    torch.manual_seed(7)
+    model = peft.get_peft_model(copy.deepcopy(base), lora)
+    ids, labels = batch()
+    want, want_grads = loss_and_grads(ref, ids, labels)
+    handle = apply_liger_kernel(model)
+    assert any(p.endswith("mlp.forward") for p in handle.patched)
+    got, got_grads = loss_and_grads(model, ids, labels)
+    assert got.logits is None
+    assert rel_err(got.loss, want.loss) < 1e-5
+    assert any("lora_A" in n for n in got_grads) and not any("embed" in n for n in got_grads)
+    assert_same_grads(got_grads, want_grads, 1e-4)
+    handle.revert()
+    assert model(input_ids=ids, labels=labels).logits is not None
+
+
+def _tiny(cls, config_cls, **extra):
+    config = config_cls(**SHAPE, attn_implementation="eager", **extra)
+    torch.manual_seed(torch.seed() % 2**31)
+    return cls(config).train()
+
+
+@pytest.mark.parametrize("cls,config_cls", [(Qwen2ForCausalLM, Qwen2Config), (MistralForCausalLM, MistralConfig)])
+def test_apply_liger_kernel_other_families(cls, config_cls):
+    ref = _tiny(cls, config_cls)
+    model = copy.deepcopy(ref)
+    ids, labels = batch()
+    want, want_grads = loss_and_grads(ref, ids, labels)
+    with apply_liger_kernel(model) as handle:
+        assert len(handle.patched) >= 7
+        got, got_grads = loss_and_grads(model, ids, labels)
+        assert got.logits is None and rel_err(got.loss, want.loss) < 1e-5
+        assert_same_grads(got_grads, want_grads, 1e-4)
+
+
+def test_unsupported_model_type_warns_and_is_left_alone():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50))
+    before = {n: type(m).forward for n, m in model.named_modules()}
+    with pytest.warns(UserWarning, match="model_type='gpt2'.*left unchanged"):
+        handle = apply_liger_kernel(model)
+    assert handle.patched == []
+    assert all("forward" not in vars(m) for m in model.modules())
+    assert {n: type(m).forward for n, m in model.named_modules()} == before
+    with pytest.raises(TypeError, match="unknown flags"):
+        apply_liger_kernel(model, layer_norm=True)
+
+
+def test_non_silu_mlp_is_not_patched():
+    model = tiny_llama(hidden_act="gelu").train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = apply_liger_kernel_to_llama(model=model)
+    assert any("SiLU" in str(w.message) for w in caught)
+    assert not any("mlp" in p for p in handle.patched)
+    handle.revert()
+
+
+@pytest.mark.interpreter
+@pytest.mark.slow
+def test_triton_interpreter_whole_model(monkeypatch):
+    """The Triton kernels (interpreter on CPU) inside the model: same loss and gradients."""
+    from liger_align.kernels.rms_norm import RMSNormFunction
+    from liger_align.kernels.rope import RoPEFunction
+    from liger_align.kernels.swiglu import SwiGLUFunction
+
+    launches = {}
+    for fn in (RMSNormFunction, RoPEFunction, SwiGLUFunction):
+        def counting(*args, _fn=fn, _apply=fn.apply):
+            launches[_fn.__name__] = launches.get(_fn.__name__, 0) + 1
+            return _apply(*args)
+        monkeypatch.setattr(fn, "apply", counting)
+    ref = tiny_llama().train()
+    model = copy.deepcopy(ref)
+    ids, labels = batch(1, 13)
+    want, want_grads = loss_and_grads(ref, ids, labels)
+    with apply_liger_kernel_to_llama(model=model):
+        got, got_grads = loss_and_grads(model, ids, labels)
+    assert launches == {"RMSNormFunction": 5, "RoPEFunction": 2, "SwiGLUFunction": 2}
+    assert rel_err(got.loss, want.loss) < 1e-5
+    assert_same_grads(got_grads, want_grads, 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_whole_model(dtype):
+    ref = tiny_llama().to("cuda", dtype).train()
+    model = copy.deepcopy(ref)
+    ids, labels = (t.cuda() for t in batch(4, 257))
+    want, want_grads = loss_and_grads(ref, ids, labels)
+    with apply_liger_kernel_to_llama(model=model):
+        got, got_grads = loss_and_grads(model, ids, labels)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert rel_err(got.loss, want.loss) < tol / 10
+    assert_same_grads(got_grads, want_grads, tol)
