@@ -10,6 +10,9 @@ from ._versions import check_supported_versions
 
 check_supported_versions()
 
+from .cpo import LigerCPOTrainer  # noqa: E402
+from .dpo import LigerDPOTrainer  # noqa: E402
+from .kto import LigerKTOTrainer  # noqa: E402
 from .orpo import LigerORPOTrainer  # noqa: E402
 
-__all__ = ["LigerORPOTrainer"]
+__all__ = ["LigerCPOTrainer", "LigerDPOTrainer", "LigerKTOTrainer", "LigerORPOTrainer"]

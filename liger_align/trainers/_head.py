@@ -424,3 +424,29 @@ def position_logit_means(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
         if bias is not None:
             means = means + bias.detach().float().mean()
     return means
+
+
+@contextlib.contextmanager
+def liger_fused_lm_head_for(trainer_cls: type) -> Iterator[None]:
+    """While TRL's ``__init__`` of ``trainer_cls`` runs, its ``add_fused_lm_head`` installs liger-align's instead.
+
+    TRL's DPO and KTO trainers call the model with ``fused_lm_head=True`` and read per-token
+    log-probs (and metric fields) from the output; swapping the installer is the narrowest change
+    that routes every such call (policy, reference, precomputed reference) through our base.
+    """
+    import sys
+
+    modules = []
+    for klass in trainer_cls.__mro__:
+        module = sys.modules.get(klass.__module__)
+        if module is not None and hasattr(module, "add_fused_lm_head") and module not in modules:
+            modules.append(module)
+    if not modules:
+        raise RuntimeError(
+            f"{trainer_cls.__name__}: this TRL version has no fused-LM-head protocol (add_fused_lm_head); "
+            "liger_align.trainers needs TRL's DPO/KTO trainers that call the model with fused_lm_head=True"
+        )
+    with contextlib.ExitStack() as stack:
+        for module in modules:
+            stack.enter_context(swapped(module, "add_fused_lm_head", add_liger_fused_lm_head))
+        yield

@@ -1,0 +1,33 @@
+"""``LigerDPOTrainer``: TRL's ``DPOTrainer`` with the policy and reference log-probs from liger-align's base.
+
+TRL 1.16's DPO trainer reads per-token log-probs from ``model(..., labels=labels, fused_lm_head=True)``
+(for the policy, the reference and the precomputed reference). ``LigerDPOTrainer`` installs
+liger-align's fused forward in place of TRL's (see :func:`._head.add_liger_fused_lm_head`), so every
+loss type, option (``ld_alpha``, ``f_divergence_type``, ``use_weighting``, RPO's ``sft`` term),
+metric and evaluation path is TRL's own, and no ``[tokens, vocab]`` logits are built.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trl import DPOTrainer
+
+from ._head import LigerTrainerMixin, liger_fused_lm_head_for, with_flag_signature
+
+
+@with_flag_signature
+class LigerDPOTrainer(LigerTrainerMixin, DPOTrainer):
+    """Drop-in for ``trl.DPOTrainer`` (same arguments, config and metrics).
+
+    Extra keyword ``use_liger_kernel_patches`` (default True): apply liger-align's model patches to
+    the policy and the reference model when the architecture is supported.
+    """
+
+    def __init__(self, *args: Any, use_liger_kernel_patches: bool = True, **kwargs: Any) -> None:
+        model = args[0] if args else kwargs.get("model")
+        ref_model = args[1] if len(args) > 1 else kwargs.get("ref_model")
+        self._liger_pre_init(use_liger_kernel_patches, model, ref_model)
+        with liger_fused_lm_head_for(DPOTrainer):
+            super().__init__(*args, **kwargs)
+        self._liger_post_init(self.model, self.ref_model)

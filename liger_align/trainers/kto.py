@@ -1,0 +1,35 @@
+"""``LigerKTOTrainer``: TRL's ``KTOTrainer`` with the policy, reference and KL log-probs from liger-align's base.
+
+Like :mod:`.dpo`: TRL's KTO trainer reads per-token log-probs from
+``model(..., labels=labels, fused_lm_head=True)``; liger-align's fused forward answers those calls, so
+the loss types (``kto``, ``apo_zero_unpaired``), weights, KL estimate and metrics are TRL's own, for
+any batch composition, and no ``[tokens, vocab]`` logits are built.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+try:  # TRL >= 1.16: promoted to the stable API
+    from trl import KTOTrainer
+except ImportError:  # pragma: no cover - TRL 1.15
+    from trl.experimental.kto import KTOTrainer
+
+from ._head import LigerTrainerMixin, liger_fused_lm_head_for, with_flag_signature
+
+
+@with_flag_signature
+class LigerKTOTrainer(LigerTrainerMixin, KTOTrainer):
+    """Drop-in for ``trl.KTOTrainer`` / ``trl.experimental.kto.KTOTrainer`` (same arguments, config, metrics).
+
+    Extra keyword ``use_liger_kernel_patches`` (default True): apply liger-align's model patches to
+    the policy and the reference model when the architecture is supported.
+    """
+
+    def __init__(self, *args: Any, use_liger_kernel_patches: bool = True, **kwargs: Any) -> None:
+        model = args[0] if args else kwargs.get("model")
+        ref_model = args[1] if len(args) > 1 else kwargs.get("ref_model")
+        self._liger_pre_init(use_liger_kernel_patches, model, ref_model)
+        with liger_fused_lm_head_for(KTOTrainer):
+            super().__init__(*args, **kwargs)
+        self._liger_post_init(self.model, self.ref_model)

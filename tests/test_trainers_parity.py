@@ -1,0 +1,168 @@
+"""Parity of the liger-align trainers with TRL's on a tiny Llama (CPU, fp32, same seed).
+
+Each test trains TRL's trainer and ours for a few steps from the same weights and data, then
+evaluates, and compares every logged number (loss, grad_norm and each metric, train and eval).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "alignment"
+if str(EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES))
+
+from embedded import build_tiny_llama, build_tokenizer, load_preference_dataset, to_unpaired  # noqa: E402
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer  # noqa: E402
+from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
+from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
+
+from liger_align.trainers import LigerCPOTrainer, LigerDPOTrainer, LigerKTOTrainer, LigerORPOTrainer  # noqa: E402
+
+SKIP_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "eval_runtime",
+             "eval_samples_per_second", "eval_steps_per_second", "total_flos"}
+
+
+def tiny_model(tokenizer: Any, seed: int = 0) -> torch.nn.Module:
+    """A 2-layer Llama (hidden 32, 4 heads, 2 kv heads) sized to the tokenizer."""
+    return build_tiny_llama(
+        len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, seed=seed,
+    )
+
+
+def common_args(tmp: Path, **overrides: Any) -> dict[str, Any]:
+    args = dict(
+        output_dir=str(tmp), per_device_train_batch_size=4, per_device_eval_batch_size=4, max_steps=5,
+        logging_steps=1, learning_rate=1e-3, report_to=[], save_strategy="no", max_length=48, use_cpu=True,
+        bf16=False, seed=0, dataloader_num_workers=0,
+    )
+    args.update(overrides)
+    return args
+
+
+def train_and_eval(trainer_cls: type, config_cls: type, tmp: Path, kind: str, *, with_ref: bool = False,
+                   config: dict[str, Any] | None = None, **trainer_kwargs: Any) -> list[dict[str, Any]]:
+    """Train ``trainer_cls`` then evaluate; return ``trainer.state.log_history``."""
+    tokenizer = build_tokenizer()
+    data = load_preference_dataset()
+    train, evaluation = data.select(range(48)), data.select(range(400, 408))
+    if kind == "unpaired":
+        train, evaluation = to_unpaired(train), to_unpaired(evaluation)
+    args = config_cls(**common_args(tmp, **(config or {})))
+    if with_ref:
+        trainer_kwargs["ref_model"] = tiny_model(tokenizer)
+    trainer = trainer_cls(
+        model=tiny_model(tokenizer), args=args, train_dataset=train, eval_dataset=evaluation,
+        processing_class=tokenizer, **trainer_kwargs,
+    )
+    import trl.trainer.utils as trl_utils
+
+    liger = hasattr(trainer, "revert_liger_kernel_patches")
+    guards = [no_logits_guard(m) for m in (trainer.model, getattr(trainer, "ref_model", None)) if m is not None and liger]
+    trl_kernel = trl_utils._ChunkedLogProbFunction
+    try:
+        if liger:
+            trl_utils._ChunkedLogProbFunction = _Forbidden
+        trainer.train()
+        for guard in guards:
+            guard.remove()
+        trainer.evaluate()
+    finally:
+        trl_utils._ChunkedLogProbFunction = trl_kernel
+        if hasattr(trainer, "revert_liger_kernel_patches"):
+            trainer.revert_liger_kernel_patches()
+    return trainer.state.log_history
+
+
+class _Forbidden:
+    @staticmethod
+    def apply(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("TRL's own chunked log-prob kernel was called by a liger trainer")
+
+
+def no_logits_guard(model: torch.nn.Module) -> Any:
+    """Fail if the output head ever returns ``[..., vocab]`` logits in training (a hook on the head)."""
+    from liger_align.trainers._head import causal_lm
+
+    head = causal_lm(model).get_output_embeddings()
+    vocab = head.weight.shape[0]
+
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.shape[-1] == vocab:
+            raise AssertionError(f"[tokens, vocab] logits {tuple(output.shape)} were built in training")
+
+    return head.register_forward_hook(hook)
+
+
+def assert_logs_match(expected: list[dict[str, Any]], actual: list[dict[str, Any]], rtol: float = 2e-4, atol: float = 2e-5) -> None:
+    """Every numeric entry of TRL's log history is in ours, equal within tolerance."""
+    assert len(expected) == len(actual), (len(expected), len(actual))
+    compared = 0
+    for step, (want, got) in enumerate(zip(expected, actual)):
+        for key, value in want.items():
+            if key in SKIP_KEYS or not isinstance(value, (int, float)):
+                continue
+            assert key in got, f"entry {step}: metric {key!r} missing from the liger trainer's logs"
+            assert math.isclose(got[key], value, rel_tol=rtol, abs_tol=atol), (
+                f"entry {step}: {key} = {got[key]!r}, TRL logged {value!r}"
+            )
+            compared += 1
+    assert compared > 20
+    assert any(k.startswith("eval_") for k in expected[-1]), "no evaluation metrics were compared"
+
+
+CASES = {
+    "orpo": (ORPOTrainer, LigerORPOTrainer, ORPOConfig, "paired", {}, False),
+    "orpo-ga2": (ORPOTrainer, LigerORPOTrainer, ORPOConfig, "paired",
+                 {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 2, "max_steps": 3}, False),
+    "cpo": (CPOTrainer, LigerCPOTrainer, CPOConfig, "paired", {}, False),
+    "simpo": (CPOTrainer, LigerCPOTrainer, CPOConfig, "paired", {"loss_type": "simpo", "cpo_alpha": 0.0}, False),
+    "cpo-simpo-ga2": (CPOTrainer, LigerCPOTrainer, CPOConfig, "paired",
+                      {"loss_type": "simpo", "gradient_accumulation_steps": 2, "per_device_train_batch_size": 2,
+                       "max_steps": 3}, False),
+    "dpo": (DPOTrainer, LigerDPOTrainer, DPOConfig, "paired", {}, True),
+    "dpo-ga2-rpo": (DPOTrainer, LigerDPOTrainer, DPOConfig, "paired",
+                    {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 2, "max_steps": 3,
+                     "loss_type": ["sigmoid", "sft"]}, True),
+    "dpo-precompute": (DPOTrainer, LigerDPOTrainer, DPOConfig, "paired",
+                       {"precompute_ref_log_probs": True, "max_steps": 3}, True),
+    "kto": (KTOTrainer, LigerKTOTrainer, KTOConfig, "unpaired", {}, True),
+    "kto-ga2": (KTOTrainer, LigerKTOTrainer, KTOConfig, "unpaired",
+                {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 2, "max_steps": 3}, True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_trainer_matches_trl(case: str, tmp_path: Path) -> None:
+    trl_cls, liger_cls, config_cls, kind, config, with_ref = CASES[case]
+    expected = train_and_eval(trl_cls, config_cls, tmp_path / "trl", kind, with_ref=with_ref, config=config)
+    actual = train_and_eval(liger_cls, config_cls, tmp_path / "liger", kind, with_ref=with_ref, config=config)
+    assert_logs_match(expected, actual)
+
+
+def test_flag_and_signature() -> None:
+    """Same constructor as TRL's plus ``use_liger_kernel_patches``; works with the patches off."""
+    import inspect
+
+    for trl_cls, liger_cls in ((ORPOTrainer, LigerORPOTrainer), (CPOTrainer, LigerCPOTrainer),
+                               (DPOTrainer, LigerDPOTrainer), (KTOTrainer, LigerKTOTrainer)):
+        assert issubclass(liger_cls, trl_cls)
+        ours = inspect.signature(liger_cls.__init__).parameters
+        for name in inspect.signature(trl_cls.__init__).parameters:
+            assert name in ours, (liger_cls.__name__, name)
+        assert ours["use_liger_kernel_patches"].default is True
+
+
+def test_orpo_without_patches(tmp_path: Path) -> None:
+    expected = train_and_eval(ORPOTrainer, ORPOConfig, tmp_path / "trl", "paired", config={"max_steps": 2})
+    actual = train_and_eval(LigerORPOTrainer, ORPOConfig, tmp_path / "liger", "paired", config={"max_steps": 2},
+                            use_liger_kernel_patches=False)
+    assert_logs_match(expected, actual)
