@@ -7,6 +7,8 @@ built from a config, a local tokenizer), and with no ``--dataset_name`` the ship
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 import math
 import resource
@@ -59,7 +61,8 @@ class ScriptArguments:
         metadata={"help": "Without a held-out split: the fraction (< 1) or number (>= 1) of rows held out."},
     )
     use_liger: bool = field(
-        default=True, metadata={"help": "Use liger_align's trainer; --no-use_liger runs TRL's trainer to compare."}
+        default=True,
+        metadata={"help": "Use liger_align (trainer or model patch); --no-use_liger runs plain TRL/transformers."},
     )
     dtype: str = field(
         default="auto", metadata={"help": "dtype to load --model_name_or_path in: auto, bfloat16, float16, float32."}
@@ -73,6 +76,8 @@ class Algorithm:
     ``liger_trainer`` is ``None`` when ``liger_align.trainers`` could not be imported; then
     ``liger_import_error`` says why and TRL's ``trl_trainer`` runs instead. ``embedded_defaults``
     tune the embedded run; ``config_defaults`` apply to every run (flags still override both).
+    ``reference_model``: the trainer takes a ``ref_model`` (DPO, KTO); TRL loads it from the model's
+    path, so the embedded model, which has none, gets a frozen copy of itself.
     """
 
     name: str
@@ -81,6 +86,7 @@ class Algorithm:
     liger_trainer: type | None
     liger_import_error: ImportError | None = None
     paired: bool = True
+    reference_model: bool = False
     embedded_defaults: dict[str, Any] = field(default_factory=dict)
     config_defaults: dict[str, Any] = field(default_factory=dict)
 
@@ -102,21 +108,45 @@ EMBEDDED_DEFAULTS: dict[str, Any] = {
 }
 
 
-def parse_args(algorithm: Algorithm, argv: Sequence[str] | None = None) -> tuple[ScriptArguments, TrainingArguments]:
-    """Parse ``argv`` (default: the command line) into script arguments and the algorithm's config.
+def parse_script_and_config(
+    script_class: type,
+    config_class: type[TrainingArguments],
+    *,
+    name: str,
+    embedded_defaults: dict[str, Any],
+    config_defaults: dict[str, Any] | None = None,
+    argv: Sequence[str] | None = None,
+) -> tuple[Any, Any]:
+    """Parse ``argv`` (default: the command line) into ``script_class`` and ``config_class`` instances.
 
-    Without ``--model_name_or_path`` the embedded run's tuned settings are the defaults (flags still win).
+    The output folder defaults to ``outputs/<name>``. Without ``--model_name_or_path``,
+    ``EMBEDDED_DEFAULTS`` updated with ``embedded_defaults`` are the defaults (bf16 on a GPU that has
+    it); ``config_defaults`` apply to every run. Flags given on the command line always win.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ScriptArguments, algorithm.config_class))
-    defaults: dict[str, Any] = {"output_dir": str(Path("outputs") / algorithm.name)}
+    parser = HfArgumentParser((script_class, config_class))
+    # HfArgumentParser spells the negation --no_use_liger and --no-use-liger; accept --no-use_liger too.
+    parser.add_argument("--no-use_liger", action="store_false", dest="use_liger", help=argparse.SUPPRESS)
+    defaults: dict[str, Any] = {"output_dir": str(Path("outputs") / name)}
     if not any(arg == "--model_name_or_path" or arg.startswith("--model_name_or_path=") for arg in argv):
-        defaults.update(EMBEDDED_DEFAULTS, **algorithm.embedded_defaults)
+        defaults.update(EMBEDDED_DEFAULTS, **embedded_defaults)
         defaults["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    defaults.update(algorithm.config_defaults)
+    defaults.update(config_defaults or {})
     parser.set_defaults(**defaults)
     script_args, config = parser.parse_args_into_dataclasses(args=argv)
     return script_args, config
+
+
+def parse_args(algorithm: Algorithm, argv: Sequence[str] | None = None) -> tuple[ScriptArguments, TrainingArguments]:
+    """Parse ``argv`` into :class:`ScriptArguments` and the algorithm's config (``ORPOConfig``, ...)."""
+    return parse_script_and_config(
+        ScriptArguments,
+        algorithm.config_class,
+        name=algorithm.name,
+        embedded_defaults=algorithm.embedded_defaults,
+        config_defaults=algorithm.config_defaults,
+        argv=argv,
+    )
 
 
 def _looks_like_path(name: str) -> bool:
@@ -299,8 +329,11 @@ def main(algorithm: Algorithm, argv: Sequence[str] | None = None) -> dict[str, A
             file=sys.stderr,
         )
         trainer_class = algorithm.trl_trainer
+    kwargs: dict[str, Any] = {}
+    if algorithm.reference_model and script_args.model_name_or_path is None:
+        kwargs["ref_model"] = copy.deepcopy(model).eval().requires_grad_(False)
     trainer = trainer_class(
-        model=model, args=config, train_dataset=train, eval_dataset=held_out, processing_class=tokenizer
+        model=model, args=config, train_dataset=train, eval_dataset=held_out, processing_class=tokenizer, **kwargs
     )
     max_length = config.max_length or 512
     start = _metrics(trainer, pairs, tokenizer, max_length)

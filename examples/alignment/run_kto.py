@@ -1,0 +1,42 @@
+"""Align a causal LM with KTO (Ethayarajh et al., 2024, "KTO: Model Alignment as Prospect Theoretic
+Optimization") using ``liger_align``'s memory-efficient ``LigerKTOTrainer``.
+
+KTO learns from unpaired feedback: rows of ``prompt``, ``completion`` and a boolean ``label``
+(desirable or not). Paired ``prompt``/``chosen``/``rejected`` data, such as the shipped default, is
+unpaired first. With no arguments it runs the embedded default and prints a summary; with arguments
+it does the real job, and every ``KTOConfig`` flag works::
+
+    python examples/alignment/run_kto.py
+    accelerate launch --config_file examples/alignment/fsdp.yaml examples/alignment/run_kto.py \\
+        --model_name_or_path meta-llama/Llama-3.2-1B --dataset_name feedback.jsonl --beta 0.1 --bf16
+
+``--no-use_liger`` runs TRL's ``KTOTrainer`` instead, for comparison.
+"""
+
+from __future__ import annotations
+
+from trl import KTOConfig, KTOTrainer
+
+import common
+
+common.add_repo_to_path()
+try:
+    from liger_align.trainers import LigerKTOTrainer
+except ImportError as error:
+    LigerKTOTrainer, LIGER_IMPORT_ERROR = None, error
+else:
+    LIGER_IMPORT_ERROR = None
+
+KTO = common.Algorithm(
+    name="kto",
+    config_class=KTOConfig,
+    trl_trainer=KTOTrainer,
+    liger_trainer=LigerKTOTrainer,
+    liger_import_error=LIGER_IMPORT_ERROR,
+    reference_model=True,
+    paired=False,
+    embedded_defaults={"beta": 0.1, "learning_rate": 1e-3},
+)
+
+if __name__ == "__main__":
+    common.main(KTO)

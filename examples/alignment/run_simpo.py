@@ -1,0 +1,41 @@
+"""Align a causal LM with SimPO (Meng et al., 2024, "SimPO: Simple Preference Optimization with a
+Reference-Free Reward") using ``liger_align``'s ``LigerCPOTrainer`` with ``loss_type="simpo"`` and
+``cpo_alpha=0`` (SimPO is CPO's trainer without the NLL term).
+
+With no arguments it runs the embedded default (tiny Llama 3.2, local tokenizer, shipped data) and
+prints a summary; with arguments it does the real job, and every ``CPOConfig`` flag works::
+
+    python examples/alignment/run_simpo.py
+    accelerate launch --config_file examples/alignment/fsdp.yaml examples/alignment/run_simpo.py \\
+        --model_name_or_path meta-llama/Llama-3.2-1B --dataset_name prefs.jsonl \\
+        --beta 2.0 --simpo_gamma 0.5 --learning_rate 1e-6 --bf16
+
+``--no-use_liger`` runs TRL's ``CPOTrainer`` instead, for comparison.
+"""
+
+from __future__ import annotations
+
+from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+import common
+
+common.add_repo_to_path()
+try:
+    from liger_align.trainers import LigerCPOTrainer
+except ImportError as error:
+    LigerCPOTrainer, LIGER_IMPORT_ERROR = None, error
+else:
+    LIGER_IMPORT_ERROR = None
+
+SIMPO = common.Algorithm(
+    name="simpo",
+    config_class=CPOConfig,
+    trl_trainer=CPOTrainer,
+    liger_trainer=LigerCPOTrainer,
+    liger_import_error=LIGER_IMPORT_ERROR,
+    embedded_defaults={"beta": 2.0, "simpo_gamma": 0.5, "learning_rate": 1e-3},
+    config_defaults={"loss_type": "simpo", "cpo_alpha": 0.0},
+)
+
+if __name__ == "__main__":
+    common.main(SIMPO)
