@@ -131,6 +131,15 @@ def test_eval_returns_logits_as_before():
         assert isinstance(tup, tuple) and rel_err(tup[0], want.logits) < 1e-5
 
 
+def test_generate_unchanged():
+    model = tiny_llama().eval()
+    ids, _ = batch(2, 9)
+    want = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with apply_liger_kernel_to_llama(model=model):
+        got = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_logprob_targets(training):
     ref = tiny_llama().train(training)
