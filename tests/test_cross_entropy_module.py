@@ -31,7 +31,7 @@ def run_case(dtype, *, impl="torch", device="cpu", flat=False, bias=True, seed=0
     loss_fn = LigerFusedLinearCrossEntropyLoss(impl=impl, chunk_bytes=8 * vocab * 4, **options)
     loss = loss_fn(weight, hidden, target, b, **(call_kw or {}))
     h64, w64, b64 = leaf_copies(hidden, weight, b)
-    ref = reference(h64, w64, b64, target, **options, **(call_kw or {}))
+    ref = reference(h64, w64, b64, target.cpu(), **options, **(call_kw or {}))
     assert loss.shape == ref.shape and close(loss, ref, dtype)
     if loss.dim():
         upstream = torch.randn(loss.shape, device=device)

@@ -52,13 +52,13 @@ def run_case(dtype, config, *, bias=True, reference="hidden", impl="torch", devi
     h64, w64, b64 = leaf_copies(hidden, weight, b)
     with torch.no_grad():
         ref64 = leaf_copies(ref_h, ref_w, ref_b)
-        ref_sums = token_logps64(logits64(*ref64), target).sum(1)
+        ref_sums = token_logps64(logits64(*ref64), target.cpu()).sum(1)
     kwargs = {}
     if reference == "hidden":
         kwargs = dict(ref_hidden=ref_h.detach(), ref_weight=ref_w.detach(), ref_bias=None if ref_b is None else ref_b.detach())
         trl_ref = dict(ref=ref64)
     elif reference == "logps":
-        kwargs = dict(ref_chosen_logps=ref_sums[:pairs].float(), ref_rejected_logps=ref_sums[pairs:].float())
+        kwargs = dict(ref_chosen_logps=ref_sums[:pairs].float().to(device), ref_rejected_logps=ref_sums[pairs:].float().to(device))
         trl_ref = dict(ref_logps=(ref_sums[:pairs].float().double(), ref_sums[pairs:].float().double()))
     else:  # reference-free: TRL with zero reference log-probs
         kwargs = {}
@@ -75,8 +75,7 @@ def run_case(dtype, config, *, bias=True, reference="hidden", impl="torch", devi
         assert close(out[f"{side}_rewards"].mean(), metrics[f"rewards/{side}"], dtype, atol=2e-2)
         assert close(out[f"{side}_logits_mean"], metrics[f"logits/{side}"], dtype, atol=2e-3)
     with torch.no_grad():
-        sums = token_logps64(logits64(h64, w64, b64), target)
-        sums = sums.sum(1)
+        sums = token_logps64(logits64(h64, w64, b64), target.cpu()).sum(1)
         assert close(out["chosen_logps"], sums[:pairs], dtype) and close(out["rejected_logps"], sums[pairs:], dtype)
         if reference != "free":
             assert close(out["ref_chosen_logps"], ref_sums[:pairs], dtype)

@@ -56,7 +56,8 @@ def run_case(
     loss_fn = LigerFusedLinearORPOLoss(beta=beta, impl=impl, chunk_bytes=chunk_bytes)
     loss, out = loss_fn(weight, hidden, target, b, nll_target=nll_target)
     h64, w64, b64 = leaf_copies(hidden, weight, b)
-    ref_loss, ref_metrics = trl_orpo(h64, w64, b64, target, nll_target, beta)
+    target = target.cpu()
+    ref_loss, ref_metrics = trl_orpo(h64, w64, b64, target, None if nll_target is None else nll_target.cpu(), beta)
 
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert close(loss, ref_loss, dtype)
