@@ -98,7 +98,7 @@ EMBEDDED_DEFAULTS: dict[str, Any] = {
     "learning_rate": 3e-3,
     "lr_scheduler_type": "cosine",
     "warmup_steps": 10,
-    "num_train_epochs": 8,
+    "num_train_epochs": 12,
     "max_length": 64,
     "logging_steps": 20,
     "save_strategy": "no",

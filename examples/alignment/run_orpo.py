@@ -39,7 +39,7 @@ ORPO = common.Algorithm(
     trl_trainer=ORPOTrainer,
     liger_trainer=LigerORPOTrainer,
     liger_import_error=LIGER_IMPORT_ERROR,
-    embedded_defaults={"beta": 0.5},
+    embedded_defaults={"beta": 1.0},
 )
 
 if __name__ == "__main__":
