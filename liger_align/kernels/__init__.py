@@ -1,6 +1,22 @@
-"""Triton kernels with autograd Functions and plain-PyTorch twins (see DESIGN.md, layer ``kernels``)."""
+"""Triton kernels with autograd Functions and plain-PyTorch twins (see DESIGN.md, layer ``kernels``).
+
+- :func:`linear_logprobs`: fused linear -> per-token target log-prob, the base of every loss.
+- :func:`fused_linear_cross_entropy`: fused linear cross-entropy on the same row passes.
+- :func:`rms_norm`, :func:`rope`, :func:`swiglu`: the Llama model kernels.
+"""
 
 from .fused_linear_cross_entropy import fused_linear_cross_entropy
 from .linear_logprobs import LinearLogProbs, LogitOptions, linear_logprobs
+from .rms_norm import rms_norm
+from .rope import rope
+from .swiglu import swiglu
 
-__all__ = ["LinearLogProbs", "LogitOptions", "fused_linear_cross_entropy", "linear_logprobs"]
+__all__ = [
+    "LinearLogProbs",
+    "LogitOptions",
+    "fused_linear_cross_entropy",
+    "linear_logprobs",
+    "rms_norm",
+    "rope",
+    "swiglu",
+]
