@@ -97,7 +97,9 @@ def test_missing_path_is_a_clear_error(name: str, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(("name", "needed"), [("orpo", "chosen"), ("dpo", "rejected"), ("kto", "label"), ("sft", "text")])
+@pytest.mark.parametrize(
+    ("name", "needed"), [("orpo", "chosen"), ("dpo", "rejected"), ("kto", "label"), ("sft", "text")]
+)
 def test_missing_columns_is_a_clear_error(name: str, needed: str, tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(8)))
@@ -151,7 +153,7 @@ def test_embedded_model_is_llama_3_2_shaped() -> None:
     assert config.rope_parameters["rope_type"] == "llama3" and config.tie_word_embeddings
     assert model.lm_head.weight is model.model.embed_tokens.weight
     again = embedded.build_tiny_llama(len(tokenizer), seed=3)
-    assert all((a == b).all() for a, b in zip(model.parameters(), again.parameters()))
+    assert all((a == b).all() for a, b in zip(model.parameters(), again.parameters(), strict=True))
     unpaired = embedded.load_unpaired_dataset()
     assert unpaired.column_names == ["prompt", "completion", "label"]
     assert len(unpaired) == 2 * len(embedded.load_preference_dataset())

@@ -19,13 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import embedded
 import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedModel, PreTrainedTokenizerBase
-from transformers import TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    HfArgumentParser,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TrainingArguments,
+)
 from trl.data_utils import maybe_apply_chat_template
-
-import embedded
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PAIRED_COLUMNS = ("prompt", "chosen", "rejected")
@@ -44,7 +49,8 @@ class ScriptArguments:
     """Arguments of the example scripts, beside the trainer's config (``ORPOConfig``, ``DPOConfig``, ...)."""
 
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Model to align (hub id or local folder). Default: the embedded tiny Llama 3.2."}
+        default=None,
+        metadata={"help": "Model to align (hub id or local folder). Default: the embedded tiny Llama 3.2."},
     )
     dataset_name: str | None = field(
         default=None,
@@ -165,7 +171,9 @@ def load_raw_dataset(name: str | None, config_name: str | None = None) -> Datase
     if path.is_file():
         file_type = DATA_FILE_TYPES.get(path.suffix.lower())
         if file_type is None:
-            raise ValueError(f"--dataset_name {name!r}: unsupported file type {path.suffix!r}; use one of {sorted(DATA_FILE_TYPES)}")
+            raise ValueError(
+                f"--dataset_name {name!r}: unsupported file type {path.suffix!r}; use one of {sorted(DATA_FILE_TYPES)}"
+            )
         return load_dataset(file_type, data_files=str(path), split="train")
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
@@ -186,16 +194,16 @@ def check_columns(dataset: Dataset, required: Sequence[str], *, what: str) -> No
     """Raise ``ValueError`` naming the missing and the present columns unless ``dataset`` has ``required``."""
     missing = [column for column in required if column not in dataset.column_names]
     if missing:
-        raise ValueError(
-            f"{what} needs the columns {list(required)}; missing {missing}, found {dataset.column_names}"
-        )
+        raise ValueError(f"{what} needs the columns {list(required)}; missing {missing}, found {dataset.column_names}")
 
 
 def split_dataset(raw: Dataset | DatasetDict, args: ScriptArguments, seed: int) -> tuple[Dataset, Dataset]:
     """Return (train, held-out): the named splits, or a seeded ``eval_size`` cut of the train split."""
     if isinstance(raw, DatasetDict):
         if args.dataset_train_split not in raw:
-            raise ValueError(f"--dataset_train_split {args.dataset_train_split!r} not in the data set's splits {list(raw)}")
+            raise ValueError(
+                f"--dataset_train_split {args.dataset_train_split!r} not in the data set's splits {list(raw)}"
+            )
         if args.dataset_test_split in raw:
             return raw[args.dataset_train_split], raw[args.dataset_test_split]
         raw = raw[args.dataset_train_split]
@@ -242,7 +250,12 @@ def load_model_and_tokenizer(args: ScriptArguments, seed: int) -> tuple[PreTrain
 
 @torch.no_grad()
 def preference_accuracy(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Dataset, *, batch_size: int = 16, max_length: int = 512
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Dataset,
+    *,
+    batch_size: int = 16,
+    max_length: int = 512,
 ) -> float:
     """Fraction of ``pairs`` whose chosen completion gets the higher mean per-token log-prob under ``model``.
 
@@ -255,7 +268,10 @@ def preference_accuracy(
         prompt_ids = tokenizer(row["prompt"])["input_ids"]
         for completion in (row["chosen"], row["rejected"]):
             ids = tokenizer(row["prompt"] + completion)["input_ids"] + [tokenizer.eos_token_id]
-            start = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids) - 1))
+            start = next(
+                (i for i, (a, b) in enumerate(zip(prompt_ids, ids, strict=False)) if a != b),
+                min(len(prompt_ids), len(ids) - 1),
+            )
             texts.append((ids[:max_length], max(start, 1)))
     was_training = model.training
     model.eval()
@@ -290,7 +306,9 @@ def peak_memory() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process max RSS"
 
 
-def _metrics(trainer: Any, pairs: Dataset | None, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict[str, float]:
+def _metrics(
+    trainer: Any, pairs: Dataset | None, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.evaluate().items() if k.startswith("eval_rewards/")}
     if pairs is not None and trainer.args.world_size == 1:
         metrics["preference_accuracy"] = preference_accuracy(
@@ -301,7 +319,9 @@ def _metrics(trainer: Any, pairs: Dataset | None, tokenizer: PreTrainedTokenizer
 
 def print_summary(summary: dict[str, Any]) -> None:
     """Print the run's summary: steps, wall time, peak memory, held-out metrics at the start and the end."""
-    print(f"\n== {summary['algorithm'].upper()} with {summary['trainer']} on {summary['model']} ({summary['device']}) ==")
+    print(
+        f"\n== {summary['algorithm'].upper()} with {summary['trainer']} on {summary['model']} ({summary['device']}) =="
+    )
     print(f"steps        {summary['steps']}")
     print(f"wall time    {summary['train_seconds']:.1f} s (training only)")
     print(f"peak memory  {summary['peak_memory_mib']:.0f} MiB ({summary['peak_memory_kind']})")

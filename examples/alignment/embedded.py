@@ -132,10 +132,13 @@ def build_tiny_llama(
     The weights depend only on ``seed``; the global RNG state is left as it was.
     """
     if hidden_size % num_attention_heads:
-        raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads})")
+        raise ValueError(
+            f"hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({num_attention_heads})"
+        )
     if num_attention_heads % num_key_value_heads:
         raise ValueError(
-            f"num_attention_heads ({num_attention_heads}) must be a multiple of num_key_value_heads ({num_key_value_heads})"
+            f"num_attention_heads ({num_attention_heads}) must be a multiple of "
+            f"num_key_value_heads ({num_key_value_heads})"
         )
     config = LlamaConfig(
         vocab_size=vocab_size,

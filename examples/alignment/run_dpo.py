@@ -14,9 +14,8 @@ The reference model is a frozen copy of the starting model. ``--no-use_liger`` r
 
 from __future__ import annotations
 
-from trl import DPOConfig, DPOTrainer
-
 import common
+from trl import DPOConfig, DPOTrainer
 
 common.add_repo_to_path()
 try:

@@ -15,9 +15,8 @@ it does the real job, and every ``KTOConfig`` flag works::
 
 from __future__ import annotations
 
-from trl import KTOConfig, KTOTrainer
-
 import common
+from trl import KTOConfig, KTOTrainer
 
 common.add_repo_to_path()
 try:

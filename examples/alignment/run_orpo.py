@@ -21,9 +21,8 @@ With arguments it does the real job; every ``ORPOConfig`` flag works::
 
 from __future__ import annotations
 
-from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-
 import common
+from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 common.add_repo_to_path()
 try:

@@ -15,9 +15,8 @@ prints a summary; with arguments it does the real job, and every ``CPOConfig`` f
 
 from __future__ import annotations
 
-from trl.experimental.cpo import CPOConfig, CPOTrainer
-
 import common
+from trl.experimental.cpo import CPOConfig, CPOTrainer
 
 common.add_repo_to_path()
 try:

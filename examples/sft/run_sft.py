@@ -53,7 +53,7 @@ class SFTScriptArguments(common.ScriptArguments):
 
 
 def to_sft_columns(dataset: Dataset, what: str) -> Dataset:
-    """Map ``dataset`` to ``prompt``/``completion`` strings: from ``text``, ``prompt``+``completion``, or ``prompt``+``chosen``."""
+    """Map ``dataset`` to ``prompt``/``completion``: from those, ``prompt``+``chosen``, or ``text``."""
     columns = set(dataset.column_names)
     if {"prompt", "completion"} <= columns:
         return dataset.select_columns(["prompt", "completion"])
@@ -74,7 +74,11 @@ def tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: i
         ids = tokenizer(row["prompt"] + row["completion"])["input_ids"] + [tokenizer.eos_token_id]
         start = len(prompt_ids) if ids[: len(prompt_ids)] == prompt_ids else 0
         labels = [-100] * start + ids[start:]
-        return {"input_ids": ids[:max_length], "attention_mask": [1] * min(len(ids), max_length), "labels": labels[:max_length]}
+        return {
+            "input_ids": ids[:max_length],
+            "attention_mask": [1] * min(len(ids), max_length),
+            "labels": labels[:max_length],
+        }
 
     return dataset.map(encode, remove_columns=dataset.column_names)
 
@@ -94,7 +98,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, tokenizer = common.load_model_and_tokenizer(args, config.seed)
 
     if args.use_liger and apply_liger_kernel_to_llama is None:
-        print(f"liger_align.models could not be imported ({LIGER_IMPORT_ERROR}); training the unpatched model.", file=sys.stderr)
+        print(
+            f"liger_align.models could not be imported ({LIGER_IMPORT_ERROR}); training the unpatched model.",
+            file=sys.stderr,
+        )
     elif args.use_liger:
         apply_liger_kernel_to_llama(model=model)
 
@@ -118,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer.save_model(config.output_dir)
     summary = {
         "algorithm": "sft",
-        "trainer": "Trainer" + (" + apply_liger_kernel_to_llama" if args.use_liger and apply_liger_kernel_to_llama else ""),
+        "trainer": "Trainer"
+        + (" + apply_liger_kernel_to_llama" if args.use_liger and apply_liger_kernel_to_llama else ""),
         "model": args.model_name_or_path or "embedded tiny Llama 3.2",
         "device": str(config.device),
         "steps": trainer.state.global_step,
