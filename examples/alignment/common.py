@@ -79,8 +79,7 @@ class ScriptArguments:
 class Algorithm:
     """How one example script differs from the others.
 
-    ``liger_trainer`` is ``None`` when ``liger_align.trainers`` could not be imported; then
-    ``liger_import_error`` says why and TRL's ``trl_trainer`` runs instead. ``embedded_defaults``
+    ``liger_trainer`` runs by default, ``trl_trainer`` with ``--no-use_liger``. ``embedded_defaults``
     tune the embedded run; ``config_defaults`` apply to every run (flags still override both).
     ``reference_model``: the trainer takes a ``ref_model`` (DPO, KTO); TRL loads it from the model's
     path, so the embedded model, which has none, gets a frozen copy of itself.
@@ -89,8 +88,7 @@ class Algorithm:
     name: str
     config_class: type[TrainingArguments]
     trl_trainer: type
-    liger_trainer: type | None
-    liger_import_error: ImportError | None = None
+    liger_trainer: type
     paired: bool = True
     reference_model: bool = False
     embedded_defaults: dict[str, Any] = field(default_factory=dict)
@@ -342,13 +340,6 @@ def main(algorithm: Algorithm, argv: Sequence[str] | None = None) -> dict[str, A
     model, tokenizer = load_model_and_tokenizer(script_args, config.seed)
 
     trainer_class = algorithm.liger_trainer if script_args.use_liger else algorithm.trl_trainer
-    if script_args.use_liger and trainer_class is None:
-        print(
-            f"liger_align.trainers could not be imported ({algorithm.liger_import_error}); "
-            f"running TRL's {algorithm.trl_trainer.__name__} instead.",
-            file=sys.stderr,
-        )
-        trainer_class = algorithm.trl_trainer
     kwargs: dict[str, Any] = {}
     if algorithm.reference_model and script_args.model_name_or_path is None:
         kwargs["ref_model"] = copy.deepcopy(model).eval().requires_grad_(False)

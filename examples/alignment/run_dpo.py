@@ -18,19 +18,13 @@ import common
 from trl import DPOConfig, DPOTrainer
 
 common.add_repo_to_path()
-try:
-    from liger_align.trainers import LigerDPOTrainer
-except ImportError as error:
-    LigerDPOTrainer, LIGER_IMPORT_ERROR = None, error
-else:
-    LIGER_IMPORT_ERROR = None
+from liger_align.trainers import LigerDPOTrainer  # noqa: E402
 
 DPO = common.Algorithm(
     name="dpo",
     config_class=DPOConfig,
     trl_trainer=DPOTrainer,
     liger_trainer=LigerDPOTrainer,
-    liger_import_error=LIGER_IMPORT_ERROR,
     reference_model=True,
     embedded_defaults={"beta": 0.1, "learning_rate": 1e-3},
 )

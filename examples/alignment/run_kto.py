@@ -19,19 +19,13 @@ import common
 from trl import KTOConfig, KTOTrainer
 
 common.add_repo_to_path()
-try:
-    from liger_align.trainers import LigerKTOTrainer
-except ImportError as error:
-    LigerKTOTrainer, LIGER_IMPORT_ERROR = None, error
-else:
-    LIGER_IMPORT_ERROR = None
+from liger_align.trainers import LigerKTOTrainer  # noqa: E402
 
 KTO = common.Algorithm(
     name="kto",
     config_class=KTOConfig,
     trl_trainer=KTOTrainer,
     liger_trainer=LigerKTOTrainer,
-    liger_import_error=LIGER_IMPORT_ERROR,
     reference_model=True,
     paired=False,
     embedded_defaults={"beta": 0.1, "learning_rate": 1e-3},

@@ -25,19 +25,13 @@ import common
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 common.add_repo_to_path()
-try:
-    from liger_align.trainers import LigerORPOTrainer
-except ImportError as error:
-    LigerORPOTrainer, LIGER_IMPORT_ERROR = None, error
-else:
-    LIGER_IMPORT_ERROR = None
+from liger_align.trainers import LigerORPOTrainer  # noqa: E402
 
 ORPO = common.Algorithm(
     name="orpo",
     config_class=ORPOConfig,
     trl_trainer=ORPOTrainer,
     liger_trainer=LigerORPOTrainer,
-    liger_import_error=LIGER_IMPORT_ERROR,
     embedded_defaults={"beta": 1.0},
 )
 

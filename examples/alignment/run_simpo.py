@@ -19,19 +19,13 @@ import common
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 
 common.add_repo_to_path()
-try:
-    from liger_align.trainers import LigerCPOTrainer
-except ImportError as error:
-    LigerCPOTrainer, LIGER_IMPORT_ERROR = None, error
-else:
-    LIGER_IMPORT_ERROR = None
+from liger_align.trainers import LigerCPOTrainer  # noqa: E402
 
 SIMPO = common.Algorithm(
     name="simpo",
     config_class=CPOConfig,
     trl_trainer=CPOTrainer,
     liger_trainer=LigerCPOTrainer,
-    liger_import_error=LIGER_IMPORT_ERROR,
     embedded_defaults={"beta": 2.0, "simpo_gamma": 0.5, "learning_rate": 1e-3},
     config_defaults={"loss_type": "simpo", "cpo_alpha": 0.0},
 )

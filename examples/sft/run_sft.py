@@ -35,12 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "alignment"))
 import common  # noqa: E402
 
 common.add_repo_to_path()
-try:
-    from liger_align.models import apply_liger_kernel_to_llama
-except ImportError as error:
-    apply_liger_kernel_to_llama, LIGER_IMPORT_ERROR = None, error
-else:
-    LIGER_IMPORT_ERROR = None
+from liger_align.models import apply_liger_kernel_to_llama  # noqa: E402
 
 SFT_EMBEDDED_DEFAULTS: dict[str, Any] = {"learning_rate": 3e-3, "num_train_epochs": 3}
 
@@ -97,12 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train, held_out = common.split_dataset(raw, args, config.seed)
     model, tokenizer = common.load_model_and_tokenizer(args, config.seed)
 
-    if args.use_liger and apply_liger_kernel_to_llama is None:
-        print(
-            f"liger_align.models could not be imported ({LIGER_IMPORT_ERROR}); training the unpatched model.",
-            file=sys.stderr,
-        )
-    elif args.use_liger:
+    if args.use_liger:
         apply_liger_kernel_to_llama(model=model)
 
     trainer = Trainer(
