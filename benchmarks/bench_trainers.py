@@ -1,0 +1,306 @@
+"""Trainer benchmark: liger-align's trainers against TRL's, same model, data and settings, one GPU.
+
+Llama-3.2-1B shape (LlamaConfig, random weights, vocab 128256, tied head), bf16 weights and bf16
+training, gradient checkpointing, sequences of exactly 1024 tokens (256 prompt, 768 completion),
+8 pairs per device (KTO: the same 16 sequences, unpaired). For each trainer pair (ORPO,
+CPO with loss_type="simpo", DPO, KTO) each implementation runs in a fresh subprocess so its peak
+memory is its own; after ``--warmup`` steps (Triton compilation, allocator growth) it times
+``--steps`` optimizer steps (synchronised) and reads ``torch.cuda.max_memory_allocated``.
+
+    python benchmarks/bench_trainers.py                      # all 8 runs, ~5 minutes on an H200
+    python benchmarks/bench_trainers.py --only orpo simpo    # a subset
+    python benchmarks/bench_trainers.py --plot-only benchmarks/results/bench_trainers.json
+
+Writes ``bench_trainers.json`` and the PNG bar charts ``bench_trainers_throughput.png`` and
+``bench_trainers_memory.png`` under ``--results-dir`` (default ``benchmarks/results``); prints the
+table last. Every figure in the table is also given as a ratio to TRL's in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+ALGOS = ("orpo", "simpo", "dpo", "kto")
+# Per sequence: BOS + a quarter of max_length of prompt words, then completion words truncated at max_length.
+
+
+# ------------------------------------------------------------------------------------------- worker
+
+
+def llama_1b_config(vocab_size: int = 128256, smoke: bool = False) -> Any:
+    """Llama-3.2-1B's shape (16 layers, hidden 2048, 32 heads / 8 kv heads, SwiGLU 8192, tied head).
+
+    ``smoke``: 2 layers of hidden 64 (same vocabulary), to check the script on a CPU.
+    """
+    from transformers import LlamaConfig
+
+    hidden, inter, layers, heads, kv = (64, 128, 2, 4, 2) if smoke else (2048, 8192, 16, 32, 8)
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads, hidden_act="silu", max_position_embeddings=131072, rms_norm_eps=1e-5,
+        rope_theta=500000.0, tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
+def synthetic_pairs(tokenizer: Any, rows: int, seq_len: int, seed: int = 0) -> dict[str, list[str]]:
+    """``rows`` preference pairs of random one-token words: a prompt of ``seq_len / 4`` tokens (with BOS)
+    and completions long enough that every sequence is cut at exactly ``seq_len`` tokens."""
+    import random
+
+    rng = random.Random(seed)
+    specials = set(tokenizer.all_special_tokens)
+    words = sorted(w for w in tokenizer.get_vocab() if w.isalnum() and w not in specials)
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    return {
+        "prompt": [text(seq_len // 4 - 1) for _ in range(rows)],
+        "chosen": [" " + text(seq_len) for _ in range(rows)],
+        "rejected": [" " + text(seq_len) for _ in range(rows)],
+    }
+
+
+def build_trainer(algo: str, impl: str, steps: int, pairs: int, seq_len: int, out_dir: Path, device: str) -> tuple[Any, int]:
+    """The trainer for ``algo`` and ``impl`` ('trl' or 'liger'); returns it and the sequences per step."""
+    import torch
+    from datasets import Dataset
+    from transformers import LlamaForCausalLM
+
+    sys.path[:0] = [str(ROOT), str(ROOT / "examples" / "alignment")]
+    from embedded import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    total = pairs * (steps + 2)
+    data = Dataset.from_dict(synthetic_pairs(tokenizer, total, seq_len))
+    config = llama_1b_config(smoke=device == "cpu")
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = (
+        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+        ref = LlamaForCausalLM(config) if algo in ("dpo", "kto") else None
+    torch.set_default_dtype(default_dtype)
+    if ref is not None:
+        ref.load_state_dict(model.state_dict())
+    common = dict(
+        output_dir=str(out_dir), max_steps=steps, logging_steps=1, learning_rate=1e-6, report_to=[], save_strategy="no",
+        bf16=True, gradient_checkpointing=True, max_length=seq_len, dataloader_num_workers=0, seed=0,
+        disable_tqdm=True, use_cpu=device == "cpu",
+    )
+    rows = pairs
+    if algo == "orpo":
+        from trl.experimental.orpo import ORPOConfig as Config, ORPOTrainer as Trainer
+
+        from liger_align.trainers import LigerORPOTrainer as Liger
+        args = Config(per_device_train_batch_size=pairs, **common)
+    elif algo == "simpo":
+        from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Trainer
+
+        from liger_align.trainers import LigerCPOTrainer as Liger
+        args = Config(per_device_train_batch_size=pairs, loss_type="simpo", cpo_alpha=0.0,
+                      **common)
+    elif algo == "dpo":
+        from trl import DPOConfig as Config, DPOTrainer as Trainer
+
+        from liger_align.trainers import LigerDPOTrainer as Liger
+        args = Config(per_device_train_batch_size=pairs, **common)
+    else:
+        from trl import KTOConfig as Config, KTOTrainer as Trainer
+
+        from liger_align.trainers import LigerKTOTrainer as Liger
+        sys.path.insert(0, str(ROOT / "examples" / "alignment"))
+        from embedded import to_unpaired
+
+        data = to_unpaired(data)
+        rows = 2 * pairs
+        args = Config(per_device_train_batch_size=rows, **common)
+    cls = Liger if impl == "liger" else Trainer
+    kwargs = {"ref_model": ref} if ref is not None else {}
+    trainer = cls(model=model, args=args, train_dataset=data, processing_class=tokenizer, **kwargs)
+    return trainer, 2 * pairs
+
+
+def worker(opts: argparse.Namespace) -> None:
+    """Run one (algo, impl) and write its measurement as JSON to ``opts.worker_out``."""
+    import torch
+    from transformers import TrainerCallback
+
+    warmup, steps = opts.warmup, opts.steps
+    device = "cpu" if opts.smoke or not torch.cuda.is_available() else "cuda"
+    cuda = device == "cuda"
+    trainer, rows = build_trainer(opts.algo, opts.impl, warmup + steps, opts.pairs, opts.seq_len,
+                                  Path(opts.worker_out).parent / "run", device)
+
+    class Timer(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.tokens: list[int] = []
+            self.start = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+            if cuda:
+                torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+            if cuda:
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self.start)
+            if state.global_step == warmup and cuda:
+                torch.cuda.reset_peak_memory_stats()
+
+    batch = next(iter(trainer.get_train_dataloader()))
+    shapes = {k: list(v.shape) for k, v in batch.items() if k.endswith("input_ids") and hasattr(v, "shape")}
+    timer = Timer()
+    trainer.add_callback(timer)
+    trainer.train()
+    measured = sorted(timer.times[warmup:])
+    step_s = measured[len(measured) // 2]
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    result = {
+        "algo": opts.algo, "impl": opts.impl, "step_s": step_s, "step_s_all": timer.times,
+        "tokens_per_step": rows * opts.seq_len, "input_shapes": shapes, "tokens_per_s": rows * opts.seq_len / step_s,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, "losses": losses,
+        "device": torch.cuda.get_device_name() if cuda else "cpu (smoke)", "torch": torch.__version__,
+    }
+    Path(opts.worker_out).write_text(json.dumps(result))
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+
+def run_all(opts: argparse.Namespace) -> list[dict[str, Any]]:
+    results = []
+    tmp = Path(opts.results_dir) / "_runs"
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    for algo in opts.only:
+        for impl in ("trl", "liger"):
+            out = tmp / f"{algo}-{impl}.json"
+            out.unlink(missing_ok=True)
+            cmd = [sys.executable, __file__, "--worker", "--algo", algo, "--impl", impl, "--worker-out", str(out),
+                   "--warmup", str(opts.warmup), "--steps", str(opts.steps), "--pairs", str(opts.pairs),
+                   "--seq-len", str(opts.seq_len)] + (["--smoke"] if opts.smoke else [])
+            began = time.time()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=opts.timeout)
+            if proc.returncode == 0 and out.exists():
+                res = json.loads(out.read_text())
+            else:
+                tail = (proc.stdout[-1500:] + proc.stderr[-3000:]).strip()
+                res = {"algo": algo, "impl": impl, "error": tail}
+                print(f"[{algo}/{impl}] FAILED:\n{tail}", file=sys.stderr)
+            res["wall_s"] = time.time() - began
+            print(f"[{algo}/{impl}] {json.dumps({k: v for k, v in res.items() if k not in ('error', 'step_s_all')})}",
+                  flush=True)
+            results.append(res)
+    return results
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    by = {(r["algo"], r["impl"]): r for r in results}
+    lines = [f"{'trainer':8} {'impl':6} {'s/step':>8} {'tokens/s':>10} {'peak GiB':>9} {'thr x TRL':>10} {'mem / TRL':>10}"]
+    for algo in dict.fromkeys(r["algo"] for r in results):
+        base = by.get((algo, "trl"), {})
+        for impl in ("trl", "liger"):
+            r = by.get((algo, impl))
+            if r is None:
+                continue
+            if "error" in r:
+                lines.append(f"{algo:8} {impl:6} {'failed':>8}")
+                continue
+            thr = r["tokens_per_s"] / base["tokens_per_s"] if base.get("tokens_per_s") else float("nan")
+            mem = r["peak_gib"] / base["peak_gib"] if base.get("peak_gib") else float("nan")
+            lines.append(f"{algo:8} {impl:6} {r['step_s']:8.3f} {r['tokens_per_s']:10.0f} {r['peak_gib']:9.2f} "
+                         f"{thr:9.2f}x {mem:9.2f}x")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict[str, Any]], results_dir: Path) -> list[Path]:
+    """Two grouped bar charts (tokens/s, peak GiB), TRL vs liger-align per trainer; [] without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG (run again with --plot-only on the JSON)", file=sys.stderr)
+        return []
+    ok = [r for r in results if "error" not in r]
+    algos = list(dict.fromkeys(r["algo"] for r in ok))
+    by = {(r["algo"], r["impl"]): r for r in ok}
+    names = {"orpo": "ORPO", "simpo": "SimPO (CPO)", "dpo": "DPO", "kto": "KTO"}
+    paths = []
+    for key, label, fname in (("tokens_per_s", "throughput (tokens/s)", "throughput"), ("peak_gib", "peak memory (GiB)", "memory")):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        width = 0.38
+        for i, (impl, color) in enumerate((("trl", "#9e9e9e"), ("liger", "#2e7d32"))):
+            xs = [j + (i - 0.5) * width for j in range(len(algos))]
+            ys = [by.get((a, impl), {}).get(key, 0.0) for a in algos]
+            bars = ax.bar(xs, ys, width, label="TRL" if impl == "trl" else "liger-align", color=color)
+            for bar, a in zip(bars, algos):
+                base = by.get((a, "trl"), {}).get(key)
+                if impl == "liger" and base:
+                    ax.annotate(f"{bar.get_height() / base:.2f}x", (bar.get_x() + width / 2, bar.get_height()),
+                                ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(algos)), [names.get(a, a) for a in algos])
+        ax.set_ylabel(label)
+        device = ok[0].get("device", "GPU") if ok else "GPU"
+        ax.set_title(f"Llama-3.2-1B shape, bf16, 8 pairs x 1024 tokens, {device}", fontsize=9)
+        ax.legend()
+        fig.tight_layout()
+        path = results_dir / f"bench_trainers_{fname}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=ALGOS, default=list(ALGOS))
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--timeout", type=int, default=240, help="seconds per subprocess")
+    parser.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--plot-only", metavar="JSON")
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script, measures nothing")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--algo", choices=ALGOS, help=argparse.SUPPRESS)
+    parser.add_argument("--impl", choices=("trl", "liger"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.worker:
+        worker(opts)
+        return
+    results_dir = Path(opts.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    if opts.plot_only:
+        results = json.loads(Path(opts.plot_only).read_text())["results"]
+    else:
+        results = run_all(opts)
+        meta = {k: getattr(opts, k) for k in ("warmup", "steps", "pairs", "seq_len")}
+        (results_dir / "bench_trainers.json").write_text(json.dumps({"config": meta, "results": results}, indent=1))
+    for path in plot(results, results_dir):
+        print(f"wrote {path}")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
