@@ -230,7 +230,7 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[dict[str, Any]], results_dir: Path) -> list[Path]:
+def plot(results: list[dict[str, Any]], results_dir: Path, meta: dict[str, Any]) -> list[Path]:
     """Two grouped bar charts (tokens/s, peak GiB), TRL vs liger-align per trainer; [] without matplotlib."""
     try:
         import matplotlib
@@ -260,7 +260,8 @@ def plot(results: list[dict[str, Any]], results_dir: Path) -> list[Path]:
         ax.set_xticks(range(len(algos)), [names.get(a, a) for a in algos])
         ax.set_ylabel(label)
         device = ok[0].get("device", "GPU") if ok else "GPU"
-        ax.set_title(f"Llama-3.2-1B shape, bf16, 8 pairs x 1024 tokens, {device}", fontsize=9)
+        ax.set_title(f"Llama-3.2-1B shape, bf16, grad. checkpointing, {meta.get('pairs')} pairs x "
+                     f"{meta.get('seq_len')} tokens, {device}", fontsize=9)
         ax.legend()
         fig.tight_layout()
         path = results_dir / f"bench_trainers_{fname}.png"
@@ -292,12 +293,13 @@ def main() -> None:
     results_dir = Path(opts.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     if opts.plot_only:
-        results = json.loads(Path(opts.plot_only).read_text())["results"]
+        saved = json.loads(Path(opts.plot_only).read_text())
+        results, meta = saved["results"], saved["config"]
     else:
         results = run_all(opts)
         meta = {k: getattr(opts, k) for k in ("warmup", "steps", "pairs", "seq_len")}
         (results_dir / "bench_trainers.json").write_text(json.dumps({"config": meta, "results": results}, indent=1))
-    for path in plot(results, results_dir):
+    for path in plot(results, results_dir, meta):
         print(f"wrote {path}")
     print(table(results))
 

@@ -38,6 +38,21 @@ def tiny_model(tokenizer: Any, seed: int = 0) -> torch.nn.Module:
     )
 
 
+def tiny_moe(tokenizer: Any, seed: int = 0) -> torch.nn.Module:
+    """A 2-layer Mixtral (4 experts, top-2) that returns its router aux loss; not patched by liger-align."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+        router_aux_loss_coef=0.05, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MixtralForCausalLM(config)
+
+
 def common_args(tmp: Path, **overrides: Any) -> dict[str, Any]:
     args = dict(
         output_dir=str(tmp), per_device_train_batch_size=4, per_device_eval_batch_size=4, max_steps=5,
@@ -49,7 +64,7 @@ def common_args(tmp: Path, **overrides: Any) -> dict[str, Any]:
 
 
 def train_and_eval(trainer_cls: type, config_cls: type, tmp: Path, kind: str, *, with_ref: bool = False,
-                   config: dict[str, Any] | None = None, **trainer_kwargs: Any) -> list[dict[str, Any]]:
+                   config: dict[str, Any] | None = None, moe: bool = False, **trainer_kwargs: Any) -> list[dict[str, Any]]:
     """Train ``trainer_cls`` then evaluate; return ``trainer.state.log_history``."""
     tokenizer = build_tokenizer()
     data = load_preference_dataset()
@@ -57,10 +72,11 @@ def train_and_eval(trainer_cls: type, config_cls: type, tmp: Path, kind: str, *,
     if kind == "unpaired":
         train, evaluation = to_unpaired(train), to_unpaired(evaluation)
     args = config_cls(**common_args(tmp, **(config or {})))
+    build = tiny_moe if moe else tiny_model
     if with_ref:
-        trainer_kwargs["ref_model"] = tiny_model(tokenizer)
+        trainer_kwargs["ref_model"] = build(tokenizer)
     trainer = trainer_cls(
-        model=tiny_model(tokenizer), args=args, train_dataset=train, eval_dataset=evaluation,
+        model=build(tokenizer), args=args, train_dataset=train, eval_dataset=evaluation,
         processing_class=tokenizer, **trainer_kwargs,
     )
     import trl.trainer.utils as trl_utils
@@ -146,6 +162,20 @@ def test_trainer_matches_trl(case: str, tmp_path: Path) -> None:
     expected = train_and_eval(trl_cls, config_cls, tmp_path / "trl", kind, with_ref=with_ref, config=config)
     actual = train_and_eval(liger_cls, config_cls, tmp_path / "liger", kind, with_ref=with_ref, config=config)
     assert_logs_match(expected, actual)
+
+
+@pytest.mark.parametrize("algo", ["orpo", "dpo"])
+def test_moe_aux_loss_matches_trl(algo: str, tmp_path: Path) -> None:
+    """A Mixtral policy: the router load-balancing loss is added (and logged by DPO) as TRL does."""
+    trl_cls, liger_cls, config_cls, kind, _, with_ref = CASES[algo]
+    config = {"max_steps": 3}
+    expected = train_and_eval(trl_cls, config_cls, tmp_path / "trl", kind, with_ref=with_ref, config=config, moe=True)
+    with pytest.warns(UserWarning, match="mixtral"):
+        actual = train_and_eval(liger_cls, config_cls, tmp_path / "liger", kind, with_ref=with_ref, config=config,
+                                moe=True)
+    assert_logs_match(expected, actual)
+    if algo == "dpo":
+        assert all("aux_loss" in entry for entry in actual if "loss" in entry)
 
 
 def test_flag_and_signature() -> None:

@@ -25,6 +25,10 @@ never the logits. Getting them right under every wrapper is the whole difficulty
 
 The same forward also answers TRL's ``fused_lm_head=True`` protocol (DPO and KTO call the model that
 way), with TRL's output fields, computed with liger-align's fused base.
+
+The last section holds the trainer plumbing the four trainers share: the
+``use_liger_kernel_patches`` keyword and constructor signature, the model patches, the target shift
+and the ``logits/*`` metric computed from the hidden states.
 """
 
 from __future__ import annotations
@@ -334,7 +338,8 @@ def apply_model_patches(model: nn.Module | None) -> Any:
         logger.info("liger_align.models is not available: model patches are skipped")
         return None
     try:
-        return apply_liger_kernel(lm)
+        # The causal-LM forward is ours (install_fused_forward); only the layer kernels are wanted.
+        return apply_liger_kernel(lm, fused_linear_cross_entropy=False)
     except NotImplementedError as err:
         logger.info("no liger-align model patches for %s: %s", type(lm).__name__, err)
         return None
