@@ -45,7 +45,8 @@ def llama_1b_config(vocab_size: int = 128256, smoke: bool = False) -> Any:
     hidden, inter, layers, heads, kv = (64, 128, 2, 4, 2) if smoke else (2048, 8192, 16, 32, 8)
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads, hidden_act="silu", max_position_embeddings=131072, rms_norm_eps=1e-5,
+        num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads, hidden_act="silu",
+        max_position_embeddings=131072, rms_norm_eps=1e-5,
         rope_theta=500000.0, tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 8192},
@@ -72,7 +73,9 @@ def synthetic_pairs(tokenizer: Any, rows: int, seq_len: int, seed: int = 0) -> d
     }
 
 
-def build_trainer(algo: str, impl: str, steps: int, pairs: int, seq_len: int, out_dir: Path, device: str) -> tuple[Any, int]:
+def build_trainer(
+    algo: str, impl: str, steps: int, pairs: int, seq_len: int, out_dir: Path, device: str
+) -> tuple[Any, int]:
     """The trainer for ``algo`` and ``impl`` ('trl' or 'liger'); returns it and the sequences per step."""
     import torch
     from datasets import Dataset
@@ -213,7 +216,8 @@ def run_all(opts: argparse.Namespace) -> list[dict[str, Any]]:
 
 def table(results: list[dict[str, Any]]) -> str:
     by = {(r["algo"], r["impl"]): r for r in results}
-    lines = [f"{'trainer':8} {'impl':6} {'s/step':>8} {'tokens/s':>10} {'peak GiB':>9} {'thr x TRL':>10} {'mem / TRL':>10}"]
+    header = f"{'trainer':8} {'impl':6} {'s/step':>8} {'tokens/s':>10} {'peak GiB':>9}"
+    lines = [header + f" {'thr x TRL':>10} {'mem / TRL':>10}"]
     for algo in dict.fromkeys(r["algo"] for r in results):
         base = by.get((algo, "trl"), {})
         for impl in ("trl", "liger"):
@@ -245,7 +249,8 @@ def plot(results: list[dict[str, Any]], results_dir: Path, meta: dict[str, Any])
     by = {(r["algo"], r["impl"]): r for r in ok}
     names = {"orpo": "ORPO", "simpo": "SimPO (CPO)", "dpo": "DPO", "kto": "KTO"}
     paths = []
-    for key, label, fname in (("tokens_per_s", "throughput (tokens/s)", "throughput"), ("peak_gib", "peak memory (GiB)", "memory")):
+    charts = (("tokens_per_s", "throughput (tokens/s)", "throughput"), ("peak_gib", "peak memory (GiB)", "memory"))
+    for key, label, fname in charts:
         fig, ax = plt.subplots(figsize=(7, 4))
         width = 0.38
         for i, (impl, color) in enumerate((("trl", "#9e9e9e"), ("liger", "#2e7d32"))):
@@ -281,7 +286,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=240, help="seconds per subprocess")
     parser.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--plot-only", metavar="JSON")
-    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script, measures nothing")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny model on the CPU: checks the script, measures nothing")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--algo", choices=ALGOS, help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=("trl", "liger"), help=argparse.SUPPRESS)

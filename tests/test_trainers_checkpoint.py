@@ -47,8 +47,13 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
 
 
-@pytest.mark.parametrize("package,version", [("trl", "1.14.0"), ("trl", "2.0.0"), ("transformers", "4.40.0"), ("transformers", "6.0.0")])
-def test_unsupported_version_is_a_clear_import_error(package: str, version: str, monkeypatch: pytest.MonkeyPatch) -> None:
+BAD_VERSIONS = [("trl", "1.14.0"), ("trl", "2.0.0"), ("transformers", "4.40.0"), ("transformers", "6.0.0")]
+
+
+@pytest.mark.parametrize("package,version", BAD_VERSIONS)
+def test_unsupported_version_is_a_clear_import_error(
+    package: str, version: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = _versions.installed_version
     monkeypatch.setattr(_versions, "installed_version", lambda name: version if name == package else real(name))
     low, high = _versions.SUPPORTED[package]

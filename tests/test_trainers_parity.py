@@ -64,7 +64,8 @@ def common_args(tmp: Path, **overrides: Any) -> dict[str, Any]:
 
 
 def train_and_eval(trainer_cls: type, config_cls: type, tmp: Path, kind: str, *, with_ref: bool = False,
-                   config: dict[str, Any] | None = None, moe: bool = False, **trainer_kwargs: Any) -> list[dict[str, Any]]:
+                   config: dict[str, Any] | None = None, moe: bool = False,
+                   **trainer_kwargs: Any) -> list[dict[str, Any]]:
     """Train ``trainer_cls`` then evaluate; return ``trainer.state.log_history``."""
     tokenizer = build_tokenizer()
     data = load_preference_dataset()
@@ -82,7 +83,8 @@ def train_and_eval(trainer_cls: type, config_cls: type, tmp: Path, kind: str, *,
     import trl.trainer.utils as trl_utils
 
     liger = hasattr(trainer, "revert_liger_kernel_patches")
-    guards = [no_logits_guard(m) for m in (trainer.model, getattr(trainer, "ref_model", None)) if m is not None and liger]
+    models = (trainer.model, getattr(trainer, "ref_model", None))
+    guards = [no_logits_guard(m) for m in models if m is not None and liger]
     trl_kernel = trl_utils._ChunkedLogProbFunction
     try:
         if liger:

@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 HeadFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], Any]
 
 _INSTALLED = "_liger_align_fused_forward"
+_WRAPPERS = {"DistributedDataParallel", "DataParallel", "FullyShardedDataParallel", "DeepSpeedEngine"}
 _DROP = ("labels", "shift_labels", "num_items_in_batch", "logits_to_keep", "return_dict", "output_hidden_states")
 _TRL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
@@ -76,7 +77,7 @@ def causal_lm(model: nn.Module) -> nn.Module:
         seen += 1
         if hasattr(model, "_orig_mod"):  # torch.compile
             model = model._orig_mod
-        elif type(model).__name__ in {"DistributedDataParallel", "DataParallel", "FullyShardedDataParallel", "DeepSpeedEngine"}:
+        elif type(model).__name__ in _WRAPPERS:
             model = model.module
         elif is_peft(model):
             model = model.get_base_model()
@@ -115,7 +116,8 @@ def output_head(lm: nn.Module) -> nn.Module:
     if hasattr(head, "original_module") and hasattr(head, "modules_to_save"):  # peft ModulesToSaveWrapper
         active = head.active_adapters if hasattr(head, "active_adapters") else [head.active_adapter]
         active = [a for a in active if a in head.modules_to_save]
-        head = head.original_module if getattr(head, "disable_adapters", False) or not active else head.modules_to_save[active[0]]
+        disabled = getattr(head, "disable_adapters", False) or not active
+        head = head.original_module if disabled else head.modules_to_save[active[0]]
     return head
 
 
@@ -174,7 +176,8 @@ def _router_aux_loss(lm: nn.Module, router_logits: Any, attention_mask: torch.Te
     if loss_fn is None:
         from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func as loss_fn
     config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
-    experts = next((getattr(config, n) for n in ("num_experts", "num_local_experts", "n_routed_experts") if getattr(config, n, None)), None)
+    names = ("num_experts", "num_local_experts", "n_routed_experts")
+    experts = next((getattr(config, n) for n in names if getattr(config, n, None)), None)
     experts = experts or getattr(lm, "num_experts", None)
     top_k = getattr(config, "num_experts_per_tok", None) or getattr(lm, "num_experts_per_tok", None)
     return loss_fn(router_logits, experts, top_k, attention_mask)
@@ -186,10 +189,13 @@ def _logit_options(lm: nn.Module) -> dict[str, Any]:
     scale = getattr(config, "logit_scale", None)
     if scale is None and getattr(config, "logits_scaling", None):
         scale = 1.0 / config.logits_scaling
-    return {"softcap": getattr(config, "final_logit_softcapping", None), "logit_scale": 1.0 if scale is None else float(scale)}
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return {"softcap": softcap, "logit_scale": 1.0 if scale is None else float(scale)}
 
 
-def install_fused_forward(lm: nn.Module, *, outputs: tuple[str, ...] = ("log_probs",), temperature: float = 1.0) -> None:
+def install_fused_forward(
+    lm: nn.Module, *, outputs: tuple[str, ...] = ("log_probs",), temperature: float = 1.0
+) -> None:
     """Give the causal LM ``lm`` (not a wrapper) a forward with two fused modes; idempotent.
 
     - ``lm(input_ids, attention_mask=..., liger_head=fn, output_router_logits=...)`` returns
@@ -209,7 +215,9 @@ def install_fused_forward(lm: nn.Module, *, outputs: tuple[str, ...] = ("log_pro
     original = lm.forward
 
     @functools.wraps(type(lm).forward)
-    def forward(self: nn.Module, *args: Any, liger_head: HeadFn | None = None, fused_lm_head: bool = False, **kwargs: Any) -> Any:
+    def forward(
+        self: nn.Module, *args: Any, liger_head: HeadFn | None = None, fused_lm_head: bool = False, **kwargs: Any
+    ) -> Any:
         if liger_head is None and not fused_lm_head:
             return original(*args, **kwargs)
         labels, shift_labels = kwargs.get("labels"), kwargs.get("shift_labels")
@@ -236,7 +244,10 @@ def install_fused_forward(lm: nn.Module, *, outputs: tuple[str, ...] = ("log_pro
 
 
 def add_liger_fused_lm_head(
-    model: nn.Module, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False, outputs: tuple[str, ...] = ("log_probs",)
+    model: nn.Module,
+    temperature: float = 1.0,
+    cast_lm_head_to_fp32: bool = False,
+    outputs: tuple[str, ...] = ("log_probs",),
 ) -> None:
     """Drop-in for TRL's ``add_fused_lm_head``: the same call protocol and output fields, on liger-align's base.
 
@@ -405,7 +416,8 @@ def with_flag_signature(cls: type) -> type:
     base = next(b for b in cls.__mro__[1:] if b is not LigerTrainerMixin and "__init__" in vars(b))
     parent = inspect.signature(base.__init__)
     params = [p for p in parent.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    params.append(inspect.Parameter("use_liger_kernel_patches", inspect.Parameter.KEYWORD_ONLY, default=True, annotation=bool))
+    flag = inspect.Parameter("use_liger_kernel_patches", inspect.Parameter.KEYWORD_ONLY, default=True, annotation=bool)
+    params.append(flag)
     cls.__init__.__signature__ = parent.replace(parameters=params)
     return cls
 

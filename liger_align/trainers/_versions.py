@@ -36,7 +36,9 @@ def check_supported_versions() -> None:
         try:
             parsed = Version(found)
         except InvalidVersion as err:
-            raise ImportError(f"liger_align.trainers needs {wanted}; cannot parse the installed {package} {found!r}") from err
+            raise ImportError(
+                f"liger_align.trainers needs {wanted}; cannot parse the installed {package} {found!r}"
+            ) from err
         # Compare the release only, so that 2.0.0.dev1 counts as 2.x and 1.15.0rc1 as 1.15.
         release = Version(".".join(str(p) for p in parsed.release))
         if not (Version(low) <= release < Version(high)):

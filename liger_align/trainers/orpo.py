@@ -62,7 +62,9 @@ class LigerORPOTrainer(LigerTrainerMixin, ORPOTrainer):
         loss = out["loss"]
         chosen_logps, rejected_logps = out["chosen_logps"], out["rejected_logps"]
         # TRL's own formula on the (B,) log-probs, for metrics only (no gradient, no logits).
-        _, chosen_rewards, rejected_rewards, log_odds_ratio, log_odds_chosen = self.odds_ratio_loss(chosen_logps, rejected_logps)
+        _, chosen_rewards, rejected_rewards, log_odds_ratio, log_odds_chosen = self.odds_ratio_loss(
+            chosen_logps, rejected_logps
+        )
         metrics = self._liger_metrics(
             train_eval, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps,
             out["logits_chosen"], out["logits_rejected"],
