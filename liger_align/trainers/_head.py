@@ -322,13 +322,15 @@ def distribution_stats(
         if softcap is not None:
             z = softcap * torch.tanh(z / softcap)
         z = z / temperature
-        logp = torch.log_softmax(z, dim=-1)
-        if "entropy" in out:
-            out["entropy"][rows] = -(logp.exp() * logp).sum(-1)
         if "is_top1" in out:
             out["is_top1"][rows] = z.argmax(-1) == target.index_select(0, rows)
-        if "log_sum_sq_probs" in out:
-            out["log_sum_sq_probs"][rows] = torch.logsumexp(2 * logp, dim=-1)
+        if "entropy" in out or "log_sum_sq_probs" in out:
+            lse = torch.logsumexp(z, dim=-1)
+            probs = torch.exp(z - lse.unsqueeze(-1))
+            if "entropy" in out:  # H = lse - sum_v p_v z_v
+                out["entropy"][rows] = lse - torch.linalg.vecdot(probs, z)
+            if "log_sum_sq_probs" in out:
+                out["log_sum_sq_probs"][rows] = torch.log(torch.linalg.vecdot(probs, probs))
     return out
 
 
