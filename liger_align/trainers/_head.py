@@ -153,6 +153,12 @@ def call_through_head(head: nn.Module, hidden: torch.Tensor, fn: HeadFn) -> Any:
     def routed(h: torch.Tensor) -> Any:
         weight = _full(head.weight)
         bias = _full(getattr(head, "bias", None))
+        if weight.dim() != 2 or weight.numel() == 0:
+            raise RuntimeError(
+                f"the output head's weight is still partitioned inside its own forward (shape "
+                f"{tuple(weight.shape)}): the sharding wrapper did not gather it; call the model through "
+                "its wrapper (DeepSpeed engine / FSDP module), not the bare module"
+            )
         return fn(h, weight, bias)
 
     had_own = "forward" in head.__dict__
