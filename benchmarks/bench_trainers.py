@@ -23,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -188,8 +189,7 @@ def worker(opts: argparse.Namespace) -> None:
 
 def run_all(opts: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
-    tmp = Path(opts.results_dir) / "_runs"
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_trainers_"))  # per-run JSON and trainer output, not results
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     for algo in opts.only:
