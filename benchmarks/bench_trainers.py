@@ -9,7 +9,7 @@ memory is its own; after ``--warmup`` steps (Triton compilation, allocator growt
 
     python benchmarks/bench_trainers.py                      # all 8 runs, ~5 minutes on an H200
     python benchmarks/bench_trainers.py --only orpo simpo    # a subset
-    python benchmarks/bench_trainers.py --plot-only benchmarks/results/bench_trainers.json
+    python benchmarks/bench_trainers.py --plot-only a/bench_trainers.json b/bench_trainers.json  # merge, redraw
 
 Writes ``bench_trainers.json`` and the PNG bar charts ``bench_trainers_throughput.png`` and
 ``bench_trainers_memory.png`` under ``--results-dir`` (default ``benchmarks/results``); prints the
@@ -285,7 +285,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--timeout", type=int, default=240, help="seconds per subprocess")
     parser.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--plot-only", metavar="JSON")
+    parser.add_argument("--plot-only", metavar="JSON", nargs="+", help="redraw from saved JSON files (merged)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny model on the CPU: checks the script, measures nothing")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -299,8 +299,9 @@ def main() -> None:
     results_dir = Path(opts.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     if opts.plot_only:
-        saved = json.loads(Path(opts.plot_only).read_text())
-        results, meta = saved["results"], saved["config"]
+        saved = [json.loads(Path(path).read_text()) for path in opts.plot_only]
+        results, meta = [r for part in saved for r in part["results"]], saved[0]["config"]
+        (results_dir / "bench_trainers.json").write_text(json.dumps({"config": meta, "results": results}, indent=1))
     else:
         results = run_all(opts)
         meta = {k: getattr(opts, k) for k in ("warmup", "steps", "pairs", "seq_len")}
