@@ -179,3 +179,41 @@ def test_bad_options(option, value):
     hidden, weight, _, target = _inputs(9, 16, 101, torch.float32, "cpu", bias=False, seed=4)
     with pytest.raises(ValueError, match=option):
         linear_logprobs(hidden, weight, target, **{option: value})
+
+
+@pytest.mark.parametrize("device,impl", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_distribution_stats(device, impl, dtype):
+    _skip_unless_runs(device, impl)
+    from _reference import reference_logits
+
+    hidden, weight, b, target = _inputs(37, 48, 1003, dtype, device, bias=True)
+    out = linear_logprobs(hidden, weight, target, b, impl=impl, distribution_stats=True, chunk_bytes=8 * 1003 * 4, softcap=4.0)
+    assert linear_logprobs(hidden, weight, target, b, impl=impl).entropy is None
+    z = reference_logits(*leaf_copies(hidden, weight, b), softcap=4.0)
+    logp = torch.log_softmax(z, -1)
+    valid = target != -100
+    want_entropy = -(logp.exp() * logp).sum(-1)
+    want_sq = torch.logsumexp(2 * logp, -1)
+    assert rel_err(out.entropy[valid], want_entropy[valid]) < TOLERANCE[dtype]
+    assert rel_err(out.log_sum_sq_probs[valid], want_sq[valid]) < TOLERANCE[dtype]
+    assert torch.all(out.entropy[~valid] == 0) and not out.is_top1[~valid].any()
+    # bf16 rounding can flip near-ties; the argmax agrees on (almost) every token
+    agree = (out.is_top1[valid].cpu() == (z.argmax(-1) == target.cpu().clamp(min=0))[valid.cpu()]).float().mean()
+    assert agree >= (1.0 if dtype == torch.float32 else 0.9)
+    # the metrics carry no gradient; the log-probs still do
+    assert not out.entropy.requires_grad and out.logps.requires_grad
+    out.logps.sum().backward()
+    assert torch.isfinite(hidden.grad).all()
+
+
+@pytest.mark.parametrize("device,impl", PATHS)
+def test_top1_on_a_peaked_distribution(device, impl):
+    _skip_unless_runs(device, impl)
+    hidden, weight, _, target = _inputs(29, 32, 301, torch.float32, device, bias=False)
+    target = (hidden.detach() @ weight.detach().t()).argmax(-1)  # every target is the argmax
+    target[::2] = (target[::2] + 1) % 301  # half of them are not
+    out = linear_logprobs(hidden, weight, target, impl=impl, distribution_stats=True)
+    expected = torch.ones(29, dtype=torch.bool, device=device)
+    expected[::2] = False
+    assert torch.equal(out.is_top1, expected)

@@ -39,27 +39,39 @@ if triton_available():
     @triton.jit
     def _row_stats_kernel(
         logits_ptr, stride, target_ptr, max_ptr, sum_exp_ptr, target_logit_ptr, logit_sum_ptr,
+        z_sum_exp_ptr, sq_sum_exp_ptr,
         vocab_start, n_cols, logit_scale, softcap, inv_temperature,
-        HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr, DISTRIBUTION: tl.constexpr, BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         row_ptr = logits_ptr + row * stride
         running_max = tl.load(max_ptr + row)
         sum_exp = tl.load(sum_exp_ptr + row)
         logit_sum = tl.load(logit_sum_ptr + row)
+        z_sum_exp = tl.load(z_sum_exp_ptr + row)
+        sq_sum_exp = tl.load(sq_sum_exp_ptr + row)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             in_row = cols < n_cols
             z = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
             z = _transform(z, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
-            logit_sum += tl.sum(tl.where(in_row, z, 0.0), axis=0)
+            z_or_zero = tl.where(in_row, z, 0.0)
+            logit_sum += tl.sum(z_or_zero, axis=0)
             z = tl.where(in_row, z, -float("inf"))
             new_max = tl.maximum(running_max, tl.max(z, axis=0))
-            sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+            rescale = tl.exp(running_max - new_max)
+            e = tl.exp(z - new_max)
+            sum_exp = sum_exp * rescale + tl.sum(e, axis=0)
+            if DISTRIBUTION:
+                z_sum_exp = z_sum_exp * rescale + tl.sum(e * z_or_zero, axis=0)
+                sq_sum_exp = sq_sum_exp * rescale * rescale + tl.sum(e * e, axis=0)
             running_max = new_max
         tl.store(max_ptr + row, running_max)
         tl.store(sum_exp_ptr + row, sum_exp)
         tl.store(logit_sum_ptr + row, logit_sum)
+        if DISTRIBUTION:
+            tl.store(z_sum_exp_ptr + row, z_sum_exp)
+            tl.store(sq_sum_exp_ptr + row, sq_sum_exp)
         local = tl.load(target_ptr + row) - vocab_start
         if (local >= 0) & (local < n_cols):
             z_target = tl.load(row_ptr + local).to(tl.float32)
@@ -107,17 +119,36 @@ def _torch_transform(raw: torch.Tensor, logit_scale: float, softcap: float | Non
 
 
 class RowStats:
-    """Running softmax statistics of ``M`` rows, each ``(M,)`` fp32, folded one vocabulary slice at a time."""
+    """Running softmax statistics of ``M`` rows, each ``(M,)`` fp32, folded one vocabulary slice at a time.
 
-    def __init__(self, rows: int, device: torch.device) -> None:
+    With ``distribution=True`` it also folds ``sum_v exp(z_v - max) z_v`` and ``sum_v exp(2 (z_v - max))``
+    for the entropy and ``log sum_v p_v^2`` (metrics; no gradient flows through them).
+    """
+
+    def __init__(self, rows: int, device: torch.device, *, distribution: bool = False) -> None:
+        self.distribution = distribution
         self.running_max = torch.full((rows,), float("-inf"), device=device)
         self.sum_exp = torch.zeros(rows, device=device)
         self.target_logit = torch.zeros(rows, device=device)
         self.logit_sum = torch.zeros(rows, device=device)
+        self.z_sum_exp = torch.zeros(rows, device=device)
+        self.sq_sum_exp = torch.zeros(rows, device=device)
 
     def lse(self) -> torch.Tensor:
         """``log sum_v exp(z_v)`` per row, once every slice has been folded."""
         return self.running_max + torch.log(self.sum_exp)
+
+    def entropy(self) -> torch.Tensor:
+        """``-sum_v p_v log p_v = lse - sum_v p_v z_v`` per row (needs ``distribution=True``)."""
+        return self.lse() - self.z_sum_exp / self.sum_exp
+
+    def log_sum_sq_probs(self) -> torch.Tensor:
+        """``log sum_v p_v^2`` per row (needs ``distribution=True``)."""
+        return torch.log(self.sq_sum_exp) - 2.0 * torch.log(self.sum_exp)
+
+    def is_top1(self) -> torch.Tensor:
+        """Whether the target's logit is the largest of its row (bool)."""
+        return self.target_logit >= self.running_max
 
 
 def fold_row_stats_(
@@ -133,7 +164,12 @@ def fold_row_stats_(
     if not triton_path:
         z = _torch_transform(logits, logit_scale, softcap, temperature)
         new_max = torch.maximum(stats.running_max, z.amax(1))
-        stats.sum_exp.mul_(torch.exp(stats.running_max - new_max)).add_(torch.exp(z - new_max[:, None]).sum(1))
+        rescale = torch.exp(stats.running_max - new_max)
+        e = torch.exp(z - new_max[:, None])
+        stats.sum_exp.mul_(rescale).add_(e.sum(1))
+        if stats.distribution:
+            stats.z_sum_exp.mul_(rescale).add_((e * z).sum(1))
+            stats.sq_sum_exp.mul_(rescale * rescale).add_((e * e).sum(1))
         stats.running_max.copy_(new_max)
         stats.logit_sum.add_(z.sum(1))
         local = target - vocab_start
@@ -143,8 +179,10 @@ def fold_row_stats_(
         return
     _row_stats_kernel[(rows,)](
         logits, logits.stride(0), target, stats.running_max, stats.sum_exp, stats.target_logit, stats.logit_sum,
+        stats.z_sum_exp, stats.sq_sum_exp,
         vocab_start, n_cols, float(logit_scale), float(softcap or 1.0), 1.0 / temperature,
-        HAS_SOFTCAP=softcap is not None, BLOCK=min(_STATS_BLOCK, triton.next_power_of_2(n_cols)),
+        HAS_SOFTCAP=softcap is not None, DISTRIBUTION=stats.distribution,
+        BLOCK=min(_STATS_BLOCK, triton.next_power_of_2(n_cols)),
     )
 
 

@@ -48,14 +48,19 @@ class LogitOptions:
 
 
 class LinearLogProbs(NamedTuple):
-    """Outputs of :func:`linear_logprobs`, each ``(N,)`` fp32 and 0 where the target is ignored.
+    """Outputs of :func:`linear_logprobs`, each ``(N,)`` and 0 (False) where the target is ignored.
 
-    ``logps``: log-probability of the target token (differentiable).
-    ``logit_mean``: mean over the vocabulary of the (transformed) logits (no gradient), for metrics.
+    ``logps``: fp32 log-probability of the target token (differentiable).
+    ``logit_mean``: fp32 mean over the vocabulary of the (transformed) logits (no gradient), for metrics.
+    With ``distribution_stats=True`` (else None), without gradient: ``entropy`` (fp32),
+    ``log_sum_sq_probs`` (fp32, ``log sum_v p_v^2``) and ``is_top1`` (bool: the target is the argmax).
     """
 
     logps: torch.Tensor
     logit_mean: torch.Tensor
+    entropy: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
 
 
 def _vocab_slices(vocab: int, width: int):
@@ -63,27 +68,32 @@ def _vocab_slices(vocab: int, width: int):
 
 
 class LinearTokenObjectiveFunction(torch.autograd.Function):
-    """Per-token ``alpha * log p[target] + beta * mean_v log p``, shape ``(N,)``, and the logit mean ``(N,)``.
+    """Per-token ``alpha * log p[target] + beta * mean_v log p``, shape ``(N,)``, and metrics without gradient.
 
     ``alpha=1, beta=0`` is the target log-prob; ``alpha=-(1-eps), beta=-eps`` is the label-smoothed
-    cross-entropy. Backward recomputes the logits slice by slice.
+    cross-entropy. Outputs: ``(value, logit_mean, entropy, log_sum_sq_probs, is_top1)``, each ``(N,)``;
+    the last three are empty unless ``distribution`` is True. Backward recomputes the logits slice by slice.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, opts: LogitOptions, alpha: float, beta: float):
+    def forward(ctx, hidden, weight, bias, target, opts: LogitOptions, alpha: float, beta: float, distribution: bool):
         triton_path = use_triton(hidden, weight, impl=opts.impl)
         dtype = compute_dtype(hidden, weight)
         rows = valid_token_index(target, opts.ignore_index, weight.shape[0])
         vocab, n_valid = weight.shape[0], rows.shape[0]
         value = torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32)
         logit_mean = torch.zeros_like(value)
+        metric_rows = hidden.shape[0] if distribution else 0
+        entropy = value.new_zeros(metric_rows)
+        log_sum_sq = value.new_zeros(metric_rows)
+        is_top1 = torch.zeros(metric_rows, device=hidden.device, dtype=torch.bool)
         lse = torch.zeros(n_valid, device=hidden.device, dtype=torch.float32)
         if n_valid:
             w = weight.to(dtype)
             b = None if bias is None else bias.to(dtype)
             h = hidden.index_select(0, rows).to(dtype)
             valid_target = target.index_select(0, rows)
-            stats = RowStats(n_valid, hidden.device)
+            stats = RowStats(n_valid, hidden.device, distribution=distribution)
             width = slice_cols(n_valid, vocab, dtype, opts.chunk_bytes)
             buffer = torch.empty(n_valid * width, device=hidden.device, dtype=dtype)
             for start, stop in _vocab_slices(vocab, width):
@@ -93,13 +103,17 @@ class LinearTokenObjectiveFunction(torch.autograd.Function):
             z_mean = stats.logit_sum / vocab
             value.index_copy_(0, rows, alpha * (stats.target_logit - lse) + beta * (z_mean - lse))
             logit_mean.index_copy_(0, rows, z_mean)
+            if distribution:
+                entropy.index_copy_(0, rows, stats.entropy())
+                log_sum_sq.index_copy_(0, rows, stats.log_sum_sq_probs())
+                is_top1.index_copy_(0, rows, stats.is_top1())
         ctx.save_for_backward(hidden, weight, bias, target, rows, lse)
         ctx.opts, ctx.alpha, ctx.beta, ctx.dtype, ctx.triton_path = opts, alpha, beta, dtype, triton_path
-        ctx.mark_non_differentiable(logit_mean)
-        return value, logit_mean
+        ctx.mark_non_differentiable(logit_mean, entropy, log_sum_sq, is_top1)
+        return value, logit_mean, entropy, log_sum_sq, is_top1
 
     @staticmethod
-    def backward(ctx, grad_value, _grad_logit_mean):
+    def backward(ctx, grad_value, *_grad_metrics):
         hidden, weight, bias, target, rows, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_bias = need_bias and bias is not None
@@ -108,7 +122,7 @@ class LinearTokenObjectiveFunction(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if need_weight else None
         grad_bias = torch.zeros_like(bias) if need_bias else None
         if grad_value is None or n_valid == 0:
-            return grad_hidden, grad_weight, grad_bias, None, None, None, None
+            return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
         opts, dtype = ctx.opts, ctx.dtype
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
@@ -134,7 +148,7 @@ class LinearTokenObjectiveFunction(torch.autograd.Function):
                 addmm_fp32_(grad_h, logits, w_slice)
         if need_hidden:
             grad_hidden.index_copy_(0, rows, grad_h.to(hidden.dtype))
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 def linear_token_objective(
@@ -143,7 +157,10 @@ def linear_token_objective(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Checked entry to :class:`LinearTokenObjectiveFunction`; returns ``(value (N,), logit_mean (N,))``."""
     check_linear_inputs(hidden, weight, target, bias)
-    return LinearTokenObjectiveFunction.apply(hidden, weight, bias, target.long(), opts, float(alpha), float(beta))
+    value, logit_mean, *_ = LinearTokenObjectiveFunction.apply(
+        hidden, weight, bias, target.long(), opts, float(alpha), float(beta), False
+    )
+    return value, logit_mean
 
 
 def linear_logprobs(
@@ -158,6 +175,7 @@ def linear_logprobs(
     logit_scale: float = 1.0,
     chunk_bytes: int | None = None,
     impl: str | None = None,
+    distribution_stats: bool = False,
 ) -> LinearLogProbs:
     """Per-token ``log softmax(transform(hidden @ weight.T + bias))[target]`` without the ``(N, V)`` logits.
 
@@ -172,11 +190,18 @@ def linear_logprobs(
         chunk_bytes: memory budget of one slice's ``(M, Vc)`` logits (default 256 MiB; slices are
             at least 256 columns wide).
         impl: ``"triton"`` or ``"torch"`` to force a path; by default Triton on CUDA tensors.
+        distribution_stats: also return the entropy, ``log sum_v p_v^2`` and whether the target is the
+            argmax, folded in the same row pass (no extra product).
 
     Returns:
-        :class:`LinearLogProbs` of ``(N,)`` fp32 tensors: ``logps`` (differentiable with respect to
-        hidden, weight and bias) and ``logit_mean`` (no gradient).
+        :class:`LinearLogProbs` of ``(N,)`` tensors: ``logps`` (differentiable with respect to hidden,
+        weight and bias), ``logit_mean`` and, on request, the distribution statistics (no gradient).
     """
     opts = LogitOptions(ignore_index, temperature, softcap, logit_scale, chunk_bytes, impl)
-    logps, logit_mean = linear_token_objective(hidden, weight, target, bias, alpha=1.0, beta=0.0, opts=opts)
-    return LinearLogProbs(logps, logit_mean)
+    check_linear_inputs(hidden, weight, target, bias)
+    logps, logit_mean, entropy, log_sum_sq, is_top1 = LinearTokenObjectiveFunction.apply(
+        hidden, weight, bias, target.long(), opts, 1.0, 0.0, bool(distribution_stats)
+    )
+    if not distribution_stats:
+        return LinearLogProbs(logps, logit_mean)
+    return LinearLogProbs(logps, logit_mean, entropy, log_sum_sq, is_top1)

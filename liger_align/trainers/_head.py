@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from ..kernels.linear_logprobs import linear_logprobs
+from ..models import apply_liger_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -283,12 +284,10 @@ def _trl_fused_output(lm, head, hidden, labels, shift_labels, num_items, aux, st
 
     def fn(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
         flat_h, flat_t = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
-        res = linear_logprobs(flat_h, weight, flat_t, bias, ignore_index=-100, **opts)
-        out = {"log_probs": res.logps.view(labels.shape), "mean_logits": res.logit_mean.view(labels.shape)}
         extra = [k for k in ("entropy", "is_top1", "log_sum_sq_probs") if k in wanted]
-        if extra:
-            stats = distribution_stats(flat_h, weight, bias, flat_t, extra, **opts)
-            out.update({k: v.view(labels.shape) for k, v in stats.items()})
+        res = linear_logprobs(flat_h, weight, flat_t, bias, ignore_index=-100, distribution_stats=bool(extra), **opts)
+        out = {"log_probs": res.logps.view(labels.shape), "mean_logits": res.logit_mean.view(labels.shape)}
+        out.update({k: getattr(res, k).view(labels.shape) for k in extra})
         return out
 
     per_token = call_through_head(head, hidden.to(head.weight.device), fn)
@@ -305,57 +304,17 @@ def _trl_fused_output(lm, head, hidden, labels, shift_labels, num_items, aux, st
     )
 
 
-@torch.no_grad()
-def distribution_stats(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor, wanted: list[str], *,
-    temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0, chunk_rows: int | None = None,
-) -> dict[str, torch.Tensor]:
-    """Metrics of the next-token distribution that the base does not return, without gradient.
-
-    ``entropy``, ``is_top1`` (bool) and ``log_sum_sq_probs`` for each of the ``N`` rows of ``hidden (N, H)``;
-    0 where ``target`` is -100. One extra forward product over the valid rows (chunked: at most
-    ``chunk_rows x V`` logits at a time); only TRL's DPO and KTO metrics need it.
-    """
-    chunk_rows = chunk_rows or max(1, (1 << 26) // weight.shape[0])
-    rows_all = (target != -100).nonzero().squeeze(1)
-    out = {k: hidden.new_zeros(target.shape, dtype=torch.bool if k == "is_top1" else torch.float32) for k in wanted}
-    for start in range(0, rows_all.numel(), chunk_rows):
-        rows = rows_all[start : start + chunk_rows]
-        z = hidden.index_select(0, rows) @ weight.t()
-        if bias is not None:
-            z = z + bias
-        z = z.float() * logit_scale
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
-        z = z / temperature
-        if "is_top1" in out:
-            out["is_top1"][rows] = z.argmax(-1) == target.index_select(0, rows)
-        if "entropy" in out or "log_sum_sq_probs" in out:
-            lse = torch.logsumexp(z, dim=-1)
-            probs = torch.exp(z - lse.unsqueeze(-1))
-            if "entropy" in out:  # H = lse - sum_v p_v z_v
-                out["entropy"][rows] = lse - torch.linalg.vecdot(probs, z)
-            if "log_sum_sq_probs" in out:
-                out["log_sum_sq_probs"][rows] = torch.log(torch.linalg.vecdot(probs, probs))
-    return out
-
-
 # ----------------------------------------------------------------------------------------- model patches
 
 
 def apply_model_patches(model: nn.Module | None) -> Any:
     """Apply liger-align's kernel patches to ``model`` when its architecture is supported; return the handle or None.
 
-    Tolerates :mod:`liger_align.models` being absent and architectures it does not cover.
+    Architectures :mod:`liger_align.models` does not cover are left as they are.
     """
     if model is None:
         return None
     lm = causal_lm(model)
-    try:
-        from ..models import apply_liger_kernel
-    except ImportError:
-        logger.info("liger_align.models is not available: model patches are skipped")
-        return None
     try:
         # The causal-LM forward is ours (install_fused_forward); only the layer kernels are wanted.
         return apply_liger_kernel(lm, fused_linear_cross_entropy=False)
