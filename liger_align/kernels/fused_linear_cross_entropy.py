@@ -106,8 +106,8 @@ def fused_linear_cross_entropy(
             0 where ignored, shaped like ``target``).
         label_smoothing: ``eps`` in ``[0, 1]``, as in ``F.cross_entropy``.
         softcap, temperature, logit_scale, impl: as in :func:`linear_logprobs`.
-        chunk_bytes: budget of one logits buffer: ``(C, V)`` token chunks with ``"grad_in_forward"``
-            (default 512 MiB), ``(M, Vc)`` vocabulary slices with ``"recompute"`` (default 256 MiB).
+        chunk_bytes: budget of one logits buffer (default 512 MiB): ``(C, V)`` token chunks with
+            ``"grad_in_forward"``, ``(M, Vc)`` vocabulary slices with ``"recompute"``.
         strategy: ``"auto"``, ``"grad_in_forward"`` or ``"recompute"`` (module docstring).
         max_grad_buffer_bytes: with ``"auto"``, the largest fp32 grad-weight buffer allowed
             (default: no limit).

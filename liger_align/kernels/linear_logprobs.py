@@ -187,7 +187,7 @@ def linear_logprobs(
         ignore_index: targets with this value are dropped before any product; their outputs are 0.
         temperature, softcap, logit_scale: ``z = softcap * tanh(logit_scale * raw / softcap) / temperature``
             (no tanh when ``softcap`` is None).
-        chunk_bytes: memory budget of one slice's ``(M, Vc)`` logits (default 256 MiB; slices are
+        chunk_bytes: memory budget of one slice's ``(M, Vc)`` logits (default 512 MiB; slices are
             at least 256 columns wide).
         impl: ``"triton"`` or ``"torch"`` to force a path; by default Triton on CUDA tensors.
         distribution_stats: also return the entropy, ``log sum_v p_v^2`` and whether the target is the
