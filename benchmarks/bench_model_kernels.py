@@ -158,7 +158,7 @@ def rms_norm_cases(tokens, hidden, dtype, device, liger):
         x3, w3, g3 = setup(lk)
         cases.append(("liger_kernel", fwd_bwd(lambda: (lk(x3),), [x3, w3], [g3])))
     itemsize = torch.finfo(dtype).bits // 8
-    return cases, 10 * tokens * hidden * itemsize  # fwd: read x, write y; bwd: read dy, x, write dx
+    return cases, 5 * tokens * hidden * itemsize  # fwd: read x, write y; bwd: read dy, x, write dx
 
 
 def rope_cases(tokens, n_q, n_kv, head_dim, dtype, device, liger):
@@ -186,7 +186,8 @@ def rope_cases(tokens, n_q, n_kv, head_dim, dtype, device, liger):
         cases.append((name, fwd_bwd(lambda op=op, q=q, k=k: op(q, k), [q, k], [gq, gk])))
     itemsize = torch.finfo(dtype).bits // 8
     qk = tokens * (n_q + n_kv) * head_dim
-    return cases, (8 * qk + 8 * seq * head_dim) * itemsize  # q, k read+written twice; cos, sin read twice
+    # fwd: read q, k, write q', k'; bwd: read dq', dk', write dq, dk; cos and sin read in each pass
+    return cases, (4 * qk + 4 * seq * head_dim) * itemsize
 
 
 def swiglu_cases(tokens, intermediate, dtype, device, liger):
