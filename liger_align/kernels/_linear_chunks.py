@@ -11,8 +11,6 @@ computed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 # Default budget of one logits buffer. On an H200 (bf16, V=128256), 512 MiB was measurably faster
@@ -144,46 +142,3 @@ def mm_into_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         torch.mm(a, b, out=out)
     else:
         out.copy_(mm_fp32(a, b))
-
-
-@dataclass
-class LinearGrads:
-    """Gradient buffers of a fused linear op: ``hidden (N, H)``, ``weight (V, H)`` fp32, ``bias (V,)`` fp32.
-
-    A buffer is None when its input does not require grad.
-    """
-
-    hidden: torch.Tensor | None
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
-
-    @classmethod
-    def allocate(cls, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs: tuple[bool, bool, bool]):
-        acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        return cls(
-            hidden=torch.zeros_like(hidden, memory_format=torch.contiguous_format) if needs[0] else None,
-            weight=torch.zeros(weight.shape, device=weight.device, dtype=acc_dtype) if needs[1] else None,
-            bias=torch.zeros(bias.shape, device=bias.device, dtype=acc_dtype) if (needs[2] and bias is not None) else None,
-        )
-
-    def add_chunk(self, grad_logits: torch.Tensor, h_chunk: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> None:
-        """Add one chunk: ``grad_logits (C, V)`` of the tokens ``rows (C,)`` whose hidden states are ``h_chunk (C, H)``."""
-        if self.hidden is not None:
-            self.hidden.index_copy_(0, rows, torch.mm(grad_logits, weight).to(self.hidden.dtype))
-        if self.weight is not None:
-            addmm_fp32_(self.weight, grad_logits.t(), h_chunk)
-        if self.bias is not None:
-            self.bias += grad_logits.sum(0, dtype=self.bias.dtype)
-
-    def scaled(self, scale: torch.Tensor | None) -> "LinearGrads":
-        """The buffers multiplied by a scalar upstream gradient (None leaves them as they are)."""
-        if scale is None:
-            return self
-        mul = lambda g: None if g is None else g * scale.to(g.dtype)  # noqa: E731
-        return LinearGrads(mul(self.hidden), mul(self.weight), mul(self.bias))
-
-    def as_inputs(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        """``(grad_hidden, grad_weight, grad_bias)`` in the dtypes of the inputs they belong to."""
-        grad_weight = None if self.weight is None else self.weight.to(weight.dtype)
-        grad_bias = None if self.bias is None or bias is None else self.bias.to(bias.dtype)
-        return self.hidden, grad_weight, grad_bias

@@ -4,8 +4,9 @@ Two strategies, picked with ``strategy=``:
 
 - ``"grad_in_forward"`` (``reduction="mean"``/``"sum"`` only): every token's gradient is known in the
   forward pass, so each chunk of valid tokens costs 3 products (logits, grad-hidden, grad-weight);
-  grad-weight is summed over token chunks in a ``(V, H)`` fp32 buffer, and the backward only
-  scales the stored gradients by the upstream scalar. Fastest; the fp32 buffer is its memory cost.
+  grad-weight is summed over token chunks in a ``(V, H)`` fp32 buffer (none when the valid tokens
+  fit one chunk), and the backward only scales the stored gradients by the upstream scalar.
+  Fastest; the fp32 buffer is its memory cost.
 - ``"recompute"``: the per-token loss goes through the recomputing base
   (:class:`~liger_align.kernels.linear_logprobs.LinearTokenObjectiveFunction`): 4 products, and only
   an ``(M, Vc)`` logits slice and an ``(M, H)`` fp32 buffer of extra memory.
@@ -20,13 +21,52 @@ import torch
 
 from ._dispatch import use_triton
 from ._linear_chunks import (
-    LinearGrads, check_linear_inputs, chunk_rows, compute_dtype, project, valid_token_index,
+    addmm_fp32_, check_linear_inputs, chunk_rows, compute_dtype, mm_into_, project, valid_token_index,
 )
 from ._row_softmax import RowStats, fold_row_stats_, row_grad_
 from .linear_logprobs import LogitOptions, linear_token_objective
 
 REDUCTIONS = ("mean", "sum", "none")
 STRATEGIES = ("auto", "grad_in_forward", "recompute")
+
+
+class TokenChunkGrads:
+    """Gradients of hidden ``(N, H)``, weight ``(V, H)`` and bias ``(V,)``, summed over token chunks.
+
+    With one chunk, grad-weight is a single product written in the weight's dtype (fp32 accumulation
+    inside the GEMM); with several, it is summed in an fp32 ``(V, H)`` buffer. Bias sums in fp32. A
+    gradient whose input does not require grad is not computed (None).
+    """
+
+    def __init__(self, hidden, weight, bias, needs: tuple[bool, bool, bool], *, n_chunks: int) -> None:
+        self.single_chunk = n_chunks <= 1
+        self.hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if needs[0] else None
+        if not needs[1]:
+            self.weight = None
+        elif self.single_chunk:
+            self.weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+        else:
+            acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            self.weight = torch.zeros(weight.shape, device=weight.device, dtype=acc_dtype)
+        self.bias = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32) if needs[2] and bias is not None else None
+
+    def add_chunk(self, grad_logits: torch.Tensor, h_chunk: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> None:
+        """Add one chunk: ``grad_logits (C, V)`` of the tokens ``rows (C,)`` whose hidden states are ``h_chunk (C, H)``."""
+        if self.hidden is not None:
+            self.hidden.index_copy_(0, rows, torch.mm(grad_logits, weight).to(self.hidden.dtype))
+        if self.weight is not None:
+            if self.single_chunk:
+                mm_into_(self.weight, grad_logits.t(), h_chunk)
+            else:
+                addmm_fp32_(self.weight, grad_logits.t(), h_chunk)
+        if self.bias is not None:
+            self.bias += grad_logits.sum(0, dtype=self.bias.dtype)
+
+    def as_inputs(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        """``(grad_hidden, grad_weight, grad_bias)`` in the dtypes of the inputs they belong to."""
+        grad_weight = None if self.weight is None else self.weight.to(weight.dtype)
+        grad_bias = None if self.bias is None or bias is None else self.bias.to(bias.dtype)
+        return self.hidden, grad_weight, grad_bias
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
@@ -44,10 +84,11 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         vocab = weight.shape[0]
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
-        grads = LinearGrads.allocate(hidden, weight, bias, ctx.needs_input_grad[:3])
+        per_chunk = chunk_rows(rows_all.shape[0], vocab, dtype, opts.chunk_bytes)
+        n_chunks = -(-rows_all.shape[0] // per_chunk)
+        grads = TokenChunkGrads(hidden, weight, bias, ctx.needs_input_grad[:3], n_chunks=n_chunks)
         inv_denominator = 1.0 / denominator.to(device=hidden.device, dtype=torch.float32)
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
-        per_chunk = chunk_rows(rows_all.shape[0], vocab, dtype, opts.chunk_bytes)
         buffer = torch.empty((per_chunk, vocab), device=hidden.device, dtype=dtype) if rows_all.numel() else None
         any_grad = any(ctx.needs_input_grad[:3])
         for start in range(0, rows_all.shape[0], per_chunk):
