@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ._paired import check_choice, logit_options, logits_mean, options_kwargs, split_pairs, token_mean_nll
+from ._module import FusedLossModule
+from ._paired import check_choice, logit_options, logits_mean, split_pairs, token_mean_nll
 from ._sequences import check_rows, sequence_stats
 
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
@@ -170,7 +170,7 @@ def fused_linear_simpo_loss(
     )
 
 
-class LigerFusedLinearCPOLoss(nn.Module):
+class LigerFusedLinearCPOLoss(FusedLossModule):
     """CPO (Xu et al., 2024), SimPO and AlphaPO as in TRL's ``CPOTrainer``, without materialising the logits.
 
     ``loss_fn(lin_weight, hidden, target, bias=None) -> (loss, out)``; see :func:`fused_linear_cpo_loss`.
@@ -192,17 +192,14 @@ class LigerFusedLinearCPOLoss(nn.Module):
         chunk_bytes: int | None = None,
         impl: str | None = None,
     ) -> None:
-        super().__init__()
         loss_type, cpo_alpha = cpo_config(loss_type, cpo_alpha)
-        self.config = dict(
+        super().__init__(
+            dict(
             beta=beta, loss_type=loss_type, cpo_alpha=cpo_alpha, label_smoothing=label_smoothing,
             simpo_gamma=simpo_gamma, alpha=alpha,
-        )
-        self.logit_kwargs = options_kwargs(
-            logit_options(
-                ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-                chunk_bytes=chunk_bytes, impl=impl,
-            )
+        ),
+            ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+            chunk_bytes=chunk_bytes, impl=impl,
         )
 
     def forward(
@@ -210,11 +207,9 @@ class LigerFusedLinearCPOLoss(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return fused_linear_cpo_loss(lin_weight, hidden, target, bias, **self.config, **self.logit_kwargs)
 
-    def extra_repr(self) -> str:
-        return f"{self.config}, {self.logit_kwargs}"
 
 
-class LigerFusedLinearSimPOLoss(nn.Module):
+class LigerFusedLinearSimPOLoss(FusedLossModule):
     """SimPO (Meng et al., 2024, arXiv:2405.14734) without materialising the logits.
 
     ``loss_fn(lin_weight, hidden, target, bias=None) -> (loss, out)``; see :func:`fused_linear_simpo_loss`.
@@ -233,13 +228,10 @@ class LigerFusedLinearSimPOLoss(nn.Module):
         chunk_bytes: int | None = None,
         impl: str | None = None,
     ) -> None:
-        super().__init__()
-        self.config = dict(beta=beta, gamma=gamma, label_smoothing=label_smoothing)
-        self.logit_kwargs = options_kwargs(
-            logit_options(
-                ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-                chunk_bytes=chunk_bytes, impl=impl,
-            )
+        super().__init__(
+            dict(beta=beta, gamma=gamma, label_smoothing=label_smoothing),
+            ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+            chunk_bytes=chunk_bytes, impl=impl,
         )
 
     def forward(
@@ -247,5 +239,3 @@ class LigerFusedLinearSimPOLoss(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return fused_linear_simpo_loss(lin_weight, hidden, target, bias, **self.config, **self.logit_kwargs)
 
-    def extra_repr(self) -> str:
-        return f"{self.config}, {self.logit_kwargs}"

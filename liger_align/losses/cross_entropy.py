@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..kernels.fused_linear_cross_entropy import REDUCTIONS, fused_linear_cross_entropy
-from ._paired import logit_options, options_kwargs
+from ._module import FusedLossModule
 
 
-class LigerFusedLinearCrossEntropyLoss(nn.Module):
+class LigerFusedLinearCrossEntropyLoss(FusedLossModule):
     """Cross-entropy of the lm_head output, matching ``F.cross_entropy`` on the materialised logits.
 
     ``loss_fn(lin_weight, hidden, target, bias=None, *, num_items_in_batch=None)`` with lin_weight
@@ -30,18 +29,14 @@ class LigerFusedLinearCrossEntropyLoss(nn.Module):
         chunk_bytes: int | None = None,
         impl: str | None = None,
     ) -> None:
-        super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.logit_kwargs = options_kwargs(
-            logit_options(
-                ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-                chunk_bytes=chunk_bytes, impl=impl,
-            )
+        super().__init__(
+            dict(reduction=reduction, label_smoothing=label_smoothing),
+            ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+            chunk_bytes=chunk_bytes, impl=impl,
         )
 
     def forward(
@@ -54,9 +49,7 @@ class LigerFusedLinearCrossEntropyLoss(nn.Module):
         num_items_in_batch: int | torch.Tensor | None = None,
     ) -> torch.Tensor:
         return fused_linear_cross_entropy(
-            hidden, lin_weight, target, bias, reduction=self.reduction, label_smoothing=self.label_smoothing,
-            num_items_in_batch=num_items_in_batch, **self.logit_kwargs,
+            hidden, lin_weight, target, bias, num_items_in_batch=num_items_in_batch, **self.config,
+            **self.logit_kwargs,
         )
 
-    def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, {self.logit_kwargs}"

@@ -19,11 +19,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ._paired import (
-    check_choice, check_vector, logit_options, logits_mean, options_kwargs, reference_logps, split_pairs,
-)
+from ._module import FusedLossModule
+from ._paired import check_choice, check_vector, logit_options, logits_mean, reference_logps, split_pairs
 from ._sequences import check_rows, sequence_stats
 
 DPO_LOSS_TYPES = (
@@ -274,7 +272,7 @@ def fused_linear_dpo_loss(
     return loss, out
 
 
-class LigerFusedLinearDPOLoss(nn.Module):
+class LigerFusedLinearDPOLoss(FusedLossModule):
     """DPO and its TRL 1.16 variants (Rafailov et al., 2023) on the lm_head output, without logits.
 
     ``loss_fn(lin_weight, hidden, target, bias=None, *, ref_hidden=None, ref_weight=None, ref_bias=None,
@@ -299,20 +297,17 @@ class LigerFusedLinearDPOLoss(nn.Module):
         chunk_bytes: int | None = None,
         impl: str | None = None,
     ) -> None:
-        super().__init__()
         loss_types, weights = check_dpo_config(
             loss_type, loss_weights, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type
         )
-        self.config = dict(
+        super().__init__(
+            dict(
             beta=beta, loss_type=loss_types, loss_weights=weights, label_smoothing=label_smoothing,
             discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
             f_alpha_divergence_coef=f_alpha_divergence_coef, reference_free=reference_free,
-        )
-        self.logit_kwargs = options_kwargs(
-            logit_options(
-                ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-                chunk_bytes=chunk_bytes, impl=impl,
-            )
+        ),
+            ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+            chunk_bytes=chunk_bytes, impl=impl,
         )
 
     def forward(
@@ -335,5 +330,3 @@ class LigerFusedLinearDPOLoss(nn.Module):
             **self.config, **self.logit_kwargs,
         )
 
-    def extra_repr(self) -> str:
-        return f"{self.config}, {self.logit_kwargs}"

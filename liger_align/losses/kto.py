@@ -13,10 +13,10 @@ weighted by ``desirable_weight`` / ``undesirable_weight`` and averaged over all 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..kernels.linear_logprobs import LogitOptions
-from ._paired import check_choice, check_vector, logit_options, logits_mean, options_kwargs, reference_logps
+from ._module import FusedLossModule
+from ._paired import check_choice, check_vector, logit_options, logits_mean, reference_logps
 from ._sequences import SequenceStats, check_rows, sequence_stats
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
@@ -207,7 +207,7 @@ def _rows_where(stats: SequenceStats, mask: torch.Tensor) -> SequenceStats:
     return SequenceStats(*(torch.where(mask, t, torch.zeros_like(t)) for t in stats))
 
 
-class LigerFusedLinearKTOLoss(nn.Module):
+class LigerFusedLinearKTOLoss(FusedLossModule):
     """KTO (Ethayarajh et al., 2024) as in TRL's ``KTOTrainer``, without materialising the logits.
 
     ``loss_fn(lin_weight, hidden, target, preference_labels, bias=None, *, ref_hidden=None, ref_weight=None,
@@ -230,17 +230,14 @@ class LigerFusedLinearKTOLoss(nn.Module):
         chunk_bytes: int | None = None,
         impl: str | None = None,
     ) -> None:
-        super().__init__()
         check_choice("loss_type", loss_type, KTO_LOSS_TYPES)
-        self.config = dict(
+        super().__init__(
+            dict(
             beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
             loss_type=loss_type, reference_free=reference_free,
-        )
-        self.logit_kwargs = options_kwargs(
-            logit_options(
-                ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-                chunk_bytes=chunk_bytes, impl=impl,
-            )
+        ),
+            ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+            chunk_bytes=chunk_bytes, impl=impl,
         )
 
     def forward(
@@ -268,5 +265,3 @@ class LigerFusedLinearKTOLoss(nn.Module):
             **self.config, **self.logit_kwargs,
         )
 
-    def extra_repr(self) -> str:
-        return f"{self.config}, {self.logit_kwargs}"

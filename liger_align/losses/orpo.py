@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ._paired import logit_options, logits_mean, options_kwargs, split_pairs
+from ._module import FusedLossModule
+from ._paired import logit_options, logits_mean, split_pairs
 from ._sequences import check_rows, sequence_stats
 
 
@@ -146,7 +146,7 @@ def _chosen_nll_target(nll_target: torch.Tensor, target: torch.Tensor, half: int
     return nll_target[:half].to(device=target.device, dtype=target.dtype)
 
 
-class LigerFusedLinearORPOLoss(nn.Module):
+class LigerFusedLinearORPOLoss(FusedLossModule):
     """ORPO (Hong et al., 2024) on the lm_head output, without materialising the logits.
 
     ``loss_fn(lin_weight, hidden, target, bias=None, *, nll_target=None) -> (loss, out)``; see
@@ -164,13 +164,10 @@ class LigerFusedLinearORPOLoss(nn.Module):
         chunk_bytes: int | None = None,
         impl: str | None = None,
     ) -> None:
-        super().__init__()
-        self.beta = beta
-        self.logit_kwargs = options_kwargs(
-            logit_options(
-                ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-                chunk_bytes=chunk_bytes, impl=impl,
-            )
+        super().__init__(
+            dict(beta=beta),
+            ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+            chunk_bytes=chunk_bytes, impl=impl,
         )
 
     def forward(
@@ -183,8 +180,6 @@ class LigerFusedLinearORPOLoss(nn.Module):
         nll_target: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return fused_linear_orpo_loss(
-            lin_weight, hidden, target, bias, nll_target=nll_target, beta=self.beta, **self.logit_kwargs
+            lin_weight, hidden, target, bias, nll_target=nll_target, **self.config, **self.logit_kwargs
         )
 
-    def extra_repr(self) -> str:
-        return f"beta={self.beta}, {self.logit_kwargs}"
