@@ -371,6 +371,21 @@ class LigerTrainerMixin:
             self._liger_patch(model)
             install_fused_forward(causal_lm(model), outputs=outputs)
 
+    def _liger_head_forward(
+        self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, head: Callable[..., Any]
+    ) -> tuple[Any, torch.Tensor | None]:
+        """Run ``model`` with ``head(hidden, weight, bias)`` in place of the logits, under the accelerator's autocast.
+
+        Returns what ``head`` returned and the weighted MoE aux loss (None unless the trainer enables it).
+        """
+        kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False, "liger_head": head}
+        if self.aux_loss_enabled:
+            kwargs["output_router_logits"] = True
+        with self.accelerator.autocast():
+            result = model(input_ids, **kwargs)
+        aux = self.aux_loss_coef * result["aux_loss"] if self.aux_loss_enabled else None
+        return result["head"], aux
+
     def revert_liger_kernel_patches(self) -> None:
         """Undo the model patches this trainer applied (the fused forward stays; it is inert unless asked)."""
         while self.liger_patch_handles:

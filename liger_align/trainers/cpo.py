@@ -56,13 +56,8 @@ class LigerCPOTrainer(LigerTrainerMixin, CPOTrainer):
             means = position_logit_means(hidden, weight, bias)
             return {"loss": loss, **out, "logits_chosen": means[:half].mean(), "logits_rejected": means[half:].mean()}
 
-        kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False, "liger_head": head}
-        if self.aux_loss_enabled:
-            kwargs["output_router_logits"] = True
-        with self.accelerator.autocast():
-            result = model(input_ids, **kwargs)
-        out = result["head"]
-        loss = out["loss"]
+        out, aux_loss = self._liger_head_forward(model, input_ids, attention_mask, head)
+        loss = out["loss"] if aux_loss is None else out["loss"] + aux_loss
         chosen_logps, rejected_logps = out["chosen_logps"], out["rejected_logps"]
         # TRL's own formula on the (B,) log-probs, for the rewards only (no gradient, no logits).
         _, chosen_rewards, rejected_rewards = self.cpo_loss(chosen_logps, rejected_logps)
@@ -70,6 +65,4 @@ class LigerCPOTrainer(LigerTrainerMixin, CPOTrainer):
             train_eval, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps,
             out["logits_chosen"], out["logits_rejected"], {"nll_loss": out["nll_loss"]},
         )
-        if self.aux_loss_enabled:
-            loss = loss + self.aux_loss_coef * result["aux_loss"]
         return loss, metrics

@@ -53,13 +53,8 @@ class LigerORPOTrainer(LigerTrainerMixin, ORPOTrainer):
             means = position_logit_means(hidden[:, :-1], weight, bias)
             return {"loss": loss, **out, "logits_chosen": means[:half].mean(), "logits_rejected": means[half:].mean()}
 
-        kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False, "liger_head": head}
-        if self.aux_loss_enabled:
-            kwargs["output_router_logits"] = True
-        with self.accelerator.autocast():
-            result = model(input_ids, **kwargs)
-        out = result["head"]
-        loss = out["loss"]
+        out, aux_loss = self._liger_head_forward(model, input_ids, attention_mask, head)
+        loss = out["loss"] if aux_loss is None else out["loss"] + aux_loss
         chosen_logps, rejected_logps = out["chosen_logps"], out["rejected_logps"]
         # TRL's own formula on the (B,) log-probs, for metrics only (no gradient, no logits).
         _, chosen_rewards, rejected_rewards, log_odds_ratio, log_odds_chosen = self.odds_ratio_loss(
@@ -70,8 +65,6 @@ class LigerORPOTrainer(LigerTrainerMixin, ORPOTrainer):
             out["logits_chosen"], out["logits_rejected"],
             {"nll_loss": out["nll_loss"], "log_odds_ratio": log_odds_ratio, "log_odds_chosen": log_odds_chosen},
         )
-        if self.aux_loss_enabled:
-            loss = loss + self.aux_loss_coef * result["aux_loss"]
         return loss, metrics
 
     def _liger_metrics(
