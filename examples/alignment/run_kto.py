@@ -28,7 +28,7 @@ KTO = common.Algorithm(
     liger_trainer=LigerKTOTrainer,
     reference_model=True,
     paired=False,
-    embedded_defaults={"beta": 0.1, "learning_rate": 1e-3},
+    embedded_defaults={"beta": 0.5, "learning_rate": 3e-3},
 )
 
 if __name__ == "__main__":
