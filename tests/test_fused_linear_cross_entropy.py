@@ -152,3 +152,17 @@ def test_auto_strategy_respects_the_grad_buffer_budget(monkeypatch):
     assert calls == []
     fused_linear_cross_entropy(hidden, weight, target, b, max_grad_buffer_bytes=weight.numel())
     assert calls == [1]
+
+
+def test_second_backward_is_refused_not_wrong():
+    hidden, weight, b, target = _inputs((11,), 16, 101, torch.float32, "cpu")
+    loss = fused_linear_cross_entropy(hidden, weight, target, b, strategy="grad_in_forward")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
+    twice = fused_linear_cross_entropy(hidden, weight, target, b, strategy="recompute")
+    hidden.grad = None
+    twice.backward(retain_graph=True)
+    first = hidden.grad.clone()
+    twice.backward()
+    assert torch.allclose(hidden.grad, 2 * first)

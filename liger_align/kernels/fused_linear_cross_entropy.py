@@ -114,6 +114,14 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # The stored gradients are scaled in place (no second copy of grad-weight), so they serve one
+        # backward only; a second one (retain_graph=True) would be silently wrong.
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError(
+                "fused_linear_cross_entropy with strategy='grad_in_forward' supports one backward per forward; "
+                "use strategy='recompute' to backpropagate through the same loss more than once"
+            )
+        ctx.consumed = True
         stored = [g if has else None for g, has in zip(ctx.saved_tensors, ctx.has_grad)]
         scaled = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in stored]
         return scaled[0], scaled[1], scaled[2], None, None, None, None
