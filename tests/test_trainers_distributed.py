@@ -1,9 +1,10 @@
-"""LigerORPOTrainer under 2-process CPU runs (gloo) reaches the single-process losses: DDP through
-accelerate, FSDP2 (``fully_shard``) and FSDP1 with the head weight sharded. Each run is a subprocess
+"""LigerORPOTrainer under 2-process CPU runs (gloo) reaches the single-process losses: DDP and
+DeepSpeed ZeRO-3 through accelerate, FSDP2 (``fully_shard``) and FSDP1 with the head weight sharded. Each run is a subprocess
 of tests/distributed/orpo_distributed.py (see its docstring for why FSDP is applied by hand on CPU)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -36,6 +37,16 @@ def test_ddp_matches_single_process(tmp: Path) -> None:
     single, ddp = launch("single", tmp, 1), launch("ddp", tmp, 2)
     assert ddp["world"] == 2 and ddp["wrapper"] == "DistributedDataParallel"
     assert ddp["losses"] == pytest.approx(single["losses"], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_zero3_matches_single_process(tmp: Path) -> None:
+    reference = tmp / "single.json"
+    single = json.loads(reference.read_text()) if reference.exists() else launch("single", tmp, 1)
+    zero3 = launch("zero3", tmp, 2)
+    assert zero3["world"] == 2 and zero3["wrapper"] == "DeepSpeedEngine"
+    assert zero3["head_local_numel"] < zero3["head_full_numel"], "the head weight was not partitioned"
+    assert zero3["losses"] == pytest.approx(single["losses"], rel=1e-4, abs=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["fsdp2", "fsdp1"])

@@ -3,8 +3,9 @@ write the per-step losses as JSON. Used by tests/test_trainers_distributed.py.
 
 Modes (every one sees the same 4 pairs per optimizer step):
 
-- ``single`` / ``ddp``: ``trainer.train()``; single-process runs 2 micro-batches of 2 with gradient
-  accumulation, DDP (accelerate's MULTI_CPU) 2 pairs on each of 2 ranks.
+- ``single`` / ``ddp`` / ``zero3``: ``trainer.train()``; single-process runs 2 micro-batches of 2 with
+  gradient accumulation, DDP (accelerate's MULTI_CPU) and DeepSpeed ZeRO-3 (DeepSpeed's CPU
+  accelerator, gloo) 2 pairs on each of 2 ranks.
 - ``manual-single`` / ``fsdp2`` / ``fsdp1``: accelerate enables FSDP only on accelerators (not for
   MULTI_CPU), so on CPU the policy is sharded with torch's own ``fully_shard`` (FSDP2) or
   ``FullyShardedDataParallel`` (FSDP1, ``use_orig_params``), decoder layers and root, and trained
@@ -31,6 +32,14 @@ from trl.experimental.orpo import ORPOConfig  # noqa: E402
 from liger_align.trainers import LigerORPOTrainer  # noqa: E402
 
 STEPS, PAIRS_PER_STEP, LR = 3, 4, 0.5
+# ZeRO-3: every parameter, the tied head included, is partitioned across the ranks.
+ZERO3 = {
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    "zero_allow_untested_optimizer": True,
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+}
 
 
 def make_trainer(mode: str, out: Path) -> LigerORPOTrainer:
@@ -43,6 +52,7 @@ def make_trainer(mode: str, out: Path) -> LigerORPOTrainer:
         output_dir=str(out.parent / f"run-{mode}"), per_device_train_batch_size=2, max_steps=STEPS, logging_steps=1,
         learning_rate=1e-3, report_to=[], save_strategy="no", max_length=48, use_cpu=True, bf16=False, seed=0,
         gradient_accumulation_steps=2 if mode == "single" else 1, gradient_checkpointing=True,
+        deepspeed=ZERO3 if mode == "zero3" else None,
     )
     return LigerORPOTrainer(
         model=model, args=args, train_dataset=load_preference_dataset().select(range(32)), processing_class=tokenizer,
@@ -94,15 +104,20 @@ def manual_losses(trainer: LigerORPOTrainer, mode: str) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["single", "ddp", "manual-single", "fsdp2", "fsdp1"], required=True)
+    parser.add_argument(
+        "--mode", choices=["single", "ddp", "zero3", "manual-single", "fsdp2", "fsdp1"], required=True
+    )
     parser.add_argument("--out", required=True)
     opts = parser.parse_args()
     out = Path(opts.out)
     trainer = make_trainer(opts.mode, out)
-    if opts.mode in ("single", "ddp"):
+    if opts.mode in ("single", "ddp", "zero3"):
         trainer.train()
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         wrapper, info = type(trainer.model_wrapped).__name__, {}
+        if opts.mode == "zero3":  # outside a forward, a ZeRO-3 parameter holds no data (only its ds_numel)
+            head = trainer.model.get_output_embeddings().weight
+            info = {"head_local_numel": head.numel(), "head_full_numel": getattr(head, "ds_numel", head.numel())}
     else:
         if opts.mode != "manual-single" and not dist.is_initialized():
             dist.init_process_group("gloo")
