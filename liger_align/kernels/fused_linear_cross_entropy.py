@@ -195,7 +195,7 @@ def fused_linear_cross_entropy(
     else:
         denominator = (target != ignore_index).sum().clamp(min=1).float()
     if strategy == "recompute":
-        per_token, _ = linear_token_objective(
+        per_token, *_ = linear_token_objective(
             hidden, weight, target, bias, alpha=-(1.0 - label_smoothing), beta=-label_smoothing, opts=opts
         )
         return per_token.reshape(out_shape) if reduction == "none" else per_token.sum() / denominator

@@ -153,14 +153,17 @@ class LinearTokenObjectiveFunction(torch.autograd.Function):
 
 def linear_token_objective(
     hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None, *,
-    alpha: float, beta: float, opts: LogitOptions,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Checked entry to :class:`LinearTokenObjectiveFunction`; returns ``(value (N,), logit_mean (N,))``."""
+    alpha: float, beta: float, opts: LogitOptions, distribution: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Checked entry to :class:`LinearTokenObjectiveFunction`.
+
+    Returns ``(value, logit_mean, entropy, log_sum_sq_probs, is_top1)``, each ``(N,)``; the last three
+    are empty unless ``distribution`` is True.
+    """
     check_linear_inputs(hidden, weight, target, bias)
-    value, logit_mean, *_ = LinearTokenObjectiveFunction.apply(
-        hidden, weight, bias, target.long(), opts, float(alpha), float(beta), False
+    return LinearTokenObjectiveFunction.apply(
+        hidden, weight, bias, target.long(), opts, float(alpha), float(beta), bool(distribution)
     )
-    return value, logit_mean
 
 
 def linear_logprobs(
@@ -198,9 +201,8 @@ def linear_logprobs(
         weight and bias), ``logit_mean`` and, on request, the distribution statistics (no gradient).
     """
     opts = LogitOptions(ignore_index, temperature, softcap, logit_scale, chunk_bytes, impl)
-    check_linear_inputs(hidden, weight, target, bias)
-    logps, logit_mean, entropy, log_sum_sq, is_top1 = LinearTokenObjectiveFunction.apply(
-        hidden, weight, bias, target.long(), opts, 1.0, 0.0, bool(distribution_stats)
+    logps, logit_mean, entropy, log_sum_sq, is_top1 = linear_token_objective(
+        hidden, weight, target, bias, alpha=1.0, beta=0.0, opts=opts, distribution=distribution_stats
     )
     if not distribution_stats:
         return LinearLogProbs(logps, logit_mean)

@@ -55,7 +55,7 @@ def sequence_stats(
 ) -> SequenceStats:
     """Reduce ``hidden (R, T, H)`` and ``target (R, T)`` to :class:`SequenceStats` through the fused base."""
     rows, length, width = hidden.shape
-    logps, logit_mean = linear_token_objective(
+    logps, logit_mean, *_ = linear_token_objective(
         hidden.reshape(rows * length, width), weight, target.reshape(-1), bias, alpha=1.0, beta=0.0, opts=opts
     )
     valid = (target != opts.ignore_index).float()
