@@ -10,13 +10,18 @@ or ``sum / num_items_in_batch`` when the trainer passes ``num_items_in_batch``),
 target[b, t]]`` (no shift: position ``t``'s own distribution), 0 where ``target == -100``, from
 :func:`~liger_align.kernels.linear_logprobs`; ``logits`` is ``None`` (train or eval).
 
-Otherwise (eval, or no labels) the forward returns the logits exactly as before. When the output head
-is not a plain ``nn.Linear`` (e.g. a LoRA-wrapped or hooked ``lm_head``) the logits are materialised
-through it and the same quantities are computed from them, so results stay right.
+Otherwise (eval, or no labels) the forward returns the logits exactly as before.
+
+The fused ops run through :func:`~liger_align.models.head_call.call_through_head`, i.e. as the head
+module's own forward, so FSDP1/FSDP2 and DeepSpeed ZeRO-3 gather the sharded head weight for the
+forward and the backward, and accelerate's hooks still run. Only a PEFT adapter (e.g. LoRA) on the
+head cannot be fused: the logits are then built through the adapted head (correct, without the memory
+saving) and a one-time warning says so.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -24,6 +29,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..kernels import fused_linear_cross_entropy, linear_logprobs
+from .head_call import call_through_head, is_tuner_layer, logit_options, output_head
 
 try:
     from transformers.utils import can_return_tuple
@@ -52,12 +58,19 @@ def _keep(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Ten
     return slice_logits_to_keep(hidden, logits_to_keep)
 
 
-def _plain_linear(head: nn.Module) -> bool:
-    """True when ``head(x)`` is exactly ``x @ head.weight.T (+ bias)`` (no adapter, no hook)."""
-    return (
-        type(head) is nn.Linear and "forward" not in vars(head)
-        and not head._forward_hooks and not head._forward_pre_hooks
-    )
+_WARNED_ADAPTED_HEAD: set[str] = set()
+
+
+def _warn_adapted_head(model: nn.Module) -> None:
+    name = type(model).__name__
+    if name not in _WARNED_ADAPTED_HEAD:
+        _WARNED_ADAPTED_HEAD.add(name)
+        warnings.warn(
+            f"liger_align: {name}.lm_head carries a PEFT adapter (e.g. LoRA), which a fused loss would skip; "
+            "the loss is computed from materialised logits instead (correct, but without the memory saving). "
+            "Train the head with modules_to_save=['lm_head'] or leave it out of target_modules to keep the saving.",
+            stacklevel=3,
+        )
 
 
 def shift_labels_left(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -123,17 +136,23 @@ def causal_lm_forward(
     if logprob_targets is not None:
         _check_targets("logprob_targets", logprob_targets, hidden)
 
-    head = self.lm_head
-    softcap = getattr(self.config, "final_logit_softcapping", None)
+    head = self.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(self).__name__} has no output head (get_output_embeddings() is None)")
+    opts = logit_options(self)
     want_logits = not fuse_loss and logprob_targets is None
     logits = loss = logps = None
-    if want_logits or not _plain_linear(head):
+    if want_logits or is_tuner_layer(head):
+        if not want_logits:
+            _warn_adapted_head(self)
         logits = head(hidden)
-        if softcap is not None:
-            logits = softcap * torch.tanh(logits / softcap)
+        if opts["logit_scale"] != 1.0:
+            logits = logits * opts["logit_scale"]
+        if opts["softcap"] is not None:
+            logits = opts["softcap"] * torch.tanh(logits / opts["softcap"])
         if target is not None:
             loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                logits=logits, labels=labels, vocab_size=self.config.get_text_config().vocab_size,
                 num_items_in_batch=num_items_in_batch, shift_labels=shift_labels,
             )
         if logprob_targets is not None:
@@ -141,17 +160,28 @@ def causal_lm_forward(
         if not want_logits:
             logits = None
     else:
-        flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-        if fuse_loss:
-            loss = fused_linear_cross_entropy(
-                flat_hidden, head.weight, target.reshape(-1), head.bias, ignore_index=IGNORE_INDEX,
-                reduction="mean", num_items_in_batch=num_items_in_batch, softcap=softcap,
-            )
-        if logprob_targets is not None:
-            logps = linear_logprobs(
-                flat_hidden, head.weight, logprob_targets.reshape(-1), head.bias,
-                ignore_index=IGNORE_INDEX, softcap=softcap,
-            ).logps.view(logprob_targets.shape)
+        def fused(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+            flat_hidden = h.reshape(-1, h.shape[-1])
+            fused_loss = fused_logps = None
+            if fuse_loss:
+                fused_loss = fused_linear_cross_entropy(
+                    flat_hidden, weight, target.reshape(-1).to(weight.device), bias, ignore_index=IGNORE_INDEX,
+                    reduction="mean", num_items_in_batch=num_items_in_batch, **opts,
+                )
+            if logprob_targets is not None:
+                fused_logps = linear_logprobs(
+                    flat_hidden, weight, logprob_targets.reshape(-1).to(weight.device), bias,
+                    ignore_index=IGNORE_INDEX, **opts,
+                ).logps.view(logprob_targets.shape)
+            return fused_loss, fused_logps
+
+        try:
+            loss, logps = call_through_head(output_head(self), hidden, fused)
+        except ValueError as err:  # name the caller's argument, not the kernel's
+            if str(err).startswith("target must lie in"):
+                name = "labels" if fuse_loss else "logprob_targets"
+                raise ValueError(f"{name}: token ids {str(err)[len('target '):]}") from None
+            raise
 
     passthrough = {
         f.name: getattr(outputs, f.name, None) for f in fields(CausalLMOutputWithPast)

@@ -1,25 +1,16 @@
-"""The one place where the trainers touch the model: backbone hidden states and the output head.
+"""The one place where the trainers touch the model: backbone hidden states and a fused head.
 
-A fused loss needs the last hidden states ``(B, T, H)`` and the head's weight ``(V, H)`` (and bias),
-never the logits. Getting them right under every wrapper is the whole difficulty:
+The loss must run *inside* ``model(...)``: FSDP 1 and 2 gather the sharded head weight only inside the
+wrapped root module's forward and hook the backward on that forward's outputs, and accelerate's
+autocast wraps that forward. :func:`install_fused_forward` gives the causal LM a forward that, called
+with ``liger_head=fn``, runs the backbone and returns ``fn(hidden, weight, bias)`` instead of logits;
+every wrapper (DDP, FSDP, DeepSpeed, PEFT, autocast) forwards the keyword untouched. Inside, the head
+is called through :func:`liger_align.models.head_call.call_through_head` (ZeRO-3 and a head-only FSDP
+unit gather the weight for the forward and the backward; see that module for PEFT's cases).
 
-- **FSDP 1 and 2** shard the head's weight and gather it only inside the wrapped root module's
-  forward, and hook the backward on that forward's outputs. So the loss must run *inside*
-  ``model(...)``: :func:`install_fused_forward` gives the causal LM a forward that, called with
-  ``liger_head=fn``, runs the backbone and returns ``fn(hidden, weight, bias)`` instead of logits.
-  Every wrapper (DDP, FSDP, DeepSpeed, PEFT, accelerate's autocast) forwards the keyword untouched.
-- **DeepSpeed ZeRO-3** gathers a parameter only inside its own module's call, and re-gathers it for
-  the backward from hooks on that call's outputs. Our base recomputes the logits in the backward, so a
-  one-off ``GatheredParameters`` block is not enough: :func:`call_through_head` runs ``fn`` *as the
-  head module's forward*, so ZeRO-3 (and an FSDP unit wrapping the head alone) gathers the weight for
-  the forward and again for the backward. A DTensor weight (FSDP2 outside its unshard) is gathered
-  with ``full_tensor()``, which is differentiable.
 - **PEFT**: the fused forward is installed on the base causal LM, below the adapters, so LoRA layers
   in the backbone stay active (and are disabled by ``disable_adapter()`` for a reference pass). A
-  ``modules_to_save`` copy of the head is used when active. A LoRA layer *on* the head would be
-  silently ignored by a fused loss, so it is an error.
-- **Autocast**: the backbone and the loss run inside ``model(...)``, i.e. inside the forward that
-  accelerate wraps with its autocast; callers add ``accelerator.autocast()`` for direct calls.
+  LoRA layer *on* the head would be silently ignored by a fused loss, so it is an error here.
 - **MoE**: with ``output_router_logits=True`` the load-balancing loss of the router logits is
   returned as ``aux_loss``, as the model's own forward computes it.
 
@@ -47,131 +38,16 @@ from torch import nn
 
 from ..kernels.linear_logprobs import linear_logprobs
 from ..models import apply_liger_kernel
+from ..models.head_call import (  # noqa: F401  (re-exported for the trainers and tests)
+    HeadFn, backbone, call_through_head, causal_lm, check_head_not_adapted, is_peft, logit_options, output_head,
+    text_config,
+)
 
 logger = logging.getLogger(__name__)
 
-#: ``fn(hidden (R, T, H), weight (V, H), bias (V,) | None) -> any pytree of tensors``.
-HeadFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], Any]
-
 _INSTALLED = "_liger_align_fused_forward"
-_WRAPPERS = {"DistributedDataParallel", "DataParallel", "FullyShardedDataParallel", "DeepSpeedEngine"}
 _DROP = ("labels", "shift_labels", "num_items_in_batch", "logits_to_keep", "return_dict", "output_hidden_states")
 _TRL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-
-
-# ----------------------------------------------------------------------------------------- unwrapping
-
-
-def is_peft(model: nn.Module) -> bool:
-    """Whether ``model`` is a ``peft.PeftModel``."""
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
-
-
-def causal_lm(model: nn.Module) -> nn.Module:
-    """The causal LM under DDP / FSDP1 / DeepSpeed / ``torch.compile`` wrappers and PEFT (adapters stay in it)."""
-    seen = 0
-    while seen < 8:
-        seen += 1
-        if hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        elif type(model).__name__ in _WRAPPERS:
-            model = model.module
-        elif is_peft(model):
-            model = model.get_base_model()
-        else:
-            break
-    return model
-
-
-def _is_tuner_layer(module: nn.Module) -> bool:
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:
-        return False
-    return isinstance(module, BaseTunerLayer)
-
-
-def check_head_not_adapted(model: nn.Module) -> None:
-    """Raise ``ValueError`` when a PEFT adapter (e.g. LoRA) sits on the output head: a fused loss reads
-    ``lm_head.weight`` directly, so the adapter would never be trained."""
-    head = causal_lm(model).get_output_embeddings()
-    if head is not None and _is_tuner_layer(head):
-        raise ValueError(
-            "A PEFT adapter on the output head (lm_head) is not supported by the liger-align trainers: the fused "
-            "loss reads lm_head.weight directly, so the adapter would never be trained. Remove 'lm_head' from "
-            "target_modules (use modules_to_save=['lm_head'] to train the head itself)."
-        )
-
-
-def output_head(lm: nn.Module) -> nn.Module:
-    """The module holding the head's weight: the output embeddings, or the active ``modules_to_save`` copy."""
-    head = lm.get_output_embeddings()
-    if head is None:
-        raise ValueError(f"{type(lm).__name__} has no output embeddings (get_output_embeddings() is None)")
-    if _is_tuner_layer(head):
-        check_head_not_adapted(lm)
-    if hasattr(head, "original_module") and hasattr(head, "modules_to_save"):  # peft ModulesToSaveWrapper
-        active = head.active_adapters if hasattr(head, "active_adapters") else [head.active_adapter]
-        active = [a for a in active if a in head.modules_to_save]
-        disabled = getattr(head, "disable_adapters", False) or not active
-        head = head.original_module if disabled else head.modules_to_save[active[0]]
-    return head
-
-
-def backbone(lm: nn.Module) -> nn.Module:
-    """The decoder stack that returns ``last_hidden_state`` (``lm.model`` for Llama)."""
-    prefix = getattr(lm, "base_model_prefix", "model")
-    body = getattr(lm, prefix, None)
-    if isinstance(body, nn.Module) and body is not lm:
-        return body
-    if hasattr(lm, "get_decoder"):
-        return lm.get_decoder()
-    raise ValueError(f"cannot find the backbone of {type(lm).__name__} (no attribute {prefix!r})")
-
-
-# ----------------------------------------------------------------------------------------- the head call
-
-
-def _full(param: torch.Tensor | None) -> torch.Tensor | None:
-    """A DTensor (FSDP2 sharded parameter) gathered to a plain tensor, differentiably; others unchanged."""
-    if param is not None and hasattr(param, "full_tensor") and type(param).__name__ == "DTensor":
-        return param.full_tensor()
-    return param
-
-
-def call_through_head(head: nn.Module, hidden: torch.Tensor, fn: HeadFn) -> Any:
-    """Return ``fn(hidden, head.weight, head.bias)`` computed as ``head``'s own forward.
-
-    Calling the module (rather than reading its weight) runs the hooks of whatever owns the weight:
-    ZeRO-3 gathers it for the forward and registers the re-gather for the backward on the outputs, and
-    an FSDP unit around the head unshards it the same way.
-    """
-
-    def routed(h: torch.Tensor) -> Any:
-        weight = _full(head.weight)
-        bias = _full(getattr(head, "bias", None))
-        if weight.dim() != 2 or weight.numel() == 0:
-            raise RuntimeError(
-                f"the output head's weight is still partitioned inside its own forward (shape "
-                f"{tuple(weight.shape)}): the sharding wrapper did not gather it; call the model through "
-                "its wrapper (DeepSpeed engine / FSDP module), not the bare module"
-            )
-        return fn(h, weight, bias)
-
-    had_own = "forward" in head.__dict__
-    saved = head.__dict__.get("forward")
-    head.forward = routed
-    try:
-        return head(hidden)
-    finally:
-        if had_own:
-            head.forward = saved
-        else:
-            del head.forward
 
 
 def _router_aux_loss(lm: nn.Module, router_logits: Any, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -182,22 +58,12 @@ def _router_aux_loss(lm: nn.Module, router_logits: Any, attention_mask: torch.Te
     loss_fn = getattr(module, "load_balancing_loss_func", None)
     if loss_fn is None:
         from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func as loss_fn
-    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    config = text_config(lm)
     names = ("num_experts", "num_local_experts", "n_routed_experts")
     experts = next((getattr(config, n) for n in names if getattr(config, n, None)), None)
     experts = experts or getattr(lm, "num_experts", None)
     top_k = getattr(config, "num_experts_per_tok", None) or getattr(lm, "num_experts_per_tok", None)
     return loss_fn(router_logits, experts, top_k, attention_mask)
-
-
-def _logit_options(lm: nn.Module) -> dict[str, Any]:
-    """Softcap and scale of the model's final logits (Gemma-2 style softcapping, Cohere/Granite scales)."""
-    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
-    scale = getattr(config, "logit_scale", None)
-    if scale is None and getattr(config, "logits_scaling", None):
-        scale = 1.0 / config.logits_scaling
-    softcap = getattr(config, "final_logit_softcapping", None)
-    return {"softcap": softcap, "logit_scale": 1.0 if scale is None else float(scale)}
 
 
 def install_fused_forward(
@@ -231,7 +97,7 @@ def install_fused_forward(
         num_items = kwargs.get("num_items_in_batch")
         body_kwargs = {k: v for k, v in kwargs.items() if k not in _DROP and v is not None}
         body_kwargs["use_cache"] = False
-        config = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        config = text_config(self)
         if fused_lm_head and getattr(config, "output_router_logits", False):
             body_kwargs.setdefault("output_router_logits", True)
         if not body_kwargs.get("output_router_logits", False):
@@ -243,7 +109,7 @@ def install_fused_forward(
             aux = _router_aux_loss(self, getattr(body_out, "router_logits", None), body_kwargs.get("attention_mask"))
         head = output_head(self)
         if liger_head is not None:
-            return {"head": call_through_head(head, hidden.to(head.weight.device), liger_head), "aux_loss": aux}
+            return {"head": call_through_head(head, hidden, liger_head), "aux_loss": aux}
         return _trl_fused_output(self, head, hidden, labels, shift_labels, num_items, aux, state)
 
     setattr(forward, _INSTALLED, state)
@@ -280,7 +146,7 @@ def _trl_fused_output(lm, head, hidden, labels, shift_labels, num_items, aux, st
     labels = labels.to(head.weight.device)
     mask = labels != -100
     wanted = state["outputs"]
-    opts = dict(_logit_options(lm), temperature=state["temperature"])
+    opts = dict(logit_options(lm), temperature=state["temperature"])
 
     def fn(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
         flat_h, flat_t = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
@@ -290,11 +156,11 @@ def _trl_fused_output(lm, head, hidden, labels, shift_labels, num_items, aux, st
         out.update({k: getattr(res, k).view(labels.shape) for k in extra})
         return out
 
-    per_token = call_through_head(head, hidden.to(head.weight.device), fn)
+    per_token = call_through_head(head, hidden, fn)
     log_probs = per_token["log_probs"]
     loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items is None else num_items)
     if aux is not None:
-        config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+        config = text_config(lm)
         loss = loss + getattr(config, "router_aux_loss_coef", 0.0) * aux
     return FusedCausalLMOutput(
         loss=loss,
