@@ -2,10 +2,11 @@
 
 - :func:`linear_logprobs`: fused linear -> per-token target log-prob, the base of every loss.
 - :func:`fused_linear_cross_entropy`: fused linear cross-entropy on the same row passes.
-- :func:`rms_norm`, :func:`rope`, :func:`swiglu`: the Llama model kernels.
+- :func:`rms_norm`, :func:`rope`, :func:`swiglu`, :func:`geglu`: the model kernels (Llama, Qwen2, Mistral, Gemma).
 """
 
 from .fused_linear_cross_entropy import fused_linear_cross_entropy
+from .geglu import geglu
 from .linear_logprobs import LinearLogProbs, LogitOptions, linear_logprobs
 from .rms_norm import rms_norm
 from .rope import rope
@@ -15,6 +16,7 @@ __all__ = [
     "LinearLogProbs",
     "LogitOptions",
     "fused_linear_cross_entropy",
+    "geglu",
     "linear_logprobs",
     "rms_norm",
     "rope",

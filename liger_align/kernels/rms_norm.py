@@ -1,11 +1,11 @@
-"""RMSNorm (Zhang & Sennrich, 2019, "Root Mean Square Layer Normalization"), as in Llama.
+"""RMSNorm (Zhang & Sennrich, 2019, "Root Mean Square Layer Normalization"), as in Llama and Gemma.
 
-For a row ``x`` of length ``H``::
+For a row ``x`` of length ``H`` and a constant ``offset`` (0 for Llama, 1 for Gemma's ``(1 + weight)``)::
 
     rstd = 1 / sqrt(mean_j x_j^2 + eps)
-    y    = weight * x * rstd
+    y    = (offset + weight) * x * rstd
 
-Backward, with ``xhat = x * rstd`` and ``g = weight * dy``::
+Backward, with ``xhat = x * rstd`` and ``g = (offset + weight) * dy``::
 
     dx     = rstd * (g - xhat * mean_j(g_j * xhat_j))
     dweight = sum_rows dy * xhat
@@ -28,7 +28,7 @@ if triton_available():
 
     @triton.jit
     def _rms_norm_fwd_kernel(
-        x_ptr, w_ptr, y_ptr, rstd_ptr, x_stride, y_stride, n_rows, n_cols, eps,
+        x_ptr, w_ptr, y_ptr, rstd_ptr, x_stride, y_stride, n_rows, n_cols, eps, offset,
         BLOCK_COLS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
     ):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -36,7 +36,7 @@ if triton_available():
         row_ok = rows < n_rows
         mask = row_ok[:, None] & (cols < n_cols)[None, :]
         x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32) + offset
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
         y = x * rstd[:, None] * w[None, :]
         tl.store(y_ptr + rows[:, None] * y_stride + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -45,13 +45,13 @@ if triton_available():
     @triton.jit
     def _rms_norm_bwd_kernel(
         dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
-        dy_stride, x_stride, dx_stride, n_rows, n_cols, rows_per_program,
+        dy_stride, x_stride, dx_stride, n_rows, n_cols, rows_per_program, offset,
         BLOCK_COLS: tl.constexpr, BLOCK_ROWS: tl.constexpr, COMPUTE_DW: tl.constexpr,
     ):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_COLS)
         col_ok = cols < n_cols
-        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) + offset
         dw_acc = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
         first = pid.to(tl.int64) * rows_per_program
         last = tl.minimum(first + rows_per_program, n_rows)
@@ -96,22 +96,24 @@ class RMSNormFunction(torch.autograd.Function):
     """Triton RMSNorm over the last dimension of a contiguous ``(N, H)`` input; see :func:`rms_norm`."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, out_dtype: torch.dtype,
+    ) -> torch.Tensor:
         n_rows, n_cols = x.shape
-        out_dtype = torch.promote_types(x.dtype, weight.dtype)
         y = torch.empty((n_rows, n_cols), device=x.device, dtype=out_dtype)
         rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
         block_cols, block_rows, num_warps = _launch_shape(n_cols)
         grid = (triton.cdiv(n_rows, block_rows),)
         _rms_norm_fwd_kernel[grid](
-            x, weight, y, rstd, x.stride(0), y.stride(0), n_rows, n_cols, float(eps),
+            x, weight, y, rstd, x.stride(0), y.stride(0), n_rows, n_cols, float(eps), float(offset),
             BLOCK_COLS=block_cols, BLOCK_ROWS=block_rows, num_warps=num_warps,
         )
         ctx.save_for_backward(x, weight, rstd)
+        ctx.offset = float(offset)
         return y
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
         x, weight, rstd = ctx.saved_tensors
         n_rows, n_cols = x.shape
         dy = dy.contiguous()
@@ -123,22 +125,26 @@ class RMSNormFunction(torch.autograd.Function):
         block_cols, block_rows, num_warps = _launch_shape(n_cols)
         _rms_norm_bwd_kernel[(programs,)](
             dy, x, weight, rstd, dx, dw_partial,
-            dy.stride(0), x.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
+            dy.stride(0), x.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program, ctx.offset,
             BLOCK_COLS=block_cols, BLOCK_ROWS=block_rows, COMPUTE_DW=compute_dw, num_warps=num_warps,
         )
         dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
-        return (dx if ctx.needs_input_grad[0] else None), dw, None
+        return (dx if ctx.needs_input_grad[0] else None), dw, None, None, None
 
 
-def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
+def rms_norm_torch(
+    x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, offset: float = 0.0,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Plain-PyTorch RMSNorm with the contract of :func:`rms_norm` (autograd gives the gradients)."""
     compute = torch.promote_types(x.dtype, torch.float32)
     xc = x.to(compute)
-    y = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps) * weight.to(compute)
-    return y.to(torch.promote_types(x.dtype, weight.dtype))
+    scale = weight.to(compute) + offset if offset else weight.to(compute)
+    y = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps) * scale
+    return y.to(out_dtype or torch.promote_types(x.dtype, weight.dtype))
 
 
-def _check(x: object, weight: object, eps: object) -> None:
+def _check(x: object, weight: object, eps: object, offset: object, out_dtype: object) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor (..., H), got {type(x).__name__}"
                         f"{'' if not isinstance(x, torch.Tensor) else ' of dtype ' + str(x.dtype)}")
@@ -152,26 +158,39 @@ def _check(x: object, weight: object, eps: object) -> None:
         raise ValueError(f"weight must be on x's device {x.device}, got {weight.device}")
     if not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)):
+        raise TypeError(f"offset must be a float (0.0 for Llama, 1.0 for Gemma), got {offset!r}")
+    if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
+        raise TypeError(f"out_dtype must be None or a floating-point torch.dtype, got {out_dtype!r}")
     if x.shape[-1] > _MAX_BLOCK_COLS:
         raise ValueError(f"x's last dimension H must be <= {_MAX_BLOCK_COLS}, got {x.shape[-1]}")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, impl: str | None = None) -> torch.Tensor:
-    """RMSNorm over the last dimension: ``y = weight * x / sqrt(mean(x^2, -1) + eps)``.
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6, offset: float = 0.0,
+    out_dtype: torch.dtype | None = None, impl: str | None = None,
+) -> torch.Tensor:
+    """RMSNorm over the last dimension: ``y = (offset + weight) * x / sqrt(mean(x^2, -1) + eps)``.
 
     Args:
         x: ``(..., H)`` floating point (fp32, bf16, fp16, fp64); any leading shape.
         weight: ``(H,)`` floating point, on ``x``'s device.
         eps: added to the mean square (Llama uses ``config.rms_norm_eps``, 1e-5 or 1e-6).
+        offset: added to ``weight`` in fp32 before scaling: 0.0 (Llama) or 1.0 (Gemma's ``1 + weight``,
+            whose weights are stored centred on 0). The gradient of ``weight`` is unchanged by it.
+        out_dtype: the result's dtype; ``None`` gives ``promote_types(x.dtype, weight.dtype)`` (what
+            ``LlamaRMSNorm`` returns); Gemma's ``GemmaRMSNorm`` returns ``x.dtype``.
         impl: ``"triton"``, ``"torch"`` or ``None`` (Triton on CUDA or under ``TRITON_INTERPRET=1``).
 
     Returns:
-        ``(..., H)`` in ``promote_types(x.dtype, weight.dtype)`` (the dtype Hugging Face's
-        ``LlamaRMSNorm`` returns). The math runs in fp32 on the Triton path; the result is rounded once.
+        ``(..., H)`` in ``out_dtype``. The math runs in fp32 (fp64 for fp64 inputs on the torch path),
+        ``x`` normalised and multiplied by ``offset + weight`` before one rounding (Gemma's order).
     """
-    _check(x, weight, eps)
+    _check(x, weight, eps, offset, out_dtype)
+    out_dtype = out_dtype or torch.promote_types(x.dtype, weight.dtype)
     if not use_triton(x, weight, impl=impl) or x.numel() == 0:
-        return rms_norm_torch(x, weight, eps=eps)
+        return rms_norm_torch(x, weight, eps=eps, offset=float(offset), out_dtype=out_dtype)
     shape = x.shape
-    y = RMSNormFunction.apply(x.reshape(-1, shape[-1]).contiguous(), weight.contiguous(), float(eps))
+    y = RMSNormFunction.apply(x.reshape(-1, shape[-1]).contiguous(), weight.contiguous(), float(eps),
+                              float(offset), out_dtype)
     return y.view(shape)
