@@ -74,6 +74,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
     ``CE_i = lse_i - (1 - eps) * z_i[target_i] - eps * mean_v z_iv`` (label smoothing ``eps``);
     ``denominator`` is a 0-d fp32 tensor (the valid-token count, ``num_items_in_batch`` or 1).
+    Also returns, without gradient, ``is_top1 (N,)`` bool from the same row pass (False where ignored).
     """
 
     @staticmethod
@@ -89,6 +90,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         grads = TokenChunkGrads(hidden, weight, bias, ctx.needs_input_grad[:3], n_chunks=n_chunks)
         inv_denominator = 1.0 / denominator.to(device=hidden.device, dtype=torch.float32)
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        is_top1 = torch.zeros(target.shape[0], device=hidden.device, dtype=torch.bool)
         buffer = torch.empty((per_chunk, vocab), device=hidden.device, dtype=dtype) if rows_all.numel() else None
         any_grad = any(ctx.needs_input_grad[:3])
         for start in range(0, rows_all.shape[0], per_chunk):
@@ -99,6 +101,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             stats = RowStats(rows.shape[0], hidden.device)
             fold_row_stats_(stats, logits, chunk_target, 0, **opts.row_kwargs(triton_path))
             lse = stats.lse()
+            is_top1.index_copy_(0, rows, stats.is_top1())
             total += (lse - (1.0 - label_smoothing) * stats.target_logit - label_smoothing * stats.logit_sum / vocab).sum()
             if any_grad:
                 a = (-(1.0 - label_smoothing) * inv_denominator).expand(rows.shape[0]).contiguous()
@@ -110,10 +113,11 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = grads.as_inputs(weight, bias)
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_hidden, grad_weight, grad_bias)))
         ctx.has_grad = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
-        return total * inv_denominator
+        ctx.mark_non_differentiable(is_top1)
+        return total * inv_denominator, is_top1
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_top1):
         # The stored gradients are scaled in place (no second copy of grad-weight), so they serve one
         # backward only; a second one (retain_graph=True) would be silently wrong.
         if getattr(ctx, "consumed", False):
@@ -144,7 +148,8 @@ def fused_linear_cross_entropy(
     impl: str | None = None,
     strategy: str = "auto",
     max_grad_buffer_bytes: int | None = None,
-) -> torch.Tensor:
+    return_top1: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``target``, matching ``F.cross_entropy``.
 
     Args:
@@ -160,6 +165,8 @@ def fused_linear_cross_entropy(
         strategy: ``"auto"``, ``"grad_in_forward"`` or ``"recompute"`` (module docstring).
         max_grad_buffer_bytes: with ``"auto"``, the largest fp32 grad-weight buffer allowed
             (default: no limit).
+        return_top1: also return ``is_top1`` (bool, shaped like target, False where ignored): whether
+            the target is the argmax of its logits, read from the same row pass (no extra product).
 
     A batch whose tokens are all ignored gives 0 and zero gradients (``F.cross_entropy`` gives NaN).
     """
@@ -195,10 +202,13 @@ def fused_linear_cross_entropy(
     else:
         denominator = (target != ignore_index).sum().clamp(min=1).float()
     if strategy == "recompute":
-        per_token, *_ = linear_token_objective(
-            hidden, weight, target, bias, alpha=-(1.0 - label_smoothing), beta=-label_smoothing, opts=opts
+        per_token, _, _, _, is_top1 = linear_token_objective(
+            hidden, weight, target, bias, alpha=-(1.0 - label_smoothing), beta=-label_smoothing, opts=opts,
+            distribution=return_top1,
         )
-        return per_token.reshape(out_shape) if reduction == "none" else per_token.sum() / denominator
-    return FusedLinearCrossEntropyFunction.apply(
-        hidden, weight, bias, target.long(), denominator, opts, float(label_smoothing)
-    )
+        loss = per_token.reshape(out_shape) if reduction == "none" else per_token.sum() / denominator
+    else:
+        loss, is_top1 = FusedLinearCrossEntropyFunction.apply(
+            hidden, weight, bias, target.long(), denominator, opts, float(label_smoothing)
+        )
+    return (loss, is_top1.reshape(out_shape)) if return_top1 else loss
