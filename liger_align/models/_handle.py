@@ -8,7 +8,9 @@ count up, so patching twice changes nothing and the original comes back when the
 
 from __future__ import annotations
 
+import re
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -71,15 +73,27 @@ class PatchHandle:
     """What :func:`apply_liger_kernel_to_llama` and friends return.
 
     ``revert()`` restores what was there before (idempotent); usable as a context manager.
-    ``patched`` lists the patched attributes as ``"Owner.name"`` strings, for logs and tests.
+    ``patched`` lists the patched attributes as ``"Owner.name"`` strings, for logs and tests;
+    ``family`` is the model type whose patches were applied (``"generic"`` for a model type without
+    its own, see :func:`~liger_align.models.apply_liger_kernel`); ``skipped`` says what was left
+    unpatched and why; ``summary()`` is one line for a log.
     """
 
     patched: list[str] = field(default_factory=list)
     _undos: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    family: str | None = None
+    skipped: list[str] = field(default_factory=list)
 
     def add(self, owner: Any, name: str, new: Any, label: str) -> None:
         self._undos.append(patch_attr(owner, name, new))
         self.patched.append(label)
+
+    def summary(self) -> str:
+        """E.g. ``"gemma2: 12 patched (model.layers.*.mlp.forward x2, ...); not patched: ..."``."""
+        groups = Counter(re.sub(r"\.\d+\.", ".*.", label) for label in self.patched)
+        parts = [f"{label} x{n}" if n > 1 else label for label, n in groups.items()]
+        text = f"{self.family or 'liger_align'}: {len(self.patched)} patched ({', '.join(parts) or 'nothing'})"
+        return text + (f"; not patched: {'; '.join(self.skipped)}" if self.skipped else "")
 
     def revert(self) -> None:
         while self._undos:
