@@ -23,7 +23,8 @@ SCRIPTS = {
     "kto": ALIGNMENT / "run_kto.py",
     "sft": REPO / "examples" / "sft" / "run_sft.py",
 }
-FEW_STEPS = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--eval_size", "16"]
+FEW_STEPS = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--eval_size", "16",
+             "--meter_warmup_steps", "1"]
 
 if str(ALIGNMENT) not in sys.path:
     sys.path.insert(0, str(ALIGNMENT))
@@ -61,7 +62,9 @@ def test_example_runs_and_saves(name: str, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
     summary = check_saved(output_dir)
     assert summary["algorithm"] == name and summary["steps"] == 2
-    assert "steps" in result.stdout and "peak memory" in result.stdout
+    assert "steps" in result.stdout and "peak memory" in result.stdout and "step meter" in result.stdout
+    meter = summary["meter"]  # the StepMeter: 1 warm-up step, 1 measured, non-padding tokens counted
+    assert meter["steps_measured"] == 1 and meter["tokens_per_s"] > 0 and meter["peak_allocated_mib"] > 0
 
 
 def test_orpo_without_liger_runs_trl(tmp_path: Path) -> None:

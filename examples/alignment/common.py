@@ -73,6 +73,9 @@ class ScriptArguments:
     dtype: str = field(
         default="auto", metadata={"help": "dtype to load --model_name_or_path in: auto, bfloat16, float16, float32."}
     )
+    meter_warmup_steps: int = field(
+        default=2, metadata={"help": "Optimizer steps the StepMeter leaves out of its summary (warm-up)."}
+    )
 
 
 @dataclass(frozen=True)
@@ -315,6 +318,30 @@ def _metrics(
     return metrics
 
 
+def step_meter(args: ScriptArguments, config: TrainingArguments) -> Any:
+    """A ``StepMeterCallback`` (synchronised step time, non-padding tokens/s, peak memory) writing
+    one JSON line per step to ``<output_dir>/steps.jsonl``."""
+    from liger_align.utils import StepMeterCallback
+
+    if args.meter_warmup_steps < 0:
+        raise ValueError(f"--meter_warmup_steps must be >= 0, got {args.meter_warmup_steps}")
+    return StepMeterCallback(warmup_steps=args.meter_warmup_steps, jsonl_path=Path(config.output_dir) / "steps.jsonl")
+
+
+def print_meter(meter: dict[str, Any]) -> None:
+    """One line of the StepMeter's summary (see ``liger_align.utils.StepMeter.summary``)."""
+    if not meter["steps_measured"]:
+        print(f"step meter   no step measured after {meter['warmup_steps']} warm-up step(s) (--meter_warmup_steps)")
+        return
+    kind = "process peak RSS" if meter["memory_kind"] == "cpu_rss" else f"{meter['memory_kind']} allocated/reserved"
+    print(
+        f"step meter   {meter['steps_measured']} steps after {meter['warmup_steps']} warm-up: "
+        f"median {meter['median_step_s']:.3f} s/step, {meter['tokens_per_s']:.0f} tokens/s "
+        f"(all ranks {meter['global_tokens_per_s']:.0f}), peak {meter['peak_allocated_mib']:.0f}/"
+        f"{meter['peak_reserved_mib']:.0f} MiB ({kind})"
+    )
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     """Print the run's summary: steps, wall time, peak memory, held-out metrics at the start and the end."""
     print(
@@ -323,6 +350,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(f"steps        {summary['steps']}")
     print(f"wall time    {summary['train_seconds']:.1f} s (training only)")
     print(f"peak memory  {summary['peak_memory_mib']:.0f} MiB ({summary['peak_memory_kind']})")
+    if "meter" in summary:
+        print_meter(summary["meter"])
     print(f"held-out ({summary['eval_rows']} rows)".ljust(40) + "start      end")
     for key, start in summary["start"].items():
         end = summary["end"].get(key, math.nan)
@@ -343,8 +372,10 @@ def main(algorithm: Algorithm, argv: Sequence[str] | None = None) -> dict[str, A
     kwargs: dict[str, Any] = {}
     if algorithm.reference_model and script_args.model_name_or_path is None:
         kwargs["ref_model"] = copy.deepcopy(model).eval().requires_grad_(False)
+    meter = step_meter(script_args, config)
     trainer = trainer_class(
-        model=model, args=config, train_dataset=train, eval_dataset=held_out, processing_class=tokenizer, **kwargs
+        model=model, args=config, train_dataset=train, eval_dataset=held_out, processing_class=tokenizer,
+        callbacks=[meter], **kwargs,
     )
     max_length = config.max_length or 512
     start = _metrics(trainer, pairs, tokenizer, max_length)
@@ -366,6 +397,7 @@ def main(algorithm: Algorithm, argv: Sequence[str] | None = None) -> dict[str, A
         "train_seconds": seconds,
         "peak_memory_mib": memory,
         "peak_memory_kind": memory_kind,
+        "meter": meter.summary(),
         "eval_rows": len(held_out),
         "start": start,
         "end": end,

@@ -1,26 +1,34 @@
-"""Supervised fine-tuning with the Hugging Face ``Trainer``; ``--use_liger`` adds liger_align's model patch.
+"""Supervised fine-tuning with the Hugging Face ``Trainer``; ``--use_liger`` (default) adds liger_align's model patch.
 
-The patch is one line, applied to the model before training::
+The patch is one line, applied to the model before training; it picks the family (Llama, Qwen2,
+Mistral, Gemma, ... whatever ``liger_align.models`` supports) from ``model.config.model_type``::
 
-    from liger_align.models import apply_liger_kernel_to_llama
-    apply_liger_kernel_to_llama(model=model)
+    from liger_align.models import apply_liger_kernel
+    handle = apply_liger_kernel(model)      # handle.patched lists what was replaced
 
-It runs RMSNorm, RoPE and SwiGLU through liger_align's kernels and computes the loss without
-materialising the ``[tokens, vocab]`` logits. With no arguments the embedded default runs (tiny
-Llama 3.2, local tokenizer, the chosen answers of the shipped preference data as SFT targets) and a
-summary is printed; with arguments it does the real job, and every ``TrainingArguments`` flag works::
+It runs the norms, RoPE and the gated MLP through liger_align's kernels and computes the loss without
+materialising the ``[tokens, vocab]`` logits. With no arguments the embedded default runs (a tiny
+model, Llama 3.2 unless ``--embedded_family`` says qwen2, mistral, gemma or gemma2; a local
+tokenizer; the chosen answers of the shipped preference data as SFT targets) and a summary is
+printed: what was patched, the held-out loss, and the StepMeter's synchronised step time, non-padding
+tokens/s and peak memory (one JSON line per step in ``<output_dir>/steps.jsonl``). With arguments it
+does the real job, and every ``TrainingArguments`` flag (``--report_to`` included) works::
 
     python examples/sft/run_sft.py
+    python examples/sft/run_sft.py --embedded_family gemma2
     python examples/sft/run_sft.py --model_name_or_path meta-llama/Llama-3.2-1B --dataset_name sft.jsonl \\
         --max_length 1024 --per_device_train_batch_size 8 --learning_rate 2e-5 --bf16 --output_dir outputs/sft
 
 A data set needs a ``text`` column, or ``prompt`` and ``completion`` (or ``chosen``); the loss covers
-the completion only. ``--no-use_liger`` trains the unpatched model, for comparison.
+the completion and its EOS token (padding is masked by position, so EOS stays a target when the
+tokenizer pads with EOS). The held-out split is drawn with ``--seed``. ``--no-use_liger`` trains the
+unpatched model, for comparison.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,13 +37,21 @@ from typing import Any
 
 import torch
 from datasets import Dataset, DatasetDict
-from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import (
+    DataCollatorForSeq2Seq,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "alignment"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import tiny_models  # noqa: E402
 
 common.add_repo_to_path()
-from liger_align.models import apply_liger_kernel_to_llama  # noqa: E402
+from liger_align.models import PatchHandle, apply_liger_kernel  # noqa: E402
 
 SFT_EMBEDDED_DEFAULTS: dict[str, Any] = {"learning_rate": 3e-3, "num_train_epochs": 3}
 
@@ -45,6 +61,70 @@ class SFTScriptArguments(common.ScriptArguments):
     """The alignment examples' arguments plus the sequence length (``TrainingArguments`` has none)."""
 
     max_length: int = field(default=1024, metadata={"help": "Longest tokenized example; longer ones are cut."})
+    embedded_family: str | None = field(
+        default=None,
+        metadata={"help": f"Family of the embedded tiny model: one of {list(tiny_models.FAMILIES)} (default llama)."},
+    )
+
+
+def check_script_args(args: SFTScriptArguments) -> None:
+    """Raise ``ValueError`` naming the flag for a bad ``--max_length`` or ``--embedded_family``."""
+    if not isinstance(args.max_length, int) or args.max_length <= 0:
+        raise ValueError(f"--max_length must be a positive integer, got {args.max_length!r}")
+    if args.embedded_family is not None:
+        if args.model_name_or_path is not None:
+            raise ValueError(
+                f"--embedded_family {args.embedded_family!r} picks the embedded tiny model; it cannot be combined "
+                f"with --model_name_or_path {args.model_name_or_path!r}"
+            )
+        if args.embedded_family not in tiny_models.FAMILIES:
+            raise ValueError(
+                f"--embedded_family {args.embedded_family!r} is not supported; "
+                f"expected one of {list(tiny_models.FAMILIES)}"
+            )
+
+
+def load_model_and_tokenizer(args: SFTScriptArguments, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``--model_name_or_path`` and its tokenizer, or the tiny ``--embedded_family`` model and the local tokenizer."""
+    if args.model_name_or_path is not None or args.embedded_family in (None, "llama"):
+        return common.load_model_and_tokenizer(args, seed)
+    tokenizer = common.embedded.build_tokenizer()
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    model = tiny_models.build_tiny_model(
+        args.embedded_family, len(tokenizer), pad_token_id=tokenizer.pad_token_id, seed=seed, **ids
+    )
+    return model, tokenizer
+
+
+def check_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, what: str) -> None:
+    """Raise ``ValueError`` if ``model`` has no output head or the tokenizer has ids its head cannot score."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise ValueError(f"{what}: {type(model).__name__} has no output head (get_output_embeddings() is None)")
+    rows = head.weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ValueError(
+            f"{what}: the tokenizer has {len(tokenizer)} tokens but the model's head scores only {rows} "
+            "(lm_head.out_features); call model.resize_token_embeddings(len(tokenizer)) or use the matching tokenizer"
+        )
+
+
+def patch_model(model: PreTrainedModel) -> PatchHandle:
+    """``apply_liger_kernel(model)``; its handle, or ``ValueError`` naming ``--use_liger`` if nothing was patched."""
+    model_type = getattr(model.config, "model_type", None)
+    handle = apply_liger_kernel(model)
+    if not handle.patched:
+        raise ValueError(
+            f"--use_liger: liger_align has no kernels for model_type={model_type!r}; "
+            "pass --no-use_liger to train it unpatched"
+        )
+    return handle
+
+
+def describe_patched(patched: list[str]) -> str:
+    """The patched attributes with layer indices folded (``model.layers.*.mlp.forward``), in order."""
+    folded = dict.fromkeys(re.sub(r"\.\d+\.", ".*.", name) for name in patched)
+    return f"{len(patched)} attributes: " + ", ".join(folded)
 
 
 def to_sft_columns(dataset: Dataset, what: str) -> Dataset:
@@ -78,11 +158,24 @@ def tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: i
     return dataset.map(encode, remove_columns=dataset.column_names)
 
 
+def make_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
+    """Right-pads ``input_ids`` (pad id), ``attention_mask`` (0) and ``labels`` (-100) by position.
+
+    Padding is masked where the attention mask is 0, never by token id: when the tokenizer pads
+    with its EOS token, each row's real EOS keeps its label.
+    """
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse arguments, load and check everything, train, save, print and return the summary."""
+    """Parse arguments, load and check everything, patch, train, save, print and return the summary.
+
+    The patch is reverted when ``main`` returns or raises (in-process callers get transformers back).
+    """
     args, config = common.parse_script_and_config(
         SFTScriptArguments, TrainingArguments, name="sft", embedded_defaults=SFT_EMBEDDED_DEFAULTS, argv=argv
     )
+    check_script_args(args)
     raw = common.load_raw_dataset(args.dataset_name, args.dataset_config)
     what = f"--dataset_name {args.dataset_name or str(common.embedded.DATA_PATH)!r} for SFT"
     if isinstance(raw, DatasetDict):
@@ -90,19 +183,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         raw = to_sft_columns(raw, what)
     train, held_out = common.split_dataset(raw, args, config.seed)
-    model, tokenizer = common.load_model_and_tokenizer(args, config.seed)
+    model, tokenizer = load_model_and_tokenizer(args, config.seed)
+    model_name = args.model_name_or_path or f"embedded tiny {args.embedded_family or 'llama'}"
+    check_vocabulary(model, tokenizer, f"--model_name_or_path {model_name!r}")
+    meter = common.step_meter(args, config)
+    with patch_model(model) if args.use_liger else PatchHandle() as handle:
+        if config.process_index == 0:
+            patched = describe_patched(handle.patched) if handle.patched else "nothing (--no-use_liger)"
+            print(f"liger_align patched {patched}")
+        trainer = Trainer(
+            model=model,
+            args=config,
+            train_dataset=tokenize(train, tokenizer, args.max_length),
+            eval_dataset=tokenize(held_out, tokenizer, args.max_length),
+            processing_class=tokenizer,
+            data_collator=make_collator(tokenizer),
+            callbacks=[meter],
+        )
+        summary = {
+            "algorithm": "sft",
+            "trainer": "Trainer" + (" + apply_liger_kernel" if handle.patched else ""),
+            "model": model_name,
+            "model_type": model.config.model_type,
+            "patched": list(handle.patched),
+            "device": str(config.device),
+            **train_and_evaluate(trainer),
+            "meter": meter.summary(),
+            "eval_rows": len(held_out),
+            "output_dir": config.output_dir,
+        }
+        trainer.save_model(config.output_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(config.output_dir)
+        (Path(config.output_dir) / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        common.print_summary(summary)
+    return summary
 
-    if args.use_liger:
-        apply_liger_kernel_to_llama(model=model)
 
-    trainer = Trainer(
-        model=model,
-        args=config,
-        train_dataset=tokenize(train, tokenizer, args.max_length),
-        eval_dataset=tokenize(held_out, tokenizer, args.max_length),
-        processing_class=tokenizer,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
-    )
+def train_and_evaluate(trainer: Trainer) -> dict[str, Any]:
+    """Held-out loss, training (timed, peak memory), held-out loss again."""
     start = trainer.evaluate()["eval_loss"]
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -111,28 +230,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seconds = time.perf_counter() - began
     memory, memory_kind = common.peak_memory()
     end = trainer.evaluate()["eval_loss"]
-
-    trainer.save_model(config.output_dir)
-    summary = {
-        "algorithm": "sft",
-        "trainer": "Trainer"
-        + (" + apply_liger_kernel_to_llama" if args.use_liger and apply_liger_kernel_to_llama else ""),
-        "model": args.model_name_or_path or "embedded tiny Llama 3.2",
-        "device": str(config.device),
+    return {
         "steps": trainer.state.global_step,
         "train_seconds": seconds,
         "peak_memory_mib": memory,
         "peak_memory_kind": memory_kind,
-        "eval_rows": len(held_out),
         "start": {"eval_loss": start},
         "end": {"eval_loss": end},
-        "output_dir": config.output_dir,
     }
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(config.output_dir)
-        (Path(config.output_dir) / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        common.print_summary(summary)
-    return summary
 
 
 if __name__ == "__main__":
