@@ -48,7 +48,7 @@ def test_embedded_family_runs_patched_and_metered(family: str, tmp_path: Path) -
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["model_type"] == family and any("ForCausalLM.forward" in p for p in summary["patched"])
-    assert "liger_align patched" in result.stdout and "step meter" in result.stdout
+    assert f"liger_align: {family}: " in result.stdout and "step meter" in result.stdout
     meter = summary["meter"]
     assert meter["steps_measured"] == 2 and meter["tokens_per_s"] > 0 and meter["peak_allocated_mib"] > 0
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]

@@ -28,7 +28,6 @@ unpatched model, for comparison.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ import common  # noqa: E402
 import tiny_models  # noqa: E402
 
 common.add_repo_to_path()
-from liger_align.models import PatchHandle, apply_liger_kernel  # noqa: E402
+from liger_align.models import PatchHandle, apply_liger_kernel, supported_model_types  # noqa: E402
 
 SFT_EMBEDDED_DEFAULTS: dict[str, Any] = {"learning_rate": 3e-3, "num_train_epochs": 3}
 
@@ -115,16 +114,10 @@ def patch_model(model: PreTrainedModel) -> PatchHandle:
     handle = apply_liger_kernel(model)
     if not handle.patched:
         raise ValueError(
-            f"--use_liger: liger_align has no kernels for model_type={model_type!r}; "
-            "pass --no-use_liger to train it unpatched"
+            f"--use_liger: liger_align has no kernels for model_type={model_type!r} (supported: "
+            f"{supported_model_types()}); pass --no-use_liger to train it unpatched"
         )
     return handle
-
-
-def describe_patched(patched: list[str]) -> str:
-    """The patched attributes with layer indices folded (``model.layers.*.mlp.forward``), in order."""
-    folded = dict.fromkeys(re.sub(r"\.\d+\.", ".*.", name) for name in patched)
-    return f"{len(patched)} attributes: " + ", ".join(folded)
 
 
 def to_sft_columns(dataset: Dataset, what: str) -> Dataset:
@@ -189,8 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     meter = common.step_meter(args, config)
     with patch_model(model) if args.use_liger else PatchHandle() as handle:
         if config.process_index == 0:
-            patched = describe_patched(handle.patched) if handle.patched else "nothing (--no-use_liger)"
-            print(f"liger_align patched {patched}")
+            print(f"liger_align: {handle.summary()}" if handle.patched else "liger_align: unpatched (--no-use_liger)")
         trainer = Trainer(
             model=model,
             args=config,
@@ -202,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         summary = {
             "algorithm": "sft",
+            "family": handle.family,
             "trainer": "Trainer" + (" + apply_liger_kernel" if handle.patched else ""),
             "model": model_name,
             "model_type": model.config.model_type,
