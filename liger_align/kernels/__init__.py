@@ -3,10 +3,12 @@
 - :func:`linear_logprobs`: fused linear -> per-token target log-prob, the base of every loss.
 - :func:`fused_linear_cross_entropy`: fused linear cross-entropy on the same row passes.
 - :func:`rms_norm`, :func:`rope`, :func:`swiglu`, :func:`geglu`: the model kernels (Llama, Qwen2, Mistral, Gemma).
+- :func:`layer_norm`: LayerNorm with optional bias (vision towers, e.g. Qwen2-VL).
 """
 
 from .fused_linear_cross_entropy import fused_linear_cross_entropy
 from .geglu import geglu
+from .layer_norm import layer_norm
 from .linear_logprobs import LinearLogProbs, LogitOptions, linear_logprobs
 from .rms_norm import rms_norm
 from .rope import rope
@@ -17,6 +19,7 @@ __all__ = [
     "LogitOptions",
     "fused_linear_cross_entropy",
     "geglu",
+    "layer_norm",
     "linear_logprobs",
     "rms_norm",
     "rope",

@@ -94,37 +94,21 @@ def _logps_from_logits(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return picked * valid
 
 
-@can_return_tuple
-def causal_lm_forward(
+def head_outputs(
     self: nn.Module,
-    input_ids: torch.LongTensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-    position_ids: torch.LongTensor | None = None,
-    inputs_embeds: torch.Tensor | None = None,
-    labels: torch.LongTensor | None = None,
-    use_cache: bool | None = None,
-    logits_to_keep: int | torch.Tensor = 0,
-    logprob_targets: torch.LongTensor | None = None,
-    **kwargs,
-) -> LigerCausalLMOutputWithPast:
-    """Hugging Face's causal-LM forward with a fused loss and fused per-token log-probs.
+    hidden: torch.Tensor,
+    *,
+    labels: torch.LongTensor | None,
+    shift_labels: torch.LongTensor | None,
+    logprob_targets: torch.LongTensor | None,
+    num_items_in_batch: torch.Tensor | int | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(loss, logits, logps)`` of ``self``'s output head on the last hidden states ``hidden (B, T, H)``.
 
-    Args (beyond Hugging Face's, whose cache argument and attention kwargs pass through ``kwargs``):
-        labels: ``(B, T)`` token ids, ``-100`` where no loss (shifted here, as Hugging Face does).
-        logprob_targets: ``(B, T)`` token ids, ``-100`` where masked, aligned with the positions (not shifted).
-        kwargs: ``num_items_in_batch`` and ``shift_labels`` are loss arguments; the rest go to the backbone.
-
-    Returns:
-        :class:`LigerCausalLMOutputWithPast`: ``loss`` (0-d fp32) when labels are given, ``logits``
-        ``(B, T, V)`` or ``None`` (see the module docstring), ``logps (B, T)`` fp32 or ``None``.
+    The part of the patched forward after the backbone, shared by every causal LM and vision-language
+    model patch: the fused loss in training, the fused ``logprob_targets`` log-probs, or the logits
+    (see the module docstring). The vocabulary comes from the text config.
     """
-    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-    shift_labels = kwargs.pop("shift_labels", None)
-    outputs = self.model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
-    )
-    hidden = _keep(outputs.last_hidden_state, logits_to_keep)
     target = None
     if shift_labels is not None:
         target = shift_labels
@@ -182,6 +166,44 @@ def causal_lm_forward(
                 name = "labels" if fuse_loss else "logprob_targets"
                 raise ValueError(f"{name}: token ids {str(err)[len('target '):]}") from None
             raise
+    return loss, logits, logps
+
+
+@can_return_tuple
+def causal_lm_forward(
+    self: nn.Module,
+    input_ids: torch.LongTensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.LongTensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    labels: torch.LongTensor | None = None,
+    use_cache: bool | None = None,
+    logits_to_keep: int | torch.Tensor = 0,
+    logprob_targets: torch.LongTensor | None = None,
+    **kwargs,
+) -> LigerCausalLMOutputWithPast:
+    """Hugging Face's causal-LM forward with a fused loss and fused per-token log-probs.
+
+    Args (beyond Hugging Face's, whose cache argument and attention kwargs pass through ``kwargs``):
+        labels: ``(B, T)`` token ids, ``-100`` where no loss (shifted here, as Hugging Face does).
+        logprob_targets: ``(B, T)`` token ids, ``-100`` where masked, aligned with the positions (not shifted).
+        kwargs: ``num_items_in_batch`` and ``shift_labels`` are loss arguments; the rest go to the backbone.
+
+    Returns:
+        :class:`LigerCausalLMOutputWithPast`: ``loss`` (0-d fp32) when labels are given, ``logits``
+        ``(B, T, V)`` or ``None`` (see the module docstring), ``logps (B, T)`` fp32 or ``None``.
+    """
+    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+    shift_labels = kwargs.pop("shift_labels", None)
+    outputs = self.model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+    )
+    hidden = _keep(outputs.last_hidden_state, logits_to_keep)
+    loss, logits, logps = head_outputs(
+        self, hidden, labels=labels, shift_labels=shift_labels, logprob_targets=logprob_targets,
+        num_items_in_batch=num_items_in_batch,
+    )
 
     passthrough = {
         f.name: getattr(outputs, f.name, None) for f in fields(CausalLMOutputWithPast)

@@ -17,6 +17,7 @@ from .gemma import apply_liger_kernel_to_gemma, apply_liger_kernel_to_gemma2, ap
 from .llama import apply_liger_kernel_to_llama
 from .mistral import apply_liger_kernel_to_mistral
 from .qwen2 import apply_liger_kernel_to_qwen2
+from .qwen2_vl import apply_liger_kernel_to_qwen2_5_vl, apply_liger_kernel_to_qwen2_vl
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ PATCHERS: dict[str, Callable[..., PatchHandle]] = {
     "gemma": apply_liger_kernel_to_gemma,
     "gemma2": apply_liger_kernel_to_gemma2,
     "gemma3_text": apply_liger_kernel_to_gemma3_text,
+    "qwen2_vl": apply_liger_kernel_to_qwen2_vl,
+    "qwen2_5_vl": apply_liger_kernel_to_qwen2_5_vl,
 }
 
 

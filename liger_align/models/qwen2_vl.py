@@ -1,0 +1,405 @@
+"""Qwen2-VL and Qwen2.5-VL (``<Prefix>ForConditionalGeneration``): kernels for both towers and the fused loss.
+
+Written against transformers 5.x's ``modeling_qwen2_vl`` / ``modeling_qwen2_5_vl`` (the names below are the
+same from 5.0 to at least 5.24). What each flag patches:
+
+=============================  ======================================  =========================================
+flag                           Qwen2-VL                                Qwen2.5-VL
+=============================  ======================================  =========================================
+``rms_norm``                   ``Qwen2VLRMSNorm`` (text)               ``Qwen2_5_VLRMSNorm`` (text and vision)
+``swiglu``                     ``Qwen2MLP`` (text)                     ``Qwen2MLP`` (text), ``Qwen2_5_VLMLP`` (vision)
+``rope``                       ``apply_rotary_pos_emb`` (text M-RoPE) and ``apply_rotary_pos_emb_vision``
+``layer_norm``                 the vision tower's ``nn.LayerNorm``\\ s  nothing (its vision tower uses RMSNorm)
+``fused_linear_cross_entropy`` ``<Prefix>ForConditionalGeneration.forward`` (:func:`vision_language_forward`)
+=============================  ======================================  =========================================
+
+M-RoPE in transformers 5.x: the rotary embedding module already interleaves the temporal / height / width
+sections, so the attention receives per-token ``cos``/``sin`` of shape ``(B, T, D)``: exactly the layout of
+:func:`~liger_align.kernels.rope.rope`, which therefore runs unchanged. (Liger-Kernel's patch targets
+``apply_multimodal_rotary_pos_emb`` and ``Qwen2RMSNorm``, which these modules no longer have.)
+
+Class patch (``model=None``): every model of the family, built before or after, except the vision
+``LayerNorm``\\ s, which are patched in models built while the patch is live (``modeling_qwen2_vl.LayerNorm``
+is replaced by :class:`~._vision_layers.LigerLayerNorm`); pass ``model=`` to patch an existing instance's.
+Instance patch: the modules of that model only (RoPE, as for the text families, module-wide while the
+handle lives). The returned :class:`VisionLanguagePatchHandle` says per flag what was patched, or why not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import inspect
+import types
+import warnings
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import nn
+
+from ._causal_lm import _keep, can_return_tuple, head_outputs
+from ._families import ModelFamily, _forward_slot, _patch_rope, unwrap
+from ._handle import PatchHandle
+from ._layers import rms_norm_forward, swiglu_mlp_forward, uses_silu
+from ._vision_layers import (
+    LigerLayerNorm, fits_layer_norm, gated_silu_mlp_forward, is_silu, layer_norm_forward, make_vision_rope_function,
+    register_layer_norm_owner,
+)
+
+FLAGS = ("rope", "rms_norm", "swiglu", "layer_norm", "fused_linear_cross_entropy")
+
+
+@dataclass(frozen=True)
+class VisionLanguageFamily:
+    """Where a vision-language family's pieces live, on top of :class:`~._families.ModelFamily`.
+
+    ``text_mlp``: the decoder's MLP class; ``vision_mlp``: a gated vision MLP class or None;
+    ``vision_layer_norm``: whether the vision tower uses ``nn.LayerNorm`` (else RMSNorm).
+    """
+
+    base: ModelFamily
+    title: str
+    text_mlp: str = "Qwen2MLP"
+    vision_mlp: str | None = None
+    vision_layer_norm: bool = False
+
+    @property
+    def model_type(self) -> str:
+        return self.base.model_type
+
+    def modeling(self) -> types.ModuleType:
+        return self.base.modeling()
+
+    def cls(self, name: str) -> type:
+        return getattr(self.modeling(), name)
+
+
+QWEN2_VL = VisionLanguageFamily(ModelFamily("qwen2_vl", "qwen2_vl", "Qwen2VL"), "Qwen2-VL", vision_layer_norm=True)
+QWEN2_5_VL = VisionLanguageFamily(ModelFamily("qwen2_5_vl", "qwen2_5_vl", "Qwen2_5_VL"), "Qwen2.5-VL",
+                                  vision_mlp="Qwen2_5_VLMLP")
+VISION_LANGUAGE_FAMILIES = {f.model_type: f for f in (QWEN2_VL, QWEN2_5_VL)}
+
+
+@dataclass
+class VisionLanguagePatchHandle(PatchHandle):
+    """A :class:`~._handle.PatchHandle` that also reports, per flag, what happened.
+
+    ``states[flag]`` is ``"patched: <what>"``, ``"off"`` (flag False), ``"not present: <why>"`` (nothing of
+    that kind in this model or family) or, after :meth:`revert`, ``"reverted"`` for what was patched.
+    """
+
+    states: dict[str, str] = field(default_factory=dict)
+
+    def revert(self) -> None:
+        super().revert()
+        self.states = {k: "reverted" if v.startswith("patched") else v for k, v in self.states.items()}
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def _check_vision_inputs(lm: nn.Module, input_ids: torch.Tensor | None, pixels: torch.Tensor | None,
+                         grid: torch.Tensor | None, kind: str) -> None:
+    """Raise ``ValueError`` unless ``pixels``, ``grid`` and ``input_ids``' placeholders describe the same images."""
+    pixels_name = "pixel_values" if kind == "image" else "pixel_values_videos"
+    grid_name = f"{kind}_grid_thw"
+    if pixels is None and grid is None:
+        return
+    if pixels is None or grid is None:
+        given, missing = (pixels_name, grid_name) if grid is None else (grid_name, pixels_name)
+        raise ValueError(f"{given} was given without {missing}: the vision tower needs both")
+    if not isinstance(grid, torch.Tensor) or grid.dim() != 2 or grid.shape[-1] != 3 or grid.is_floating_point():
+        raise ValueError(f"{grid_name} must be an integer tensor (num_{kind}s, 3) of (t, h, w) patch counts, got "
+                         f"{tuple(grid.shape) if isinstance(grid, torch.Tensor) else type(grid).__name__}")
+    vision = lm.config.vision_config
+    patch_values = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    if pixels.dim() != 2 or pixels.shape[-1] != patch_values:
+        raise ValueError(f"{pixels_name} must have shape (patches, channels * temporal_patch_size * patch_size^2 = "
+                         f"{patch_values}), got {tuple(pixels.shape)}")
+    merge = vision.spatial_merge_size
+    grid_cpu = grid.detach().cpu()
+    patches = int(grid_cpu.prod(-1).sum())
+    if pixels.shape[0] != patches:
+        raise ValueError(f"{pixels_name} has {pixels.shape[0]} patch rows but {grid_name} {grid_cpu.tolist()} "
+                         f"describes sum(t * h * w) = {patches}: the grid is inconsistent with the pixels")
+    if bool((grid_cpu[:, 1:] % merge != 0).any()):
+        raise ValueError(f"{grid_name} {grid_cpu.tolist()}: h and w must be multiples of spatial_merge_size={merge}")
+    if input_ids is not None:
+        token_id = getattr(lm.config, f"{kind}_token_id")
+        placeholders = int((input_ids == token_id).sum())
+        needed = patches // merge**2
+        if placeholders != needed:
+            raise ValueError(
+                f"input_ids holds {placeholders} {kind} placeholder tokens (id {token_id}) but {grid_name} describes "
+                f"{grid_cpu.shape[0]} {kind}(s) needing sum(t * h * w) / {merge}^2 = {needed}: expand each {kind}'s "
+                f"placeholder to t * h * w / {merge}^2 tokens and give one {grid_name} row per {kind} in the batch"
+            )
+
+
+# ------------------------------------------------------------------------------------------------ forward
+
+
+@functools.cache
+def _with_logps(base: type) -> type:
+    """``base`` (a ``ModelOutput`` dataclass) plus ``logps (B, T)`` fp32, the log-probs of ``logprob_targets``."""
+    return dataclasses.make_dataclass(
+        f"Liger{base.__name__}", [("logps", "torch.FloatTensor | None", field(default=None))], bases=(base,),
+        namespace={"__module__": __name__, "__doc__": f"``{base.__name__}`` plus ``logps (B, T)`` fp32."},
+    )
+
+
+def _output_class(lm: nn.Module) -> type:
+    """The output dataclass of ``lm``'s original forward, with ``logps`` added.
+
+    transformers >= 5.20 returns ``MultimodalCausalLMOutputWithPast``; earlier 5.x releases a per-family
+    ``<Prefix>CausalLMOutputWithPast`` (with ``rope_deltas``).
+    """
+    for klass in type(lm).__mro__:
+        if klass.__module__.startswith("transformers.models.") and klass.__name__.endswith("ForConditionalGeneration"):
+            own = getattr(importlib.import_module(klass.__module__),
+                          klass.__name__.replace("ForConditionalGeneration", "CausalLMOutputWithPast"), None)
+            if own is not None:
+                return _with_logps(own)
+            break
+    from transformers import modeling_outputs
+
+    base = getattr(modeling_outputs, "MultimodalCausalLMOutputWithPast", modeling_outputs.CausalLMOutputWithPast)
+    return _with_logps(base)
+
+
+def _accepts(module: nn.Module, name: str) -> bool:
+    return name in inspect.signature(type(module).forward).parameters
+
+
+@can_return_tuple
+def vision_language_forward(
+    self: nn.Module,
+    input_ids: torch.LongTensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.LongTensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    labels: torch.LongTensor | None = None,
+    use_cache: bool | None = None,
+    pixel_values: torch.Tensor | None = None,
+    pixel_values_videos: torch.Tensor | None = None,
+    image_grid_thw: torch.LongTensor | None = None,
+    video_grid_thw: torch.LongTensor | None = None,
+    mm_token_type_ids: torch.IntTensor | None = None,
+    rope_deltas: torch.LongTensor | None = None,
+    logits_to_keep: int | torch.Tensor = 0,
+    logprob_targets: torch.LongTensor | None = None,
+    **kwargs,
+):
+    """``Qwen2VLForConditionalGeneration.forward`` (and Qwen2.5-VL's) with a fused loss and fused log-probs.
+
+    Args (beyond Hugging Face's; the cache argument, ``second_per_grid_ts`` and attention kwargs pass
+    through ``kwargs`` to ``self.model``):
+        input_ids: ``(B, T)``, each image's placeholder expanded to ``t * h * w / merge^2`` image tokens.
+        pixel_values: ``(patches, C * temporal_patch * patch^2)`` for all images of the batch, in order;
+            ``image_grid_thw (num_images, 3)`` their patch grids. Videos likewise. Checked against each
+            other and against ``input_ids``' placeholders before the vision tower runs.
+        mm_token_type_ids: ``(B, T)`` 0 text / 1 image / 2 video (transformers 5.x builds M-RoPE positions from it).
+        rope_deltas: passed on where the backbone's forward takes it (transformers 5.x keeps it on
+            ``model.model.rope_deltas`` instead, and ignores it here).
+        labels: ``(B, T)``, ``-100`` where no loss (shifted here); ``logprob_targets (B, T)``: not shifted.
+        kwargs: ``num_items_in_batch`` and ``shift_labels`` are loss arguments.
+
+    Returns:
+        The original forward's output class plus ``logps``: ``loss`` (0-d fp32) with labels, ``logits``
+        ``(B, T, V)`` or ``None`` (training with labels, or ``logprob_targets``), ``logps (B, T)`` fp32 or ``None``.
+        ``V`` and ``H`` come from ``config.text_config``.
+    """
+    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+    shift_labels = kwargs.pop("shift_labels", None)
+    _check_vision_inputs(self, input_ids, pixel_values, image_grid_thw, "image")
+    _check_vision_inputs(self, input_ids, pixel_values_videos, video_grid_thw, "video")
+    vision = {
+        "pixel_values": pixel_values, "pixel_values_videos": pixel_values_videos, "image_grid_thw": image_grid_thw,
+        "video_grid_thw": video_grid_thw, "mm_token_type_ids": mm_token_type_ids,
+    }
+    body = {k: v for k, v in vision.items() if v is not None}
+    if rope_deltas is not None and _accepts(self.model, "rope_deltas"):
+        body["rope_deltas"] = rope_deltas
+    outputs = self.model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
+        use_cache=use_cache, **body, **kwargs,
+    )
+    hidden = _keep(outputs.last_hidden_state, logits_to_keep)
+    loss, logits, logps = head_outputs(
+        self, hidden, labels=labels, shift_labels=shift_labels, logprob_targets=logprob_targets,
+        num_items_in_batch=num_items_in_batch,
+    )
+    out_cls = _output_class(self)
+    passthrough = {
+        f.name: getattr(outputs, f.name, None) for f in fields(out_cls) if f.name not in ("loss", "logits", "logps")
+    }
+    return out_cls(loss=loss, logits=logits, logps=logps, **passthrough)
+
+
+vision_language_forward._liger_align = True  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------------------------------------ patching
+
+
+def _patch_vision_rope(handle: PatchHandle, family: VisionLanguageFamily) -> str:
+    modeling = family.modeling()
+    current = getattr(modeling, "apply_rotary_pos_emb_vision", None)
+    if current is None:
+        return ""
+    original = getattr(current, "original", current)
+    handle.add(modeling, "apply_rotary_pos_emb_vision", make_vision_rope_function(original),
+               f"{modeling.__name__}.apply_rotary_pos_emb_vision")
+    return " and apply_rotary_pos_emb_vision (vision)"
+
+
+def _summary(labels: list[str], where: str) -> str:
+    return f"patched: {len(labels)} {where}"
+
+
+def patch_vision_language(family: VisionLanguageFamily, *, model: nn.Module | None, **flags: bool
+                          ) -> VisionLanguagePatchHandle:
+    """Apply the selected patches (``flags``: each of :data:`FLAGS`) to ``family``'s classes or to ``model``."""
+    handle = VisionLanguagePatchHandle(family=family.model_type)
+    states = {flag: "off" for flag in FLAGS}
+    prefix = family.base.prefix
+    rms_cls, lm_cls = family.cls(f"{prefix}RMSNorm"), family.cls(f"{prefix}ForConditionalGeneration")
+    text_mlp = family.cls(family.text_mlp)
+    vision_mlp = family.cls(family.vision_mlp) if family.vision_mlp else None
+    if flags["rope"]:
+        _patch_rope(handle, family.base)
+        states["rope"] = "patched: apply_rotary_pos_emb (text M-RoPE)" + _patch_vision_rope(handle, family)
+    if flags["layer_norm"] and not family.vision_layer_norm:
+        states["layer_norm"] = f"not present: {family.title}'s vision tower has no LayerNorm (it uses RMSNorm)"
+
+    if model is None:
+        targets = [("rms_norm", rms_cls, rms_norm_forward), ("swiglu", text_mlp, swiglu_mlp_forward),
+                   ("fused_linear_cross_entropy", lm_cls, vision_language_forward)]
+        if vision_mlp is not None:
+            targets.append(("swiglu", vision_mlp, gated_silu_mlp_forward))
+        for flag, cls, fn in targets:
+            if flags[flag]:
+                handle.add(cls, "forward", fn, f"{cls.__name__}.forward")
+                done = states[flag].removeprefix("patched: ") if states[flag].startswith("patched") else ""
+                states[flag] = "patched: " + ", ".join(filter(None, (done, f"{cls.__name__}.forward")))
+        if flags["layer_norm"] and family.vision_layer_norm:
+            modeling = family.modeling()
+            register_layer_norm_owner(modeling)
+            handle.add(modeling, "LayerNorm", LigerLayerNorm, f"{modeling.__name__}.LayerNorm")
+            states["layer_norm"] = ("patched: LayerNorm of models built from now on (pass model= for an existing "
+                                    "one's)")
+        return _finish(handle, states)
+
+    base = unwrap(model)
+    found: dict[str, list[str]] = {flag: [] for flag in FLAGS}
+    skipped_mlp = 0
+    for name, module in base.named_modules():
+        label = f"{name or type(module).__name__}.forward"
+        if flags["rms_norm"] and isinstance(module, rms_cls):
+            flag, fn = "rms_norm", rms_norm_forward
+        elif flags["swiglu"] and isinstance(module, text_mlp):
+            if not uses_silu(module):
+                skipped_mlp += 1
+                continue
+            flag, fn = "swiglu", swiglu_mlp_forward
+        elif flags["swiglu"] and vision_mlp is not None and isinstance(module, vision_mlp):
+            if not is_silu(getattr(module, "act_fn", None)):
+                skipped_mlp += 1
+                continue
+            flag, fn = "swiglu", gated_silu_mlp_forward
+        elif flags["layer_norm"] and fits_layer_norm(module):
+            flag, fn = "layer_norm", layer_norm_forward
+        elif flags["fused_linear_cross_entropy"] and isinstance(module, lm_cls):
+            flag, fn = "fused_linear_cross_entropy", vision_language_forward
+        else:
+            continue
+        handle.add(module, _forward_slot(module), types.MethodType(fn, module), label)
+        found[flag].append(label)
+    what = {"rms_norm": "RMSNorm modules", "swiglu": "gated SiLU MLPs", "layer_norm": "LayerNorm modules",
+            "fused_linear_cross_entropy": f"{lm_cls.__name__} forward"}
+    for flag, where in what.items():
+        if not flags[flag] or states[flag] != "off":
+            continue
+        states[flag] = _summary(found[flag], where) if found[flag] else f"not present: no {where} in this model"
+    if skipped_mlp:
+        handle.skipped.append(f"{skipped_mlp} MLP module(s): activation is not SiLU")
+        warnings.warn(f"liger_align: {skipped_mlp} MLP module(s) use an activation other than SiLU; the SwiGLU "
+                      "kernel was not applied to them", stacklevel=3)
+    return _finish(handle, states)
+
+
+def _finish(handle: VisionLanguagePatchHandle, states: dict[str, str]) -> VisionLanguagePatchHandle:
+    handle.states = states
+    handle.skipped.extend(f"{flag}: {state.removeprefix('not present: ')}" for flag, state in states.items()
+                          if state.startswith("not present"))
+    return handle
+
+
+def _check_instance(family: VisionLanguageFamily, model: nn.Module | None) -> None:
+    if model is None:
+        return
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a {family.title} nn.Module or None, got {type(model).__name__}")
+    model_type = getattr(getattr(unwrap(model), "config", None), "model_type", None)
+    if model_type != family.model_type:
+        raise ValueError(
+            f"model: apply_liger_kernel_to_{family.model_type} patches {family.title} models (model_type "
+            f"{family.model_type!r}), got {type(unwrap(model)).__name__} with model_type {model_type!r}; nothing was "
+            "patched (liger_align.models.apply_liger_kernel picks the right patch by model type)"
+        )
+
+
+def apply_liger_kernel_to_qwen2_vl(
+    model: nn.Module | None = None,
+    *,
+    rope: bool = True,
+    rms_norm: bool = True,
+    swiglu: bool = True,
+    layer_norm: bool = True,
+    fused_linear_cross_entropy: bool = True,
+) -> VisionLanguagePatchHandle:
+    """Run Qwen2-VL's kernels through liger-align (see the module docstring for what each flag patches).
+
+    Args:
+        model: ``None`` patches the classes; a ``Qwen2VLForConditionalGeneration`` (or ``Qwen2VLModel``, or a
+            PEFT model wrapping one) patches that instance's modules only.
+        rope: text M-RoPE and vision RoPE through :func:`liger_align.kernels.rope` (module-wide).
+        rms_norm: the decoder's ``Qwen2VLRMSNorm``\\ s.
+        swiglu: the decoder's ``Qwen2MLP`` (SiLU models).
+        layer_norm: the vision tower's LayerNorms through :func:`liger_align.kernels.layer_norm`.
+        fused_linear_cross_entropy: ``Qwen2VLForConditionalGeneration.forward`` computes the training loss
+            and ``logprob_targets`` log-probs without materialising logits (:func:`vision_language_forward`).
+
+    Returns:
+        A :class:`VisionLanguagePatchHandle`: ``states`` per flag, ``patched`` labels, ``revert()``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``. ValueError: ``model`` is not a Qwen2-VL model (nothing
+        is patched).
+    """
+    _check_instance(QWEN2_VL, model)
+    return patch_vision_language(QWEN2_VL, model=model, rope=rope, rms_norm=rms_norm, swiglu=swiglu,
+                                 layer_norm=layer_norm, fused_linear_cross_entropy=fused_linear_cross_entropy)
+
+
+def apply_liger_kernel_to_qwen2_5_vl(
+    model: nn.Module | None = None,
+    *,
+    rope: bool = True,
+    rms_norm: bool = True,
+    swiglu: bool = True,
+    layer_norm: bool = True,
+    fused_linear_cross_entropy: bool = True,
+) -> VisionLanguagePatchHandle:
+    """Like :func:`apply_liger_kernel_to_qwen2_vl`, for ``Qwen2_5_VLForConditionalGeneration``.
+
+    RMSNorm covers the text and the vision tower (``Qwen2_5_VLRMSNorm``), SwiGLU the decoder's ``Qwen2MLP``
+    and the vision ``Qwen2_5_VLMLP``; ``layer_norm`` has nothing to patch (``states["layer_norm"]`` says so).
+    """
+    _check_instance(QWEN2_5_VL, model)
+    return patch_vision_language(QWEN2_5_VL, model=model, rope=rope, rms_norm=rms_norm, swiglu=swiglu,
+                                 layer_norm=layer_norm, fused_linear_cross_entropy=fused_linear_cross_entropy)
+
+
+APPLY_BY_MODEL_TYPE = {"qwen2_vl": apply_liger_kernel_to_qwen2_vl, "qwen2_5_vl": apply_liger_kernel_to_qwen2_5_vl}
