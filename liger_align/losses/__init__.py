@@ -16,6 +16,7 @@ from .functional import (
     fused_linear_simpo_loss,
 )
 from .kto import KTO_LOSS_TYPES, LigerFusedLinearKTOLoss, kto_objective
+from .medusa import LigerFusedLinearMedusaLoss, fused_linear_medusa_loss, medusa_loss_weights
 from .orpo import LigerFusedLinearORPOLoss, orpo_objective
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "LigerFusedLinearCrossEntropyLoss",
     "LigerFusedLinearDPOLoss",
     "LigerFusedLinearKTOLoss",
+    "LigerFusedLinearMedusaLoss",
     "LigerFusedLinearORPOLoss",
     "LigerFusedLinearSimPOLoss",
     "cpo_objective",
@@ -34,8 +36,10 @@ __all__ = [
     "fused_linear_cross_entropy",
     "fused_linear_dpo_loss",
     "fused_linear_kto_loss",
+    "fused_linear_medusa_loss",
     "fused_linear_orpo_loss",
     "fused_linear_simpo_loss",
     "kto_objective",
+    "medusa_loss_weights",
     "orpo_objective",
 ]

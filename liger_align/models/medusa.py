@@ -1,0 +1,365 @@
+"""Medusa heads on any causal LM, trained through the fused multi-head loss (see DESIGN.md, layer ``models``).
+
+Medusa (Cai et al., 2024) adds K decoding heads on the last hidden state ``h (..., H)``; head k predicts
+the token at ``t+k+1``. Head k is ``num_layers`` ResBlocks ``x <- x + SiLU(W_k,l x + b_k,l)`` then a
+``Linear(H, V, bias=False)`` initialised from the model's own head. The ResBlock linears start at zero
+(Medusa zeroes their weight; the bias is zeroed here too, so a new head is exactly the model's head).
+
+- One ``nn.Module`` per head (:class:`MedusaHead`), held by :class:`MedusaHeads` at ``model.medusa_head``:
+  FSDP/ZeRO-3 can shard and gather one head at a time. Their ``state_dict`` is Medusa's key layout,
+  ``{k}.{l}.linear.weight``, ``{k}.{l}.linear.bias`` (l < num_layers) and ``{k}.{num_layers}.weight``
+  (k counted from 0 for the first extra head), the layout of Medusa's ``medusa_lm_head.pt`` /
+  ``medusa_lm_head.safetensors`` that Medusa's, TGI's and TensorRT-LLM's loaders read.
+- :func:`add_medusa_heads` attaches the heads and gives the model a forward that, called with
+  ``medusa_labels=labels``, runs the backbone (under ``no_grad`` with ``medusa_freeze_backbone=True``:
+  Medusa-1) and returns :class:`MedusaCausalLMOutput` from
+  :func:`~liger_align.losses.medusa.fused_linear_medusa_loss`; without it the model's own forward runs.
+  The loss runs inside the model's call (FSDP/ZeRO-3 gather the model's head there) and each head's
+  product inside its own projection's call (:func:`~liger_align.models.head_call.call_through_head`).
+- :func:`save_medusa_heads` / :func:`load_medusa_heads`: the heads alone, as safetensors, gathered
+  from FSDP1/FSDP2/ZeRO-3 shards (a collective: call it on every rank), plus Medusa's ``config.json``
+  fields (``medusa_num_heads``, ``medusa_num_layers``, ``base_model_name_or_path``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import types
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import ModelOutput
+
+from ..losses.medusa import HeadFn, HeadRunner, fused_linear_medusa_loss
+from .head_call import backbone, call_through_head, causal_lm, logit_options, output_head
+
+MEDUSA_HEADS_FILE = "medusa_lm_head.safetensors"
+MEDUSA_CONFIG_FILE = "config.json"
+_INSTALLED = "_liger_align_medusa_forward"
+_DROP = ("labels", "shift_labels", "num_items_in_batch", "logits_to_keep", "return_dict", "output_hidden_states")
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+class ResBlock(nn.Module):
+    """``x + SiLU(linear(x))`` with ``linear = Linear(H, H)`` started at zero (the block starts as the identity)."""
+
+    def __init__(self, hidden_size: int, *, dtype: torch.dtype | None = None, device: Any = None) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size, bias=True, dtype=dtype, device=device)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.linear(x))
+
+
+class MedusaHead(nn.Sequential):
+    """One Medusa head: ``num_layers`` :class:`ResBlock` s (children ``"0"``..) then ``Linear(H, V, bias=False)``.
+
+    ``head(x)`` returns the logits ``(..., V)``; ``head(rows, fn)`` runs the ResBlocks on ``rows (M, H)`` and
+    returns ``fn(out, weight, bias)`` computed as the projection's own forward (its weight gathered there).
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int, num_layers: int, *, dtype=None, device=None) -> None:
+        blocks = [ResBlock(hidden_size, dtype=dtype, device=device) for _ in range(num_layers)]
+        super().__init__(*blocks, nn.Linear(hidden_size, vocab_size, bias=False, dtype=dtype, device=device))
+        self.num_layers = num_layers
+
+    @property
+    def proj(self) -> nn.Linear:
+        """The output projection ``Linear(H, V, bias=False)``."""
+        return self[self.num_layers]
+
+    def forward(self, x: torch.Tensor, fn: HeadFn | None = None) -> Any:
+        for index in range(self.num_layers):
+            x = self[index](x)
+        if fn is None:
+            return self.proj(x)
+        return call_through_head(self.proj, x, fn)
+
+
+class MedusaHeads(nn.ModuleList):
+    """K :class:`MedusaHead` s; ``heads(hidden)`` stacks their logits ``(K, ..., V)`` (Medusa's inference output)."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, num_heads: int, num_layers: int = 1, *,
+                 dtype: torch.dtype | None = None, device: Any = None) -> None:
+        for name, value, low in (("num_heads", num_heads, 1), ("num_layers", num_layers, 0),
+                                 ("hidden_size", hidden_size, 1), ("vocab_size", vocab_size, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        super().__init__(
+            MedusaHead(hidden_size, vocab_size, num_layers, dtype=dtype, device=device) for _ in range(num_heads)
+        )
+        self.num_heads, self.num_layers = num_heads, num_layers
+        self.hidden_size, self.vocab_size = hidden_size, vocab_size
+
+    @torch.no_grad()
+    def init_from(self, weight: torch.Tensor) -> None:
+        """Copy the model head's weight ``(V, H)`` into every head's projection."""
+        if tuple(weight.shape) != (self.vocab_size, self.hidden_size):
+            raise ValueError(f"weight must have shape (V, H) = {(self.vocab_size, self.hidden_size)}, got "
+                             f"{tuple(weight.shape)}")
+        for head in self:
+            head.proj.weight.copy_(weight.detach())
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.stack([head(hidden) for head in self])
+
+
+@dataclass
+class MedusaCausalLMOutput(ModelOutput):
+    """The Medusa forward's output (see :class:`~liger_align.losses.medusa.MedusaLossOutput`): ``loss`` 0-d,
+    then detached ``(K+1,)`` tensors, index 0 = the model's head."""
+
+    loss: torch.Tensor | None = None
+    head_losses: torch.Tensor | None = None
+    head_top1: torch.Tensor | None = None
+    head_correct: torch.Tensor | None = None
+    head_counts: torch.Tensor | None = None
+    computed: torch.Tensor | None = None
+
+
+@contextlib.contextmanager
+def _full_weight(weight: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The full ``weight``: gathered for a ZeRO-3 parameter, ``full_tensor()`` for a DTensor."""
+    if hasattr(weight, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+            yield weight
+    elif type(weight).__name__ == "DTensor":
+        yield weight.full_tensor()
+    else:
+        yield weight
+
+
+def medusa_heads(model: nn.Module) -> MedusaHeads:
+    """The :class:`MedusaHeads` of ``model`` (wrappers and PEFT unwrapped); ``ValueError`` when it has none."""
+    heads = getattr(causal_lm(model), "medusa_head", None)
+    if not isinstance(heads, MedusaHeads):
+        raise ValueError(f"model: {type(causal_lm(model)).__name__} has no Medusa heads; call add_medusa_heads first")
+    return heads
+
+
+def add_medusa_heads(model: nn.Module, num_heads: int, num_layers: int = 1) -> MedusaHeads:
+    """Attach K = ``num_heads`` Medusa heads of ``num_layers`` ResBlocks to a causal LM and install the Medusa forward.
+
+    ``model``: a transformers causal LM (DDP/FSDP/DeepSpeed/``torch.compile`` wrappers and PEFT unwrapped)
+    with an output head. The heads take its head's dtype and device and copy its weight; they are
+    registered as ``model.medusa_head`` and ``config.medusa_num_heads`` / ``medusa_num_layers`` are set.
+    Calling it again with the same sizes returns the existing heads. Raises ``ValueError`` for
+    ``num_heads < 1``, ``num_layers < 0``, a model without an output head, or other sizes than attached.
+    """
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+        raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
+    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 0:
+        raise ValueError(f"num_layers must be an int >= 0, got {num_layers!r}")
+    lm = causal_lm(model)
+    head = output_head(lm)  # ValueError for a model without an output head
+    backbone(lm)
+    existing = getattr(lm, "medusa_head", None)
+    if isinstance(existing, MedusaHeads):
+        if (existing.num_heads, existing.num_layers) != (num_heads, num_layers):
+            raise ValueError(
+                f"model already has {existing.num_heads} Medusa heads of {existing.num_layers} layers; "
+                f"got num_heads={num_heads}, num_layers={num_layers}"
+            )
+        return existing
+    weight = head.weight
+    shape = getattr(weight, "ds_shape", None) or weight.shape
+    vocab, hidden_size = int(shape[0]), int(shape[1])
+    heads = MedusaHeads(hidden_size, vocab, num_heads, num_layers, dtype=weight.dtype, device=weight.device)
+    if weight.device.type != "meta":
+        with _full_weight(weight) as full:
+            heads.init_from(full.to(heads[0].proj.weight.device))
+    lm.medusa_head = heads
+    config = getattr(lm, "config", None)
+    if config is not None:
+        config.medusa_num_heads, config.medusa_num_layers = num_heads, num_layers
+    _install_forward(lm)
+    return heads
+
+
+def medusa_head_runners(model: nn.Module) -> list[HeadRunner]:
+    """The ``K + 1`` :data:`~liger_align.losses.medusa.HeadRunner` s of ``model``: its own head, then heads 1..K."""
+    lm = causal_lm(model)
+    model_head = output_head(lm)
+
+    def run_model_head(rows: torch.Tensor, fn: HeadFn) -> Any:
+        return call_through_head(model_head, rows, fn)
+
+    return [run_model_head, *(functools.partial(_run_head, head) for head in medusa_heads(lm))]
+
+
+def _run_head(head: MedusaHead, rows: torch.Tensor, fn: HeadFn) -> Any:
+    return head(rows, fn)
+
+
+def _install_forward(lm: nn.Module) -> None:
+    """Give ``lm`` the Medusa forward (idempotent); without ``medusa_labels`` it calls the previous forward."""
+    current = lm.__dict__.get("forward")
+    if current is not None and getattr(current, _INSTALLED, False):
+        return
+    original = lm.forward
+
+    @functools.wraps(type(lm).forward)
+    def forward(
+        self: nn.Module, *args: Any, medusa_labels: torch.Tensor | None = None,
+        medusa_weights: Sequence[float] | None = None, medusa_num_items: Any = None,
+        medusa_freeze_backbone: bool = False, medusa_ignore_index: int = -100,
+        medusa_chunk_bytes: int | None = None, medusa_strategy: str = "auto",
+        medusa_materialize_logits: bool = False, **kwargs: Any,
+    ) -> Any:
+        """Without ``medusa_labels``: the model's own forward. With ``medusa_labels (B, T)`` (unshifted):
+        backbone, then Medusa's weighted loss over the model's head and every Medusa head
+        (``medusa_weights``: ``K + 1`` values, default all 1; ``medusa_num_items``: scalar or ``(K+1,)``
+        denominators; ``medusa_materialize_logits``: Medusa's own logits path, for comparison). Returns
+        :class:`MedusaCausalLMOutput`."""
+        if medusa_labels is None:
+            return original(*args, **kwargs)
+        body_kwargs = {k: v for k, v in kwargs.items() if k not in _DROP and v is not None}
+        body_kwargs["use_cache"] = False
+        with torch.no_grad() if medusa_freeze_backbone else contextlib.nullcontext():
+            body_out = backbone(self)(*args, **body_kwargs)
+        hidden = body_out.last_hidden_state if hasattr(body_out, "last_hidden_state") else body_out[0]
+        runners = medusa_head_runners(self)
+        weights = [1.0] * len(runners) if medusa_weights is None else list(medusa_weights)
+        result = fused_linear_medusa_loss(
+            hidden, medusa_labels.to(hidden.device), runners, weights, ignore_index=medusa_ignore_index,
+            num_items_in_batch=medusa_num_items, chunk_bytes=medusa_chunk_bytes, strategy=medusa_strategy,
+            materialize_logits=medusa_materialize_logits, **logit_options(self),
+        )
+        return MedusaCausalLMOutput(**result._asdict())
+
+    setattr(forward, _INSTALLED, True)
+    lm.forward = types.MethodType(forward, lm)
+
+
+# ----------------------------------------------------------------------------------------- save and load
+
+
+def _clean(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+@contextlib.contextmanager
+def _gathered(heads: MedusaHeads, wrapped: nn.Module | None) -> Iterator[None]:
+    """Full head parameters inside: ZeRO-3 gathered, FSDP1 ``summon_full_params`` on ``wrapped``; else as is."""
+    params = list(heads.parameters())
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+        return
+    if wrapped is not None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if any(isinstance(m, FullyShardedDataParallel) for m in wrapped.modules()):
+            with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False, recurse=True):
+                yield
+            return
+    yield
+
+
+def medusa_heads_state_dict(model: nn.Module, *, wrapped: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The heads' full tensors on CPU, in Medusa's key layout (module docstring).
+
+    Under FSDP2 (DTensor parameters), ZeRO-3, or FSDP1 (pass the FSDP-wrapped root as ``wrapped``) the
+    shards are gathered: a collective, so every rank must call it.
+    """
+    heads = medusa_heads(model)
+    state: dict[str, torch.Tensor] = {}
+    with _gathered(heads, wrapped):
+        for name, param in heads.named_parameters():
+            tensor = param.detach()
+            if type(tensor).__name__ == "DTensor":
+                tensor = tensor.full_tensor()
+            state[_clean(name)] = tensor.to("cpu", copy=True).contiguous()
+    expected = heads.num_heads * (2 * heads.num_layers + 1)
+    if len(state) != expected or any(t.numel() == 0 for t in state.values()):
+        raise RuntimeError(
+            f"the Medusa heads' parameters are still sharded ({len(state)} tensors, expected {expected} non-empty): "
+            "pass the FSDP-wrapped model as wrapped= (FSDP1), or call this on every rank"
+        )
+    return state
+
+
+def _is_main_process() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def save_medusa_heads(
+    model: nn.Module, output_dir: str | Path, *, base_model_name_or_path: str | None = None,
+    wrapped: nn.Module | None = None, is_main_process: bool | None = None,
+) -> Path | None:
+    """Write ``medusa_lm_head.safetensors`` and Medusa's fields of ``config.json`` into ``output_dir``.
+
+    Every rank must call it (see :func:`medusa_heads_state_dict`); the main process writes (returns the
+    file's path; None elsewhere). An existing ``config.json`` (the model's, in Medusa-2) keeps its keys.
+    """
+    state = medusa_heads_state_dict(model, wrapped=wrapped)
+    if not (_is_main_process() if is_main_process is None else is_main_process):
+        return None
+    from safetensors.torch import save_file
+
+    heads = medusa_heads(model)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / MEDUSA_HEADS_FILE
+    save_file(state, str(path), metadata={"format": "pt"})
+    config_path = out / MEDUSA_CONFIG_FILE
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    lm_config = getattr(causal_lm(model), "config", None)
+    base = base_model_name_or_path or config.get("base_model_name_or_path") or getattr(lm_config, "_name_or_path", "")
+    config.update(medusa_num_heads=heads.num_heads, medusa_num_layers=heads.num_layers,
+                  base_model_name_or_path=base, hidden_size=heads.hidden_size, vocab_size=heads.vocab_size)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_medusa_heads(path: str | Path) -> tuple[dict[str, torch.Tensor], int, int]:
+    """``(state, num_heads, num_layers)`` of a ``medusa_lm_head.safetensors`` file (or the folder holding it)."""
+    from safetensors.torch import load_file
+
+    file = Path(path)
+    if file.is_dir():
+        file = file / MEDUSA_HEADS_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"path: no {MEDUSA_HEADS_FILE} at {file}")
+    state = load_file(str(file))
+    heads, layers = set(), -1
+    for key in state:
+        parts = key.split(".")
+        if len(parts) == 3 and parts[2] == "weight" and parts[0].isdigit() and parts[1].isdigit():
+            heads.add(int(parts[0]))
+            layers = max(layers, int(parts[1]))
+    if not heads or sorted(heads) != list(range(len(heads))):
+        raise ValueError(f"path: {file} does not hold Medusa heads in the '{{k}}.{{layer}}...' key layout")
+    return state, len(heads), layers
+
+
+def load_medusa_heads(model: nn.Module, path: str | Path) -> MedusaHeads:
+    """Load heads saved by :func:`save_medusa_heads` (or by Medusa) into ``model``, adding them if it has none.
+
+    Raises ``ValueError`` when the file's head count or depth differs from the model's heads.
+    """
+    state, num_heads, num_layers = read_medusa_heads(path)
+    lm = causal_lm(model)
+    heads = lm.medusa_head if isinstance(getattr(lm, "medusa_head", None), MedusaHeads) else add_medusa_heads(
+        lm, num_heads, num_layers)
+    if (heads.num_heads, heads.num_layers) != (num_heads, num_layers):
+        raise ValueError(f"path: the file holds {num_heads} heads of {num_layers} layers; the model has "
+                         f"{heads.num_heads} of {heads.num_layers}")
+    heads.load_state_dict(state, strict=True)
+    return heads
