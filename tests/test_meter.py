@@ -185,3 +185,34 @@ def test_global_tokens_are_all_reduced(tmp_path: Path) -> None:
     assert [r["global_tokens"] for r in result["records"]] == [10 + 20, 11 + 21, 12 + 22]
     assert result["summary"]["world_size"] == 2
     assert result["summary"]["global_tokens_per_s"] > result["summary"]["tokens_per_s"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_step_time_is_synchronised_and_peaks_reset_after_warmup() -> None:
+    device = torch.device("cuda")
+    a = torch.randn(4096, 4096, device=device)
+    baseline = torch.cuda.memory_allocated(device) / 2**20
+    meter = StepMeter(warmup_steps=1, device=device)
+    meter.start_step()  # warm-up: a 1024 MiB peak that the measured steps must not report
+    big = torch.empty(1024 * 2**20, dtype=torch.uint8, device=device)
+    del big
+    meter.end_step()
+    for _ in range(2):
+        meter.start_step()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        x = torch.empty(96 * 2**20, dtype=torch.uint8, device=device)
+        for _ in range(30):
+            a = a @ a.T / 4096
+        end.record()
+        meter.add_tokens(torch.tensor(7, device=device))
+        del x
+        record = meter.end_step()
+        end.synchronize()
+        assert record["step_s"] >= 0.9 * start.elapsed_time(end) / 1000  # the clock waited for the kernels
+        assert record["tokens"] == 7 and record["memory_kind"] == "cuda"
+    assert meter.records[0]["peak_allocated_mib"] - baseline >= 1024
+    summary = meter.summary()
+    assert 96 <= summary["peak_allocated_mib"] - baseline < 1024
+    assert summary["peak_reserved_mib"] >= summary["peak_allocated_mib"] and summary["device"] == "cuda:0"
