@@ -92,7 +92,7 @@ def test_large_and_tiny_inputs_stay_finite(device, impl):
 
 def _mlp_pair(hidden: int, intermediate: int, dtype, device):
     config = GemmaConfig(hidden_size=hidden, intermediate_size=intermediate, hidden_act="gelu_pytorch_tanh",
-                         num_attention_heads=4, head_dim=16)
+                         hidden_activation="gelu_pytorch_tanh", num_attention_heads=4, head_dim=16)
     torch.manual_seed(torch.seed() % 2**31)
     ref = GemmaMLP(config).to(device, torch.float64)
     ours = copy.deepcopy(ref).to(dtype)

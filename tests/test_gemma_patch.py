@@ -30,7 +30,8 @@ SOFTCAP = 3.0
 # model_type -> (causal LM class, config class, extra config, modeling module, prefix, patch function,
 #                RMSNorms per layer)
 FAMILIES = {
-    "gemma": (GemmaForCausalLM, GemmaConfig, {"hidden_act": "gelu_pytorch_tanh"}, modeling_gemma, "Gemma",
+    "gemma": (GemmaForCausalLM, GemmaConfig,  # both names: the attribute GemmaMLP reads changed across versions
+              {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh"}, modeling_gemma, "Gemma",
               apply_liger_kernel_to_gemma, 2),
     "gemma2": (Gemma2ForCausalLM, Gemma2Config,
                {"final_logit_softcapping": SOFTCAP, "attn_logit_softcapping": 20.0, "query_pre_attn_scalar": 16,
