@@ -1,0 +1,261 @@
+"""Train Medusa heads (Medusa-1: heads only, or Medusa-2: everything) with liger-align's ``MedusaTrainer``.
+
+Head k predicts the token k+1 places after the next one; the loss of all heads is computed by the fused
+multi-head cross-entropy, so the ``(heads, tokens, vocab)`` logits never exist. Medusa's own flags:
+``--medusa_num_heads``, ``--medusa_num_layers``, ``--medusa_heads_coefficient``,
+``--medusa_decay_coefficient``, ``--medusa_scheduler`` (constant, linear, sine, sine_<r>),
+``--medusa_lr_multiplier``, ``--medusa_only_heads`` (stage 1), and ``--no-use_liger`` (the same model
+and loss from materialised logits, Medusa's own way); every ``TrainingArguments`` flag works too.
+
+With no arguments the embedded default runs: the tiny Llama 3.2 and a local tokenizer, on generated
+ShareGPT-format conversations whose assistant turns walk a fixed ring of words (so tokens t+2..t+4
+are predictable from token t); the loss covers the assistant turns only; batches are padded to their
+longest row. It prints the StepMeter summary and each head's held-out top-1 accuracy before and
+after training (computed from materialised logits, independently of the fused loss)::
+
+    python examples/medusa/train.py
+    python examples/medusa/train.py --model_name_or_path meta-llama/Llama-3.2-1B-Instruct \\
+        --dataset_name sharegpt.json --medusa_num_heads 5 --medusa_num_layers 1 --medusa_only_heads \\
+        --learning_rate 1e-3 --bf16 --per_device_train_batch_size 8 --max_length 2048 --output_dir outputs/medusa
+
+A data set holds ShareGPT rows (``conversations``: ``[{"from": "human"|"gpt"|"system", "value": ...}]``)
+or chat rows (``messages``: ``[{"role": ..., "content": ...}]``), formatted with the tokenizer's chat
+template. The heads are saved alone (``medusa_lm_head.safetensors``, Medusa's key layout) in
+``--output_dir``; with Medusa-2 the model too.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset, DatasetDict
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "alignment"))
+import common  # noqa: E402
+import embedded  # noqa: E402
+
+common.add_repo_to_path()
+from liger_align.models.medusa import medusa_heads  # noqa: E402
+from liger_align.models.head_call import backbone, causal_lm, output_head  # noqa: E402
+from liger_align.trainers import MedusaTrainer, MedusaTrainingArguments  # noqa: E402
+from liger_align.utils import StepMeterCallback  # noqa: E402
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+         "bing": "assistant", "chatgpt": "assistant"}
+RING = ("amber basil cedar dune ember fjord grove heron iris jade kelp lotus maple nectar onyx pearl quartz "
+        "raven sage tulip umber violet willow yarrow zinnia").split()
+FILLER = "please the a now words next some then go on list with".split()
+
+# The embedded run: stage 1 (heads only) on the tiny random backbone.
+MEDUSA_EMBEDDED_DEFAULTS: dict[str, Any] = {
+    "medusa_num_heads": 3,
+    "medusa_num_layers": 1,
+    "medusa_only_heads": True,
+    "learning_rate": 5e-3,
+    "medusa_lr_multiplier": 4.0,
+    "lr_scheduler_type": "constant_with_warmup",
+    "warmup_steps": 5,
+    "weight_decay": 0.0,
+    "num_train_epochs": 2,
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 32,
+    "max_length": 256,
+    "eval_size": 32,
+    "logging_steps": 10,
+}
+
+
+@dataclass
+class MedusaScriptArguments(common.ScriptArguments):
+    """The examples' arguments plus the sequence length and the size of the generated data."""
+
+    max_length: int = field(default=2048, metadata={"help": "Longest tokenized conversation; longer ones are cut."})
+    embedded_conversations: int = field(
+        default=192, metadata={"help": "Embedded default only: how many conversations to generate."}
+    )
+
+
+def make_conversations(count: int, seed: int = 0) -> list[dict]:
+    """``count`` ShareGPT rows: a human asks to walk the word ring from a word, the assistant walks it.
+
+    The assistant's words follow ``RING`` in order (wrapping around), 48 to 80 of them, so each word
+    fixes the next four; the human turn is random filler and is not a target.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        start = rng.randrange(len(RING))
+        filler = " ".join(rng.choice(FILLER) for _ in range(rng.randint(2, 6)))
+        walk = " ".join(RING[(start + i) % len(RING)] for i in range(rng.randint(48, 80)))
+        rows.append({"conversations": [
+            {"from": "human", "value": f"{filler} ring from {RING[start]}"},
+            {"from": "gpt", "value": walk},
+        ]})
+    return rows
+
+
+def to_messages(row: dict) -> list[dict]:
+    """A ShareGPT (``conversations``) or chat (``messages``) row as ``[{"role", "content"}]``."""
+    if row.get("messages"):
+        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    turns = row.get("conversations")
+    if not turns:
+        raise ValueError(f"a row needs 'conversations' (ShareGPT) or 'messages'; found keys {sorted(row)}")
+    out = []
+    for turn in turns:
+        role = ROLES.get(str(turn.get("from", "")).lower())
+        if role is None:
+            raise ValueError(f"unknown ShareGPT speaker {turn.get('from')!r}; expected one of {sorted(ROLES)}")
+        out.append({"role": role, "content": turn["value"]})
+    return out
+
+
+def tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
+    """``input_ids``/``attention_mask``/``labels`` with the assistant turns as the only targets.
+
+    Each assistant turn's tokens are those its message adds to the rendered conversation after the
+    generation prompt (so the role header is not a target).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat_template; Medusa training data is formatted with one")
+
+    def ids_of(messages: list[dict], prompt: bool) -> list[int]:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode(row: dict) -> dict[str, list[int]]:
+        messages = to_messages(row)
+        ids = ids_of(messages, prompt=False)
+        labels = [-100] * len(ids)
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = len(ids_of(messages[:i], prompt=True)) if i else 0
+            end = len(ids_of(messages[: i + 1], prompt=False))
+            if ids[:end] != ids_of(messages[: i + 1], prompt=False) or start > end:
+                raise ValueError("the chat template does not render a conversation as growing prefixes")
+            labels[start:end] = ids[start:end]
+        ids, labels = ids[:max_length], labels[:max_length]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+    return dataset.map(encode, remove_columns=dataset.column_names)
+
+
+@torch.no_grad()
+def head_accuracy(model: torch.nn.Module, data: Dataset, collator: Any, batch_size: int = 32) -> list[float]:
+    """Held-out top-1 of the model's head (k = 0) and of every Medusa head, from materialised logits.
+
+    Head k at position t is right when ``argmax`` of its logits is ``labels[t + k + 1]`` (valid targets only).
+    """
+    lm = causal_lm(model)
+    heads = medusa_heads(lm)
+    was_training = lm.training
+    lm.eval()
+    device = output_head(lm).weight.device
+    hits = torch.zeros(heads.num_heads + 1)
+    counts = torch.zeros(heads.num_heads + 1)
+    for start in range(0, len(data), batch_size):
+        batch = collator([data[i] for i in range(start, min(start + batch_size, len(data)))])
+        hidden = backbone(lm)(input_ids=batch["input_ids"].to(device),
+                              attention_mask=batch["attention_mask"].to(device)).last_hidden_state
+        labels = batch["labels"].to(device)
+        logits = torch.cat([output_head(lm)(hidden)[None], heads(hidden)])
+        for k in range(heads.num_heads + 1):
+            target = labels[:, 1 + k:]
+            valid = target != -100
+            pred = logits[k, :, : target.shape[1]].argmax(-1)
+            hits[k] += ((pred == target) & valid).sum().item()
+            counts[k] += valid.sum().item()
+    lm.train(was_training)
+    return (hits / counts.clamp(min=1)).tolist()
+
+
+def load_data(args: MedusaScriptArguments, seed: int) -> tuple[Dataset, Dataset]:
+    """(train, held-out) rows: ``--dataset_name`` (split with ``--eval_size`` without a test split) or generated."""
+    if args.dataset_name is None:
+        raw: Dataset | DatasetDict = Dataset.from_list(make_conversations(args.embedded_conversations, seed))
+    else:
+        raw = common.load_raw_dataset(args.dataset_name, args.dataset_config)
+    return common.split_dataset(raw, args, seed)
+
+
+def load_model(args: MedusaScriptArguments, train: Dataset, seed: int) -> tuple[Any, PreTrainedTokenizerBase]:
+    """``--model_name_or_path`` and its tokenizer, or the tiny Llama 3.2 with a tokenizer of the generated words."""
+    if args.model_name_or_path is not None:
+        return common.load_model_and_tokenizer(args, seed)
+    texts = [turn["value"] for row in train for turn in row["conversations"]]
+    tokenizer = embedded.build_tokenizer(texts + RING + FILLER + ["ring from"])
+    model = embedded.build_tiny_llama(
+        len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, seed=seed,
+    )
+    return model, tokenizer
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """The run's summary: stage, steps, wall time, the StepMeter figures, per-head held-out top-1."""
+    meter = summary["meter"]
+    print(f"\n== Medusa stage {summary['stage']} with {summary['trainer']} on {summary['model']} "
+          f"({summary['device']}) ==")
+    print(f"steps        {summary['steps']}   wall time {summary['train_seconds']:.1f} s (training only)")
+    print(f"StepMeter    median step {meter.get('median_step_s', float('nan')) * 1e3:.1f} ms, "
+          f"{meter.get('tokens_per_s', float('nan')):.0f} tokens/s, peak {meter.get('peak_allocated_mib', 0):.0f} MiB "
+          f"({meter.get('memory_kind')}), {meter.get('steps_measured')} steps measured")
+    print(f"held-out top-1 ({summary['eval_rows']} conversations)   start    end")
+    for k, (start, end) in enumerate(zip(summary["top1_start"], summary["top1_end"], strict=True)):
+        name = "model head (t+1)" if k == 0 else f"medusa head {k} (t+{k + 1})"
+        print(f"  {name:<34}{start:.3f}    {end:.3f}")
+    print(f"saved the heads to {summary['output_dir']}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse arguments, build everything, train, save the heads, print and return the summary."""
+    args, config = common.parse_script_and_config(
+        MedusaScriptArguments, MedusaTrainingArguments, name="medusa", embedded_defaults=MEDUSA_EMBEDDED_DEFAULTS,
+        argv=argv,
+    )
+    train, held_out = load_data(args, config.seed)
+    model, tokenizer = load_model(args, train, config.seed)
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding="longest")
+    train_ids, held_ids = tokenize(train, tokenizer, args.max_length), tokenize(held_out, tokenizer, args.max_length)
+    meter = StepMeterCallback(warmup_steps=2)
+    trainer = MedusaTrainer(
+        model=model, args=config, train_dataset=train_ids, eval_dataset=held_ids, processing_class=tokenizer,
+        data_collator=collator, callbacks=[meter], use_liger=args.use_liger,
+    )
+    start = head_accuracy(trainer.model, held_ids, collator, config.per_device_eval_batch_size)
+    began = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - began
+    end = head_accuracy(trainer.model, held_ids, collator, config.per_device_eval_batch_size)
+    trainer.save_model(config.output_dir)
+    summary = {
+        "stage": 1 if config.medusa_only_heads else 2,
+        "trainer": type(trainer).__name__ + ("" if args.use_liger else " (materialised logits)"),
+        "model": args.model_name_or_path or "embedded tiny Llama 3.2",
+        "device": str(config.device),
+        "medusa_num_heads": config.medusa_num_heads,
+        "steps": trainer.state.global_step,
+        "train_seconds": seconds,
+        "meter": meter.summary(),
+        "eval_rows": len(held_out),
+        "top1_start": start,
+        "top1_end": end,
+        "output_dir": config.output_dir,
+    }
+    if trainer.is_world_process_zero():
+        (Path(config.output_dir) / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print_summary(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
