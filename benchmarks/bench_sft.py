@@ -240,9 +240,15 @@ def run_all(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[s
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(
         [str(ROOT), os.environ.get("PYTHONPATH", "")])}
     arms, rows = [], []
+    began_all = time.time()
     for shape in opts.shapes:
         for arm in opts.arms:
             base = {"shape": shape, "model_type": SHAPES[shape]["model_type"], "arm": arm}
+            left = opts.budget_s - (time.time() - began_all)
+            if left < 20:
+                arms.append({**base, "error": f"not run: --budget-s {opts.budget_s} spent"})
+                rows += [{**base, "batch": b, "status": "not run"} for b in opts.batches]
+                continue
             if arm == "liger_kernel" and importlib.util.find_spec("liger_kernel") is None:
                 arms.append({**base, "error": "liger_kernel is not installed"})
                 rows += [{**base, "batch": b, "status": "skipped"} for b in opts.batches]
@@ -254,10 +260,10 @@ def run_all(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[s
             began = time.time()
             try:
                 proc = subprocess.run(cmd + (["--smoke"] if opts.smoke else []), env=env, capture_output=True,
-                                      text=True, timeout=opts.timeout)
+                                      text=True, timeout=min(opts.timeout, left))
                 failure = None if proc.returncode == 0 else (proc.stdout[-1000:] + proc.stderr[-3000:]).strip()
             except subprocess.TimeoutExpired:
-                failure = f"timed out after {opts.timeout} s"
+                failure = f"timed out after {min(opts.timeout, left):.0f} s"
             done = json.loads(out.read_text()) if out.exists() else {"arm": dict(base), "rows": []}
             measured = {r["batch"] for r in done["rows"]}
             done["rows"] += [{**base, "batch": b, "status": "crashed" if failure else "missing"}
@@ -371,6 +377,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="measured optimizer steps per batch size")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--timeout", type=int, default=150, help="seconds per (shape, arm) subprocess")
+    parser.add_argument("--budget-s", type=int, default=540, help="no new subprocess after this many seconds")
     parser.add_argument("--results-dir", default=None, help="default benchmarks/results (--smoke: a temp dir)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script only")
     parser.add_argument("--simulate-oom-batch", type=int, default=0, help=argparse.SUPPRESS)
