@@ -32,6 +32,7 @@ FAMILY_SETTINGS: dict[str, dict[str, Any]] = {
     "mistral": {"hidden_act": "silu", "tie_word_embeddings": False, "sliding_window": None, "rope_theta": 1e6},
     "gemma": {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6},
     "gemma2": {
+        "hidden_act": "gelu_pytorch_tanh",
         "hidden_activation": "gelu_pytorch_tanh",
         "query_pre_attn_scalar": 32,
         "final_logit_softcapping": 30.0,
