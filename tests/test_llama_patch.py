@@ -300,7 +300,7 @@ def test_unsupported_model_type_warns_and_is_left_alone():
     assert all("forward" not in vars(m) for m in model.modules())
     assert {n: type(m).forward for n, m in model.named_modules()} == before
     with pytest.raises(TypeError, match="unknown flags"):
-        apply_liger_kernel(model, layer_norm=True)
+        apply_liger_kernel(model, layer_norms=True)  # layer_norm is a (Qwen2-VL) flag
 
 
 def test_non_silu_mlp_is_not_patched():
