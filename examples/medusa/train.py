@@ -206,9 +206,12 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(f"\n== Medusa stage {summary['stage']} with {summary['trainer']} on {summary['model']} "
           f"({summary['device']}) ==")
     print(f"steps        {summary['steps']}   wall time {summary['train_seconds']:.1f} s (training only)")
-    print(f"StepMeter    median step {meter.get('median_step_s', float('nan')) * 1e3:.1f} ms, "
-          f"{meter.get('tokens_per_s', float('nan')):.0f} tokens/s, peak {meter.get('peak_allocated_mib', 0):.0f} MiB "
-          f"({meter.get('memory_kind')}), {meter.get('steps_measured')} steps measured")
+    if meter.get("steps_measured"):
+        print(f"StepMeter    median step {meter['median_step_s'] * 1e3:.1f} ms, {meter['tokens_per_s']:.0f} tokens/s, "
+              f"peak {meter['peak_allocated_mib']:.0f} MiB ({meter['memory_kind']}), "
+              f"{meter['steps_measured']} steps measured after {meter['warmup_steps']} warm-up")
+    else:
+        print(f"StepMeter    no step measured (all {summary['steps']} were warm-up)")
     print(f"held-out top-1 ({summary['eval_rows']} conversations)   start    end")
     for k, (start, end) in enumerate(zip(summary["top1_start"], summary["top1_end"], strict=True)):
         name = "model head (t+1)" if k == 0 else f"medusa head {k} (t+{k + 1})"
