@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_meter_records_summary_and_jsonl(tmp_path: Path) -> None:
     path = tmp_path / "steps.jsonl"
-    meter = StepMeter(warmup_steps=2, jsonl_path=path)
+    meter = StepMeter(warmup_steps=2, jsonl_path=path, device="cpu")  # CPU work, measured as such on any machine
     gen = torch.Generator().manual_seed(0)
     counts = []
     for _ in range(6):
