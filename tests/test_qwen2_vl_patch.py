@@ -126,7 +126,9 @@ def test_qwen2_vl_class_patch_and_revert():
     original_forwards = {c: c.forward for c in (modeling_qwen2_vl.Qwen2VLRMSNorm, modeling_qwen2_vl.Qwen2MLP,
                                                 Qwen2VLForConditionalGeneration)}
     with apply_liger_kernel_to_qwen2_vl() as handle:
-        assert handle.states["layer_norm"].startswith("patched")
+        assert handle.states["layer_norm"].startswith("patched: LayerNorm of the models built from now on")
+        assert handle.states["rms_norm"] == "patched: Qwen2VLRMSNorm.forward"
+        assert handle.summary().startswith("qwen2_vl: ")
         model = tiny_qwen2_vl(seed=3).train()  # built while patched: its LayerNorms are LigerLayerNorm
         assert isinstance(model.model.visual.blocks[0].norm1, LigerLayerNorm)
         assert Qwen2VLForConditionalGeneration.forward is vision_language_forward
@@ -218,6 +220,22 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match=r"Qwen2-VL models .* LlamaForCausalLM with model_type 'llama'"):
         apply_liger_kernel_to_qwen2_vl(model=llama)
     assert not any("forward" in vars(m) for m in llama.modules())
+
+
+def test_unsupported_vision_language_model_warns_with_what_was_patched():
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                           deepstack_visual_indexes=[0]))
+    model = Qwen3VLForConditionalGeneration(config)
+    with pytest.warns(UserWarning, match=r"no kernel family for model_type='qwen3_vl'.*qwen2_vl.*patched"):
+        handle = apply_liger_kernel(model)
+    assert handle.family == "generic"
+    handle.revert()
 
 
 @pytest.mark.interpreter

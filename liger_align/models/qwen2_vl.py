@@ -243,97 +243,99 @@ vision_language_forward._liger_align = True  # type: ignore[attr-defined]
 # ------------------------------------------------------------------------------------------------ patching
 
 
-def _patch_vision_rope(handle: PatchHandle, family: VisionLanguageFamily) -> str:
+def _patch_rope_functions(handle: PatchHandle, family: VisionLanguageFamily) -> list[str]:
+    """Text M-RoPE (``apply_rotary_pos_emb``) and, where the module has it, ``apply_rotary_pos_emb_vision``."""
+    _patch_rope(handle, family.base)
+    done = ["apply_rotary_pos_emb (text M-RoPE)"]
     modeling = family.modeling()
     current = getattr(modeling, "apply_rotary_pos_emb_vision", None)
-    if current is None:
-        return ""
-    original = getattr(current, "original", current)
-    handle.add(modeling, "apply_rotary_pos_emb_vision", make_vision_rope_function(original),
-               f"{modeling.__name__}.apply_rotary_pos_emb_vision")
-    return " and apply_rotary_pos_emb_vision (vision)"
+    if current is not None:
+        original = getattr(current, "original", current)
+        handle.add(modeling, "apply_rotary_pos_emb_vision", make_vision_rope_function(original),
+                   f"{modeling.__name__}.apply_rotary_pos_emb_vision")
+        done.append("apply_rotary_pos_emb_vision (vision)")
+    return done
 
 
-def _summary(labels: list[str], where: str) -> str:
-    return f"patched: {len(labels)} {where}"
+def _module_forward(module: nn.Module, flags: dict[str, bool], family: VisionLanguageFamily, classes: dict[str, type]
+                    ) -> tuple[str | None, object]:
+    """``(flag, replacement forward)`` for one module of an instance, ``(flag, None)`` for a skipped MLP, or
+    ``(None, None)`` when nothing applies."""
+    if flags["rms_norm"] and isinstance(module, classes["rms_norm"]):
+        return "rms_norm", rms_norm_forward
+    if flags["swiglu"] and isinstance(module, classes["text_mlp"]):
+        return "swiglu", swiglu_mlp_forward if uses_silu(module) else None
+    if flags["swiglu"] and classes["vision_mlp"] is not None and isinstance(module, classes["vision_mlp"]):
+        return "swiglu", gated_silu_mlp_forward if is_silu(getattr(module, "act_fn", None)) else None
+    if flags["layer_norm"] and family.vision_layer_norm and fits_layer_norm(module):
+        return "layer_norm", layer_norm_forward
+    if flags["fused_linear_cross_entropy"] and isinstance(module, classes["lm"]):
+        return "fused_linear_cross_entropy", vision_language_forward
+    return None, None
 
 
 def patch_vision_language(family: VisionLanguageFamily, *, model: nn.Module | None, **flags: bool
                           ) -> VisionLanguagePatchHandle:
     """Apply the selected patches (``flags``: each of :data:`FLAGS`) to ``family``'s classes or to ``model``."""
     handle = VisionLanguagePatchHandle(family=family.model_type)
-    states = {flag: "off" for flag in FLAGS}
     prefix = family.base.prefix
-    rms_cls, lm_cls = family.cls(f"{prefix}RMSNorm"), family.cls(f"{prefix}ForConditionalGeneration")
-    text_mlp = family.cls(family.text_mlp)
-    vision_mlp = family.cls(family.vision_mlp) if family.vision_mlp else None
+    classes = {"rms_norm": family.cls(f"{prefix}RMSNorm"), "text_mlp": family.cls(family.text_mlp),
+               "vision_mlp": family.cls(family.vision_mlp) if family.vision_mlp else None,
+               "lm": family.cls(f"{prefix}ForConditionalGeneration")}
+    found: dict[str, list[str]] = {flag: [] for flag in FLAGS}
     if flags["rope"]:
-        _patch_rope(handle, family.base)
-        states["rope"] = "patched: apply_rotary_pos_emb (text M-RoPE)" + _patch_vision_rope(handle, family)
-    if flags["layer_norm"] and not family.vision_layer_norm:
-        states["layer_norm"] = f"not present: {family.title}'s vision tower has no LayerNorm (it uses RMSNorm)"
-
+        found["rope"] = _patch_rope_functions(handle, family)
+    skipped_mlp = 0
     if model is None:
-        targets = [("rms_norm", rms_cls, rms_norm_forward), ("swiglu", text_mlp, swiglu_mlp_forward),
-                   ("fused_linear_cross_entropy", lm_cls, vision_language_forward)]
-        if vision_mlp is not None:
-            targets.append(("swiglu", vision_mlp, gated_silu_mlp_forward))
+        targets = [("rms_norm", classes["rms_norm"], rms_norm_forward), ("swiglu", classes["text_mlp"],
+                   swiglu_mlp_forward), ("swiglu", classes["vision_mlp"], gated_silu_mlp_forward),
+                   ("fused_linear_cross_entropy", classes["lm"], vision_language_forward)]
         for flag, cls, fn in targets:
-            if flags[flag]:
+            if flags[flag] and cls is not None:
                 handle.add(cls, "forward", fn, f"{cls.__name__}.forward")
-                done = states[flag].removeprefix("patched: ") if states[flag].startswith("patched") else ""
-                states[flag] = "patched: " + ", ".join(filter(None, (done, f"{cls.__name__}.forward")))
+                found[flag].append(f"{cls.__name__}.forward")
         if flags["layer_norm"] and family.vision_layer_norm:
             modeling = family.modeling()
             register_layer_norm_owner(modeling)
             handle.add(modeling, "LayerNorm", LigerLayerNorm, f"{modeling.__name__}.LayerNorm")
-            states["layer_norm"] = ("patched: LayerNorm of models built from now on (pass model= for an existing "
-                                    "one's)")
-        return _finish(handle, states)
-
-    base = unwrap(model)
-    found: dict[str, list[str]] = {flag: [] for flag in FLAGS}
-    skipped_mlp = 0
-    for name, module in base.named_modules():
-        label = f"{name or type(module).__name__}.forward"
-        if flags["rms_norm"] and isinstance(module, rms_cls):
-            flag, fn = "rms_norm", rms_norm_forward
-        elif flags["swiglu"] and isinstance(module, text_mlp):
-            if not uses_silu(module):
+            found["layer_norm"].append("LayerNorm of the models built from now on (model= patches an existing one's)")
+    else:
+        for name, module in unwrap(model).named_modules():
+            flag, fn = _module_forward(module, flags, family, classes)
+            if flag is None:
+                continue
+            if fn is None:
                 skipped_mlp += 1
                 continue
-            flag, fn = "swiglu", swiglu_mlp_forward
-        elif flags["swiglu"] and vision_mlp is not None and isinstance(module, vision_mlp):
-            if not is_silu(getattr(module, "act_fn", None)):
-                skipped_mlp += 1
-                continue
-            flag, fn = "swiglu", gated_silu_mlp_forward
-        elif flags["layer_norm"] and fits_layer_norm(module):
-            flag, fn = "layer_norm", layer_norm_forward
-        elif flags["fused_linear_cross_entropy"] and isinstance(module, lm_cls):
-            flag, fn = "fused_linear_cross_entropy", vision_language_forward
-        else:
-            continue
-        handle.add(module, _forward_slot(module), types.MethodType(fn, module), label)
-        found[flag].append(label)
-    what = {"rms_norm": "RMSNorm modules", "swiglu": "gated SiLU MLPs", "layer_norm": "LayerNorm modules",
-            "fused_linear_cross_entropy": f"{lm_cls.__name__} forward"}
-    for flag, where in what.items():
-        if not flags[flag] or states[flag] != "off":
-            continue
-        states[flag] = _summary(found[flag], where) if found[flag] else f"not present: no {where} in this model"
+            label = f"{name or type(module).__name__}.forward"
+            handle.add(module, _forward_slot(module), types.MethodType(fn, module), label)
+            found[flag].append(label)
     if skipped_mlp:
-        handle.skipped.append(f"{skipped_mlp} MLP module(s): activation is not SiLU")
+        handle.skipped.append(f"swiglu: {skipped_mlp} MLP module(s) whose activation is not SiLU")
         warnings.warn(f"liger_align: {skipped_mlp} MLP module(s) use an activation other than SiLU; the SwiGLU "
                       "kernel was not applied to them", stacklevel=3)
-    return _finish(handle, states)
-
-
-def _finish(handle: VisionLanguagePatchHandle, states: dict[str, str]) -> VisionLanguagePatchHandle:
-    handle.states = states
-    handle.skipped.extend(f"{flag}: {state.removeprefix('not present: ')}" for flag, state in states.items()
+    handle.states = {flag: _state(flag, flags[flag], found[flag], family, instance=model is not None)
+                     for flag in FLAGS}
+    handle.skipped.extend(f"{flag}: {state.removeprefix('not present: ')}" for flag, state in handle.states.items()
                           if state.startswith("not present"))
     return handle
+
+
+_WHAT = {"rms_norm": "RMSNorm modules", "swiglu": "gated SiLU MLPs", "layer_norm": "LayerNorm modules",
+         "fused_linear_cross_entropy": "ForConditionalGeneration forward"}
+
+
+def _state(flag: str, wanted: bool, found: list[str], family: VisionLanguageFamily, *, instance: bool) -> str:
+    """One entry of :attr:`VisionLanguagePatchHandle.states`."""
+    if not wanted:
+        return "off"
+    if flag == "layer_norm" and not family.vision_layer_norm:
+        return f"not present: {family.title}'s vision tower has no LayerNorm (it uses RMSNorm)"
+    if not found:
+        return f"not present: no {_WHAT[flag]} in this model"
+    if instance and flag != "rope":
+        return f"patched: {len(found)} {_WHAT[flag]}"
+    return "patched: " + ", ".join(found)
 
 
 def _check_instance(family: VisionLanguageFamily, model: nn.Module | None) -> None:
