@@ -11,7 +11,11 @@ computed.
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from ._checks import raise_bad_num_items
 
 # Default budget of one logits buffer. On an H200 (bf16, V=128256), 512 MiB was measurably faster
 # than 256 MiB for both vocabulary slices (fewer, wider products) and token chunks (fewer fp32
@@ -24,43 +28,55 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_linear_inputs(
-    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    names: tuple[str, str, str, str] = ("hidden", "weight", "target", "bias"),
 ) -> None:
     """Raise ``TypeError``/``ValueError`` naming the argument when the shapes or dtypes do not fit.
 
     Expected: hidden ``(N, H)`` float, weight ``(V, H)`` float, target ``(N,)`` integer, bias ``(V,)`` or None.
+    ``names`` are the caller's names of the four arguments (e.g. ``ref_hidden``, ``ref_weight``), used
+    in the messages.
     """
-    for name, t in (("hidden", hidden), ("weight", weight), ("target", target)):
+    h_name, w_name, t_name, b_name = names
+    for name, t in ((h_name, hidden), (w_name, weight), (t_name, target)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if hidden.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"hidden must be a floating-point tensor, got dtype {hidden.dtype}")
+        raise TypeError(f"{h_name} must be a floating-point tensor, got dtype {hidden.dtype}")
     if weight.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
+        raise TypeError(f"{w_name} must be a floating-point tensor, got dtype {weight.dtype}")
     if target.dtype.is_floating_point or target.dtype == torch.bool or target.is_complex():
-        raise TypeError(f"target must be an integer tensor (int64), got dtype {target.dtype}")
+        raise TypeError(f"{t_name} must be an integer tensor (int64), got dtype {target.dtype}")
     if hidden.dim() != 2:
-        raise ValueError(f"hidden must have shape (N, H), got {tuple(hidden.shape)}")
+        raise ValueError(f"{h_name} must have shape (N, H), got {tuple(hidden.shape)}")
     if weight.dim() != 2:
-        raise ValueError(f"weight must have shape (V, H), got {tuple(weight.shape)}")
+        raise ValueError(f"{w_name} must have shape (V, H), got {tuple(weight.shape)}")
     if hidden.shape[1] != weight.shape[1]:
         raise ValueError(
-            f"hidden's last dimension H={hidden.shape[1]} must match weight (V, H) with H={weight.shape[1]}"
+            f"{h_name}'s last dimension H={hidden.shape[1]} must match {w_name} (V, H) with H={weight.shape[1]}"
         )
     if target.shape != hidden.shape[:1]:
-        raise ValueError(f"target must have shape (N,) = ({hidden.shape[0]},), got {tuple(target.shape)}")
+        raise ValueError(f"{t_name} must have shape (N,) = ({hidden.shape[0]},), got {tuple(target.shape)}")
     if hidden.shape[0] == 0:
-        raise ValueError("hidden is empty: expected at least one token (N >= 1)")
+        raise ValueError(f"{h_name} is empty: expected at least one token (N >= 1)")
     if weight.shape[0] == 0:
-        raise ValueError("weight is empty: expected a vocabulary of at least one row (V >= 1)")
+        raise ValueError(f"{w_name} is empty: expected a vocabulary of at least one row (V >= 1)")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"bias must be a floating-point tensor or None, got {getattr(bias, 'dtype', type(bias))}")
+            raise TypeError(
+                f"{b_name} must be a floating-point tensor or None, got {getattr(bias, 'dtype', type(bias).__name__)}"
+            )
         if bias.shape != weight.shape[:1]:
-            raise ValueError(f"bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
-    devices = {t.device for t in (hidden, weight, target) + ((bias,) if bias is not None else ())}
+            raise ValueError(f"{b_name} must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    named = ((h_name, hidden), (w_name, weight), (t_name, target)) + (((b_name, bias),) if bias is not None else ())
+    devices = {t.device for _, t in named}
     if len(devices) > 1:
-        raise ValueError(f"hidden, weight, target and bias must be on one device, got {sorted(map(str, devices))}")
+        found = ", ".join(f"{name} on {t.device}" for name, t in named)
+        raise ValueError(f"{', '.join(n for n, _ in named)} must be on one device, got {found}")
 
 
 def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -75,15 +91,26 @@ def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return hidden.dtype
 
 
-def valid_token_index(target: torch.Tensor, ignore_index: int, vocab: int) -> torch.Tensor:
+def valid_token_index(
+    target: torch.Tensor, ignore_index: int, vocab: int, *, num_items: torch.Tensor | None = None
+) -> torch.Tensor:
     """Indices ``(M,)`` of the tokens whose target is not ``ignore_index``, after checking the targets.
 
     One host synchronisation per call: it reads the count of valid and of out-of-range targets
-    together, to size the products over valid tokens only and to reject bad targets.
+    together, to size the products over valid tokens only and to reject bad targets. A
+    ``num_items`` (a 0-d tensor: ``num_items_in_batch`` on an accelerator, see
+    :func:`~liger_align.kernels._checks.check_num_items`) is read in the same synchronisation and
+    must be finite and positive.
     """
     valid = target != ignore_index
     out_of_range = valid & ((target < 0) | (target >= vocab))
-    n_valid, n_bad = torch.stack((valid.sum(), out_of_range.sum())).tolist()
+    counts = [valid.sum().double(), out_of_range.sum().double()]
+    if num_items is not None:
+        counts.append(num_items.reshape(()).to(device=target.device, dtype=torch.float64))
+    read = torch.stack(counts).tolist()
+    n_valid, n_bad = int(read[0]), int(read[1])
+    if num_items is not None and not (math.isfinite(read[2]) and read[2] > 0):
+        raise_bad_num_items(read[2])
     if n_bad:
         bad = target[out_of_range][:5].tolist()
         raise ValueError(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_choice, check_int, check_num_items, check_real
 from ._dispatch import use_triton
 from ._linear_chunks import (
     addmm_fp32_, check_linear_inputs, chunk_rows, compute_dtype, mm_into_, project, valid_token_index,
@@ -48,10 +49,14 @@ class TokenChunkGrads:
         else:
             acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
             self.weight = torch.zeros(weight.shape, device=weight.device, dtype=acc_dtype)
-        self.bias = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32) if needs[2] and bias is not None else None
+        self.bias = None
+        if needs[2] and bias is not None:
+            self.bias = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32)
 
-    def add_chunk(self, grad_logits: torch.Tensor, h_chunk: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> None:
-        """Add one chunk: ``grad_logits (C, V)`` of the tokens ``rows (C,)`` whose hidden states are ``h_chunk (C, H)``."""
+    def add_chunk(
+        self, grad_logits: torch.Tensor, h_chunk: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor
+    ) -> None:
+        """Add one chunk: ``grad_logits (C, V)`` of the tokens ``rows (C,)`` with hidden states ``h_chunk (C, H)``."""
         if self.hidden is not None:
             self.hidden.index_copy_(0, rows, torch.mm(grad_logits, weight).to(self.hidden.dtype))
         if self.weight is not None:
@@ -78,21 +83,27 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, denominator, opts: LogitOptions, label_smoothing: float):
+    def forward(
+        ctx, hidden, weight, bias, target, denominator, opts: LogitOptions, label_smoothing: float,
+        wanted: tuple[bool, bool, bool], deferred_num_items: torch.Tensor | None,
+    ):
         triton_path = use_triton(hidden, weight, impl=opts.impl)
         dtype = compute_dtype(hidden, weight)
-        rows_all = valid_token_index(target, opts.ignore_index, weight.shape[0])
+        rows_all = valid_token_index(target, opts.ignore_index, weight.shape[0], num_items=deferred_num_items)
         vocab = weight.shape[0]
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
         per_chunk = chunk_rows(rows_all.shape[0], vocab, dtype, opts.chunk_bytes)
         n_chunks = -(-rows_all.shape[0] // per_chunk)
-        grads = TokenChunkGrads(hidden, weight, bias, ctx.needs_input_grad[:3], n_chunks=n_chunks)
+        # ``needs_input_grad`` is True under ``torch.no_grad()`` too: ``wanted`` (read outside) says
+        # whether autograd will ever ask for these gradients.
+        needs = tuple(n and w_ for n, w_ in zip(ctx.needs_input_grad[:3], wanted))
+        grads = TokenChunkGrads(hidden, weight, bias, needs, n_chunks=n_chunks)
         inv_denominator = 1.0 / denominator.to(device=hidden.device, dtype=torch.float32)
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
         is_top1 = torch.zeros(target.shape[0], device=hidden.device, dtype=torch.bool)
         buffer = torch.empty((per_chunk, vocab), device=hidden.device, dtype=dtype) if rows_all.numel() else None
-        any_grad = any(ctx.needs_input_grad[:3])
+        any_grad = any(needs)
         for start in range(0, rows_all.shape[0], per_chunk):
             rows = rows_all[start : start + per_chunk]
             h_chunk = hidden.index_select(0, rows).to(dtype)
@@ -102,7 +113,8 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             fold_row_stats_(stats, logits, chunk_target, 0, **opts.row_kwargs(triton_path))
             lse = stats.lse()
             is_top1.index_copy_(0, rows, stats.is_top1())
-            total += (lse - (1.0 - label_smoothing) * stats.target_logit - label_smoothing * stats.logit_sum / vocab).sum()
+            smoothed = label_smoothing * stats.logit_sum / vocab
+            total += (lse - (1.0 - label_smoothing) * stats.target_logit - smoothed).sum()
             if any_grad:
                 a = (-(1.0 - label_smoothing) * inv_denominator).expand(rows.shape[0]).contiguous()
                 b_coef = (-label_smoothing * inv_denominator).expand(rows.shape[0]).contiguous()
@@ -128,7 +140,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         ctx.consumed = True
         stored = [g if has else None for g, has in zip(ctx.saved_tensors, ctx.has_grad)]
         scaled = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in stored]
-        return scaled[0], scaled[1], scaled[2], None, None, None, None
+        return scaled[0], scaled[1], scaled[2], None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -170,10 +182,8 @@ def fused_linear_cross_entropy(
 
     A batch whose tokens are all ignored gives 0 and zero gradients (``F.cross_entropy`` gives NaN).
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    check_choice("reduction", reduction, REDUCTIONS)
+    label_smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
     if num_items_in_batch is not None and reduction != "mean":
         raise ValueError(f"num_items_in_batch applies to reduction='mean' only, got reduction={reduction!r}")
     if isinstance(hidden, torch.Tensor) and isinstance(target, torch.Tensor) and hidden.dim() == 3:
@@ -183,32 +193,37 @@ def fused_linear_cross_entropy(
         hidden, target = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
     else:
         out_shape = getattr(target, "shape", None)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    check_choice("strategy", strategy, STRATEGIES)
     if strategy == "grad_in_forward" and reduction == "none":
         raise ValueError("strategy='grad_in_forward' needs reduction 'mean' or 'sum', got reduction='none'")
+    if max_grad_buffer_bytes is not None:
+        max_grad_buffer_bytes = check_int("max_grad_buffer_bytes", max_grad_buffer_bytes, low=0)
     check_linear_inputs(hidden, weight, target, bias)
     opts = LogitOptions(ignore_index, temperature, softcap, logit_scale, chunk_bytes, impl)
+    use_triton(hidden, weight, impl=opts.impl)  # a path that cannot run is refused here, before any product
+    # Which gradients autograd can ask for: none under torch.no_grad() or for inputs that need none.
+    wanted = tuple(
+        torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
     if strategy == "auto":
-        buffer_bytes = weight.numel() * 4 if weight.requires_grad and weight.dtype != torch.float32 else 0
+        buffer_bytes = weight.numel() * 4 if wanted[1] and weight.dtype != torch.float32 else 0
         fits = max_grad_buffer_bytes is None or buffer_bytes <= max_grad_buffer_bytes
-        strategy = "grad_in_forward" if reduction != "none" and fits else "recompute"
+        strategy = "grad_in_forward" if reduction != "none" and fits and any(wanted) else "recompute"
+    deferred = None
     if reduction != "mean":
         denominator = torch.ones((), device=hidden.device)
     elif num_items_in_batch is not None:
-        denominator = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device)
-        if denominator.dim() != 0:
-            raise ValueError(f"num_items_in_batch must be a scalar, got shape {tuple(denominator.shape)}")
+        denominator, deferred = check_num_items(num_items_in_batch, hidden.device)
     else:
-        denominator = (target != ignore_index).sum().clamp(min=1).float()
+        denominator = (target != opts.ignore_index).sum().clamp(min=1).float()
     if strategy == "recompute":
         per_token, _, _, _, is_top1 = linear_token_objective(
             hidden, weight, target, bias, alpha=-(1.0 - label_smoothing), beta=-label_smoothing, opts=opts,
-            distribution=return_top1,
+            distribution=return_top1, num_items=deferred,
         )
         loss = per_token.reshape(out_shape) if reduction == "none" else per_token.sum() / denominator
     else:
         loss, is_top1 = FusedLinearCrossEntropyFunction.apply(
-            hidden, weight, bias, target.long(), denominator, opts, float(label_smoothing)
+            hidden, weight, bias, target.long(), denominator, opts, label_smoothing, wanted, deferred
         )
     return (loss, is_top1.reshape(out_shape)) if return_top1 else loss

@@ -11,13 +11,13 @@ buffer); grad-hidden is summed over slices in an ``(M, H)`` fp32 buffer.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-from ._dispatch import use_triton
+from ._checks import check_count, check_ignore_index, check_optional_positive, check_positive, check_real
+from ._dispatch import _IMPLS, use_triton
 from ._linear_chunks import (
     addmm_fp32_, check_linear_inputs, compute_dtype, mm_into_, project, slice_cols, valid_token_index,
 )
@@ -36,15 +36,25 @@ class LogitOptions:
     impl: str | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be a positive finite number, got {self.temperature!r}")
-        if self.softcap is not None and not (self.softcap > 0 and math.isfinite(self.softcap)):
-            raise ValueError(f"softcap must be a positive finite number or None, got {self.softcap!r}")
-        if not math.isfinite(self.logit_scale) or self.logit_scale == 0:
+        # Checked and normalised to Python numbers (numpy scalars and 0-d tensors are accepted).
+        values = dict(
+            ignore_index=check_ignore_index(self.ignore_index),
+            temperature=check_positive("temperature", self.temperature),
+            softcap=check_optional_positive("softcap", self.softcap),
+            logit_scale=check_real("logit_scale", self.logit_scale),
+            chunk_bytes=None if self.chunk_bytes is None else check_count("chunk_bytes", self.chunk_bytes),
+        )
+        if values["logit_scale"] == 0:
             raise ValueError(f"logit_scale must be a finite non-zero number, got {self.logit_scale!r}")
+        if self.impl not in _IMPLS:
+            raise ValueError(f"impl must be one of {list(_IMPLS)}, got {self.impl!r}")
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
 
     def row_kwargs(self, triton_path: bool) -> dict:
-        return dict(logit_scale=self.logit_scale, softcap=self.softcap, temperature=self.temperature, triton_path=triton_path)
+        return dict(
+            logit_scale=self.logit_scale, softcap=self.softcap, temperature=self.temperature, triton_path=triton_path
+        )
 
 
 class LinearLogProbs(NamedTuple):
@@ -76,10 +86,13 @@ class LinearTokenObjectiveFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, opts: LogitOptions, alpha: float, beta: float, distribution: bool):
+    def forward(
+        ctx, hidden, weight, bias, target, opts: LogitOptions, alpha: float, beta: float, distribution: bool,
+        num_items: torch.Tensor | None = None,
+    ):
         triton_path = use_triton(hidden, weight, impl=opts.impl)
         dtype = compute_dtype(hidden, weight)
-        rows = valid_token_index(target, opts.ignore_index, weight.shape[0])
+        rows = valid_token_index(target, opts.ignore_index, weight.shape[0], num_items=num_items)
         vocab, n_valid = weight.shape[0], rows.shape[0]
         value = torch.zeros(hidden.shape[0], device=hidden.device, dtype=torch.float32)
         logit_mean = torch.zeros_like(value)
@@ -97,7 +110,8 @@ class LinearTokenObjectiveFunction(torch.autograd.Function):
             width = slice_cols(n_valid, vocab, dtype, opts.chunk_bytes)
             buffer = torch.empty(n_valid * width, device=hidden.device, dtype=dtype)
             for start, stop in _vocab_slices(vocab, width):
-                logits = project(h, w[start:stop], None if b is None else b[start:stop], buffer[: n_valid * (stop - start)].view(n_valid, stop - start))
+                out = buffer[: n_valid * (stop - start)].view(n_valid, stop - start)
+                logits = project(h, w[start:stop], None if b is None else b[start:stop], out)
                 fold_row_stats_(stats, logits, valid_target, start, **opts.row_kwargs(triton_path))
             lse = stats.lse()
             z_mean = stats.logit_sum / vocab
@@ -122,7 +136,7 @@ class LinearTokenObjectiveFunction(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if need_weight else None
         grad_bias = torch.zeros_like(bias) if need_bias else None
         if grad_value is None or n_valid == 0:
-            return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+            return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
         opts, dtype = ctx.opts, ctx.dtype
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
@@ -130,12 +144,15 @@ class LinearTokenObjectiveFunction(torch.autograd.Function):
         valid_target = target.index_select(0, rows)
         upstream = grad_value.float().index_select(0, rows)
         a_coef, b_coef = ctx.alpha * upstream, ctx.beta * upstream
-        grad_h = torch.zeros(n_valid, hidden.shape[1], device=hidden.device, dtype=torch.float32) if need_hidden else None
+        grad_h = None
+        if need_hidden:
+            grad_h = torch.zeros(n_valid, hidden.shape[1], device=hidden.device, dtype=torch.float32)
         width = slice_cols(n_valid, vocab, dtype, opts.chunk_bytes)
         buffer = torch.empty(n_valid * width, device=hidden.device, dtype=dtype)
         for start, stop in _vocab_slices(vocab, width):
             w_slice = w[start:stop]
-            logits = project(h, w_slice, None if b is None else b[start:stop], buffer[: n_valid * (stop - start)].view(n_valid, stop - start))
+            out = buffer[: n_valid * (stop - start)].view(n_valid, stop - start)
+            logits = project(h, w_slice, None if b is None else b[start:stop], out)
             row_grad_(
                 logits, valid_target, lse, a_coef, b_coef, vocab_start=start, vocab=vocab,
                 **opts.row_kwargs(ctx.triton_path),
@@ -148,21 +165,27 @@ class LinearTokenObjectiveFunction(torch.autograd.Function):
                 addmm_fp32_(grad_h, logits, w_slice)
         if need_hidden:
             grad_hidden.index_copy_(0, rows, grad_h.to(hidden.dtype))
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def linear_token_objective(
     hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None, *,
     alpha: float, beta: float, opts: LogitOptions, distribution: bool = False,
+    num_items: torch.Tensor | None = None, names: tuple[str, str, str, str] = ("hidden", "weight", "target", "bias"),
 ) -> tuple[torch.Tensor, ...]:
     """Checked entry to :class:`LinearTokenObjectiveFunction`.
 
     Returns ``(value, logit_mean, entropy, log_sum_sq_probs, is_top1)``, each ``(N,)``; the last three
-    are empty unless ``distribution`` is True.
+    are empty unless ``distribution`` is True. ``num_items``: a 0-d accelerator tensor checked ``> 0``
+    in the op's one host synchronisation (see :func:`._linear_chunks.valid_token_index`); ``names``:
+    the caller's names of the inputs, for the error messages.
     """
-    check_linear_inputs(hidden, weight, target, bias)
+    if not isinstance(opts, LogitOptions):
+        raise TypeError(f"opts must be a LogitOptions, got {type(opts).__name__}")
+    check_linear_inputs(hidden, weight, target, bias, names=names)
+    use_triton(hidden, weight, impl=opts.impl)  # a path that cannot run is refused here, before any product
     return LinearTokenObjectiveFunction.apply(
-        hidden, weight, bias, target.long(), opts, float(alpha), float(beta), bool(distribution)
+        hidden, weight, bias, target.long(), opts, float(alpha), float(beta), bool(distribution), num_items
     )
 
 

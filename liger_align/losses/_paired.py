@@ -10,8 +10,12 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ..kernels._checks import check_choice  # noqa: F401  (re-exported for the losses)
+from ..kernels._linear_chunks import check_linear_inputs
 from ..kernels.linear_logprobs import LogitOptions
 from ._sequences import SequenceStats, sequence_stats
+
+REF_NAMES = ("ref_hidden", "ref_weight", "target", "ref_bias")
 
 
 def logit_options(
@@ -33,12 +37,6 @@ def options_kwargs(opts: LogitOptions) -> dict[str, Any]:
         ignore_index=opts.ignore_index, temperature=opts.temperature, softcap=opts.softcap,
         logit_scale=opts.logit_scale, chunk_bytes=opts.chunk_bytes, impl=opts.impl,
     )
-
-
-def check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
-    """Raise ``ValueError`` naming ``name`` when ``value`` is not one of ``valid``."""
-    if value not in valid:
-        raise ValueError(f"{name} must be one of {list(valid)}, got {value!r}")
 
 
 def check_vector(name: str, value: torch.Tensor, length: int) -> torch.Tensor:
@@ -84,30 +82,50 @@ def reference_logps(
     ref_bias: torch.Tensor | None,
     policy_weight: torch.Tensor,
     policy_bias: torch.Tensor | None,
+    names: tuple[str, str, str, str] = REF_NAMES,
 ) -> SequenceStats | None:
     """Reference statistics of ``ref_hidden (R, T, H_ref)`` without gradient, or None without ``ref_hidden``.
 
     ``ref_weight (V, H_ref)`` and ``ref_bias (V,)`` default to the policy's head (a shared, frozen head,
-    e.g. under PEFT) when ``ref_weight`` is None.
+    e.g. under PEFT) when ``ref_weight`` is None. ``names``: the caller's names of
+    ``(ref_hidden, ref_weight, target, ref_bias)``, used in the messages.
     """
+    h_name, w_name, t_name, b_name = names
     if ref_hidden is None:
         if ref_weight is not None or ref_bias is not None:
-            raise ValueError("ref_weight/ref_bias were given without ref_hidden: pass ref_hidden (R, T, H) too")
+            raise ValueError(f"{w_name}/{b_name} were given without {h_name}: pass {h_name} (R, T, H) too")
         return None
-    if not isinstance(ref_hidden, torch.Tensor) or ref_hidden.dim() != 3 or ref_hidden.shape[:2] != target.shape:
+    if not isinstance(ref_hidden, torch.Tensor):
+        raise TypeError(f"{h_name} must be a torch.Tensor of shape (R, T, H), got {type(ref_hidden).__name__}")
+    if ref_hidden.dim() != 3 or ref_hidden.shape[:2] != target.shape:
         raise ValueError(
-            f"ref_hidden must have shape (R, T, H) with (R, T) = {tuple(target.shape)} like target, "
-            f"got {tuple(getattr(ref_hidden, 'shape', ()))}"
+            f"{h_name} must have shape (R, T, H) with (R, T) = {tuple(target.shape)} like {t_name}, "
+            f"got {tuple(ref_hidden.shape)}"
         )
     if ref_weight is None:
+        if ref_bias is not None:
+            raise ValueError(f"{b_name} was given without {w_name}: pass the reference head's {w_name} (V, H) too")
         ref_weight, ref_bias = policy_weight, policy_bias
-    if not isinstance(ref_weight, torch.Tensor) or ref_weight.dim() != 2 or ref_weight.shape[1] != ref_hidden.shape[2]:
+        names = (h_name, "lin_weight", t_name, "bias")  # the policy's head: name it as the caller did
+    elif not isinstance(ref_weight, torch.Tensor) or ref_weight.dim() != 2:
         raise ValueError(
-            f"ref_weight must have shape (V, H) with H={ref_hidden.shape[2]} like ref_hidden, "
-            f"got {tuple(getattr(ref_weight, 'shape', ()))}"
+            f"{w_name} must be a tensor of shape (V, H), got {tuple(getattr(ref_weight, 'shape', ()))}"
         )
+    elif ref_weight.shape[0] != policy_weight.shape[0]:
+        raise ValueError(
+            f"{w_name} must have the policy's vocabulary: (V, H) with V={policy_weight.shape[0]} rows like "
+            f"lin_weight, got {tuple(ref_weight.shape)}"
+        )
+    if ref_weight.shape[1] != ref_hidden.shape[2]:
+        raise ValueError(
+            f"{w_name} must have shape (V, H) with H={ref_hidden.shape[2]} like {h_name}, "
+            f"got {tuple(ref_weight.shape)}"
+        )
+    flat = ref_hidden.reshape(-1, ref_hidden.shape[-1])
+    check_linear_inputs(flat, ref_weight, target.reshape(-1), ref_bias, names=names)
     with torch.no_grad():
         stats = sequence_stats(
-            ref_hidden.detach(), ref_weight.detach(), target, None if ref_bias is None else ref_bias.detach(), opts
+            ref_hidden.detach(), ref_weight.detach(), target, None if ref_bias is None else ref_bias.detach(), opts,
+            names=names,
         )
     return SequenceStats(*(t.detach() for t in stats))

@@ -13,9 +13,12 @@ As TRL 1.16's ``CPOTrainer``: with ``u = logp_c - logp_r`` (or, for AlphaPO with
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
+from ..kernels._checks import check_non_negative, check_positive, check_real
 from ._module import FusedLossModule
 from ._paired import check_choice, logit_options, logits_mean, split_pairs, token_mean_nll
 from ._sequences import check_rows, sequence_stats
@@ -26,7 +29,27 @@ CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
 def cpo_config(loss_type: str, cpo_alpha: float) -> tuple[str, float]:
     """``(loss_type, cpo_alpha)`` after validation; ``alphapo`` becomes ``simpo`` with ``cpo_alpha = 0`` as in TRL."""
     check_choice("loss_type", loss_type, CPO_LOSS_TYPES)
-    return ("simpo", 0.0) if loss_type == "alphapo" else (loss_type, float(cpo_alpha))
+    cpo_alpha = check_non_negative("cpo_alpha", cpo_alpha)
+    return ("simpo", 0.0) if loss_type == "alphapo" else (loss_type, cpo_alpha)
+
+
+def check_cpo_config(
+    *, beta: float, loss_type: str, cpo_alpha: float, label_smoothing: float, simpo_gamma: float, alpha: float
+) -> dict[str, Any]:
+    """Every CPO-family setting checked (``ValueError`` naming it) and normalised; ``alphapo`` as :func:`cpo_config`.
+
+    ``beta > 0`` (``ipo`` and ``simpo`` divide by it), ``label_smoothing`` in ``[0, 1]``, ``cpo_alpha >= 0``,
+    ``simpo_gamma`` and ``alpha`` finite.
+    """
+    loss_type, cpo_alpha = cpo_config(loss_type, cpo_alpha)
+    return dict(
+        beta=check_positive("beta", beta, context=f" for loss_type {loss_type!r}"),
+        loss_type=loss_type,
+        cpo_alpha=cpo_alpha,
+        label_smoothing=check_real("label_smoothing", label_smoothing, low=0.0, high=1.0),
+        simpo_gamma=check_real("simpo_gamma", simpo_gamma),
+        alpha=check_real("alpha", alpha),
+    )
 
 
 def cpo_averages_logps(loss_type: str) -> bool:
@@ -58,7 +81,12 @@ def cpo_objective(
         ``nll_loss`` (0 when ``cpo_alpha == 0``), ``chosen_rewards``, ``rejected_rewards`` ``(B,)``
         (``beta * logps``, or ``beta * r`` for AlphaPO).
     """
-    loss_type, cpo_alpha = cpo_config(loss_type, cpo_alpha)
+    config = check_cpo_config(
+        beta=beta, loss_type=loss_type, cpo_alpha=cpo_alpha, label_smoothing=label_smoothing,
+        simpo_gamma=simpo_gamma, alpha=alpha,
+    )
+    beta, loss_type, cpo_alpha = config["beta"], config["loss_type"], config["cpo_alpha"]
+    label_smoothing, simpo_gamma, alpha = config["label_smoothing"], config["simpo_gamma"], config["alpha"]
     c, r = chosen_logps.float(), rejected_logps.float()
     if alpha != 0.0:
         # AlphaPO reward r = (1 - p^-alpha) / alpha, written with expm1 for accuracy
@@ -117,7 +145,11 @@ def fused_linear_cpo_loss(
         ``rejected_logits_mean`` and those of :func:`cpo_objective`.
     """
     check_rows(hidden, target, lin_weight, paired=True)
-    loss_type, cpo_alpha = cpo_config(loss_type, cpo_alpha)
+    config = check_cpo_config(
+        beta=beta, loss_type=loss_type, cpo_alpha=cpo_alpha, label_smoothing=label_smoothing,
+        simpo_gamma=simpo_gamma, alpha=alpha,
+    )
+    loss_type = config["loss_type"]
     opts = logit_options(
         ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
         chunk_bytes=chunk_bytes, impl=impl,
@@ -127,11 +159,7 @@ def fused_linear_cpo_loss(
         chosen_logps, rejected_logps = policy.chosen.mean_logps(), policy.rejected.mean_logps()
     else:
         chosen_logps, rejected_logps = policy.chosen.sum_logps, policy.rejected.sum_logps
-    loss, metrics = cpo_objective(
-        chosen_logps, rejected_logps, token_mean_nll(policy.chosen),
-        beta=beta, loss_type=loss_type, cpo_alpha=cpo_alpha, label_smoothing=label_smoothing,
-        simpo_gamma=simpo_gamma, alpha=alpha,
-    )
+    loss, metrics = cpo_objective(chosen_logps, rejected_logps, token_mean_nll(policy.chosen), **config)
     out = {
         "chosen_logps": chosen_logps.detach(),
         "rejected_logps": rejected_logps.detach(),
@@ -192,12 +220,11 @@ class LigerFusedLinearCPOLoss(FusedLossModule):
         chunk_bytes: int | None = None,
         impl: str | None = None,
     ) -> None:
-        loss_type, cpo_alpha = cpo_config(loss_type, cpo_alpha)
         super().__init__(
-            dict(
-            beta=beta, loss_type=loss_type, cpo_alpha=cpo_alpha, label_smoothing=label_smoothing,
-            simpo_gamma=simpo_gamma, alpha=alpha,
-        ),
+            check_cpo_config(
+                beta=beta, loss_type=loss_type, cpo_alpha=cpo_alpha, label_smoothing=label_smoothing,
+                simpo_gamma=simpo_gamma, alpha=alpha,
+            ),
             ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
             chunk_bytes=chunk_bytes, impl=impl,
         )
@@ -206,7 +233,6 @@ class LigerFusedLinearCPOLoss(FusedLossModule):
         self, lin_weight: torch.Tensor, hidden: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return fused_linear_cpo_loss(lin_weight, hidden, target, bias, **self.config, **self.logit_kwargs)
-
 
 
 class LigerFusedLinearSimPOLoss(FusedLossModule):
@@ -228,8 +254,11 @@ class LigerFusedLinearSimPOLoss(FusedLossModule):
         chunk_bytes: int | None = None,
         impl: str | None = None,
     ) -> None:
+        config = check_cpo_config(
+            beta=beta, loss_type="simpo", cpo_alpha=0.0, label_smoothing=label_smoothing, simpo_gamma=gamma, alpha=0.0
+        )
         super().__init__(
-            dict(beta=beta, gamma=gamma, label_smoothing=label_smoothing),
+            dict(beta=config["beta"], gamma=config["simpo_gamma"], label_smoothing=config["label_smoothing"]),
             ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
             chunk_bytes=chunk_bytes, impl=impl,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels._checks import check_choice, check_real
 from ..kernels.fused_linear_cross_entropy import REDUCTIONS, fused_linear_cross_entropy
 from ._module import FusedLossModule
 
@@ -29,10 +30,8 @@ class LigerFusedLinearCrossEntropyLoss(FusedLossModule):
         chunk_bytes: int | None = None,
         impl: str | None = None,
     ) -> None:
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+        check_choice("reduction", reduction, REDUCTIONS)
+        label_smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
         super().__init__(
             dict(reduction=reduction, label_smoothing=label_smoothing),
             ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,

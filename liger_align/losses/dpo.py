@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..kernels._checks import as_real, check_positive, check_real, check_weights
 from ._module import FusedLossModule
 from ._paired import check_choice, check_vector, logit_options, logits_mean, reference_logps, split_pairs
 from ._sequences import check_rows, sequence_stats
@@ -38,26 +39,47 @@ def check_dpo_config(
     *,
     label_smoothing: float,
     f_divergence_type: str,
+    beta: float = 0.1,
+    discopop_tau: float = 0.05,
+    f_alpha_divergence_coef: float = 0.5,
 ) -> tuple[tuple[str, ...], tuple[float, ...]]:
-    """Validate the configuration; return ``(loss_types, loss_weights)`` as tuples."""
-    loss_types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    """Validate the configuration (``ValueError`` naming the setting); return ``(loss_types, loss_weights)``.
+
+    ``loss_type``: one name or a non-empty list of names; ``loss_weights``: one finite weight ``>= 0``
+    per loss type; ``beta > 0`` (``ipo`` and ``sppo_hard`` divide by it); ``label_smoothing`` in
+    ``[0, 1]`` (``[0, 0.5)`` for ``robust``, ``(0, 1)`` for ``exo_pair``); ``discopop_tau > 0``;
+    ``f_alpha_divergence_coef`` finite.
+    """
+    if isinstance(loss_type, str):
+        loss_types = (loss_type,)
+    elif isinstance(loss_type, Sequence) or (hasattr(loss_type, "__iter__") and not isinstance(loss_type, dict)):
+        loss_types = tuple(loss_type)
+    else:
+        raise ValueError(
+            f"loss_type must be one of {list(DPO_LOSS_TYPES)} or a list of them, got {type(loss_type).__name__} "
+            f"{loss_type!r}"
+        )
     if not loss_types:
         raise ValueError(f"loss_type must name at least one of {list(DPO_LOSS_TYPES)}, got {loss_type!r}")
     for name in loss_types:
         check_choice("loss_type", name, DPO_LOSS_TYPES)
-    weights = tuple(float(w) for w in loss_weights) if loss_weights is not None else (1.0,) * len(loss_types)
-    if len(weights) != len(loss_types):
-        raise ValueError(f"loss_weights must have one weight per loss_type ({len(loss_types)}), got {len(weights)}")
+    weights = check_weights("loss_weights", loss_weights, len(loss_types)) if loss_weights is not None else (
+        (1.0,) * len(loss_types)
+    )
     check_choice("f_divergence_type", f_divergence_type, F_DIVERGENCES)
     if f_divergence_type != "reverse_kl" and not set(loss_types) <= _F_DIVERGENCE_LOSS_TYPES:
         raise ValueError(
             f"f_divergence_type={f_divergence_type!r} supports only loss_type in {sorted(_F_DIVERGENCE_LOSS_TYPES)}, "
             f"got {list(loss_types)}"
         )
+    check_positive("beta", beta, context=f" (loss_type {list(loss_types)})")
+    label_smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
     if "robust" in loss_types and not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type 'robust', got {label_smoothing}")
     if "exo_pair" in loss_types and not 0.0 < label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must lie in (0, 1) for loss_type 'exo_pair', got {label_smoothing}")
+    check_positive("discopop_tau", discopop_tau)
+    check_real("f_alpha_divergence_coef", f_alpha_divergence_coef)
     return loss_types, weights
 
 
@@ -155,8 +177,12 @@ def dpo_objective(
         ``chosen_rewards = beta * (chosen_logps - ref_chosen_logps)`` and ``rejected_rewards`` ``(B,)``.
     """
     loss_types, weights = check_dpo_config(
-        loss_type, loss_weights, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type
+        loss_type, loss_weights, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type, beta=beta,
+        discopop_tau=discopop_tau, f_alpha_divergence_coef=f_alpha_divergence_coef,
     )
+    beta, label_smoothing = float(as_real("beta", beta)), float(as_real("label_smoothing", label_smoothing))
+    discopop_tau = float(as_real("discopop_tau", discopop_tau))
+    f_alpha_divergence_coef = float(as_real("f_alpha_divergence_coef", f_alpha_divergence_coef))
     c, r = chosen_logps.float(), rejected_logps.float()
     ref_c, ref_r = ref_chosen_logps.float(), ref_rejected_logps.float()
     c_ratio, r_ratio = c - ref_c, r - ref_r
@@ -225,7 +251,8 @@ def fused_linear_dpo_loss(
     """
     check_rows(hidden, target, lin_weight, paired=True)
     loss_types, weights = check_dpo_config(
-        loss_type, loss_weights, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type
+        loss_type, loss_weights, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type, beta=beta,
+        discopop_tau=discopop_tau, f_alpha_divergence_coef=f_alpha_divergence_coef,
     )
     opts = logit_options(
         ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
@@ -298,7 +325,8 @@ class LigerFusedLinearDPOLoss(FusedLossModule):
         impl: str | None = None,
     ) -> None:
         loss_types, weights = check_dpo_config(
-            loss_type, loss_weights, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type
+            loss_type, loss_weights, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type, beta=beta,
+            discopop_tau=discopop_tau, f_alpha_divergence_coef=f_alpha_divergence_coef,
         )
         super().__init__(
             dict(

@@ -12,14 +12,52 @@ weighted by ``desirable_weight`` / ``undesirable_weight`` and averaged over all 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from ..kernels._checks import check_non_negative, check_positive, check_real
 from ..kernels.linear_logprobs import LogitOptions
 from ._module import FusedLossModule
 from ._paired import check_choice, check_vector, logit_options, logits_mean, reference_logps
 from ._sequences import SequenceStats, check_rows, sequence_stats
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+def check_kto_config(
+    *, beta: float, desirable_weight: float, undesirable_weight: float, loss_type: str
+) -> dict[str, Any]:
+    """The KTO settings checked (``ValueError`` naming the setting) and normalised.
+
+    ``beta > 0``, ``desirable_weight`` and ``undesirable_weight`` finite and ``>= 0``, ``loss_type`` one of
+    :data:`KTO_LOSS_TYPES`.
+    """
+    return dict(
+        beta=check_positive("beta", beta),
+        desirable_weight=check_non_negative("desirable_weight", desirable_weight),
+        undesirable_weight=check_non_negative("undesirable_weight", undesirable_weight),
+        loss_type=check_choice("loss_type", loss_type, KTO_LOSS_TYPES),
+    )
+
+
+def check_kl(kl: torch.Tensor | float | None, device: torch.device) -> torch.Tensor:
+    """The KL estimate ``z`` as a detached 0-d fp32 tensor on ``device`` (None: 0).
+
+    A number must be finite; a tensor must hold one value (the batch's estimate, not one per row).
+    """
+    if kl is None:
+        return torch.zeros((), device=device)
+    if isinstance(kl, torch.Tensor):
+        if kl.numel() != 1:
+            raise ValueError(
+                f"kl must be a scalar (a float or a 0-d tensor: the batch's KL estimate), "
+                f"got a tensor of shape {tuple(kl.shape)}"
+            )
+        if kl.is_complex() or kl.dtype == torch.bool:
+            raise TypeError(f"kl must be a real scalar, got dtype {kl.dtype}")
+        return kl.detach().reshape(()).to(device=device, dtype=torch.float32)
+    return torch.tensor(check_real("kl", kl), device=device)
 
 
 def kto_objective(
@@ -46,12 +84,15 @@ def kto_objective(
         ``(loss, metrics)``: 0-d mean over the R rows of the weighted per-row losses; metrics (detached)
         ``rewards = beta * rho`` ``(R,)`` and ``kl`` (0-d).
     """
-    check_choice("loss_type", loss_type, KTO_LOSS_TYPES)
+    config = check_kto_config(
+        beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight, loss_type=loss_type
+    )
+    beta, desirable_weight = config["beta"], config["desirable_weight"]
+    undesirable_weight = config["undesirable_weight"]
     desirable = preference_labels.to(device=logps.device, dtype=torch.bool)
     rho = logps.float() - ref_logps.float()
-    z = torch.zeros((), device=logps.device)
-    if loss_type == "kto" and kl is not None:
-        z = torch.as_tensor(kl, dtype=torch.float32, device=logps.device).detach().reshape(()).clamp(min=0)
+    z = check_kl(kl, logps.device)
+    z = z.clamp(min=0) if loss_type == "kto" else torch.zeros_like(z)
     if loss_type == "kto":
         desirable_loss = 1 - torch.sigmoid(beta * (rho - z))
         undesirable_loss = 1 - torch.sigmoid(beta * (z - rho))
@@ -76,12 +117,16 @@ def kl_estimate(
     reference_free: bool,
 ) -> torch.Tensor:
     """TRL's KL term ``mean_j (logp(y'_j) - ref_logp(y'_j))`` over mismatched completions, without gradient."""
-    check_rows(kl_hidden, kl_target, lin_weight, paired=False)
+    check_rows(kl_hidden, kl_target, lin_weight, paired=False, names=("kl_hidden", "kl_target"))
     with torch.no_grad():
-        kl_logps = sequence_stats(kl_hidden.detach(), lin_weight.detach(), kl_target, _detach(bias), opts).sum_logps
+        kl_logps = sequence_stats(
+            kl_hidden.detach(), lin_weight.detach(), kl_target, _detach(bias), opts,
+            names=("kl_hidden", "lin_weight", "kl_target", "bias"),
+        ).sum_logps
     ref = reference_logps(
         kl_target, opts, ref_hidden=ref_kl_hidden, ref_weight=ref_weight if ref_kl_hidden is not None else None,
         ref_bias=ref_bias if ref_kl_hidden is not None else None, policy_weight=lin_weight, policy_bias=bias,
+        names=("ref_kl_hidden", "ref_weight", "kl_target", "ref_bias"),
     )
     if ref is not None:
         ref_kl = ref.sum_logps
@@ -147,7 +192,9 @@ def fused_linear_kto_loss(
         ``rejected_logits_mean`` and ``kl`` (0-d).
     """
     check_rows(hidden, target, lin_weight, paired=False)
-    check_choice("loss_type", loss_type, KTO_LOSS_TYPES)
+    check_kto_config(
+        beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight, loss_type=loss_type
+    )
     rows = hidden.shape[0]
     if not isinstance(preference_labels, torch.Tensor) or preference_labels.shape != (rows,):
         raise ValueError(
@@ -182,6 +229,8 @@ def fused_linear_kto_loss(
             lin_weight, bias, opts, kl_hidden=kl_hidden, kl_target=kl_target, ref_kl_hidden=ref_kl_hidden,
             ref_kl_logps=ref_kl_logps, ref_weight=ref_weight, ref_bias=ref_bias, reference_free=reference_free,
         )
+    else:
+        check_kl(kl, hidden.device)
     stats = sequence_stats(hidden, lin_weight, target, bias, opts)
     desirable = preference_labels.to(device=hidden.device, dtype=torch.bool)
     loss, metrics = kto_objective(
@@ -230,12 +279,11 @@ class LigerFusedLinearKTOLoss(FusedLossModule):
         chunk_bytes: int | None = None,
         impl: str | None = None,
     ) -> None:
-        check_choice("loss_type", loss_type, KTO_LOSS_TYPES)
+        config = check_kto_config(
+            beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight, loss_type=loss_type
+        )
         super().__init__(
-            dict(
-            beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
-            loss_type=loss_type, reference_free=reference_free,
-        ),
+            dict(config, reference_free=bool(reference_free)),
             ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
             chunk_bytes=chunk_bytes, impl=impl,
         )

@@ -3,6 +3,14 @@
 ``loss = NLL(chosen) - beta * mean_b log sigmoid(log_odds_b)`` with
 ``log_odds = (c - r) - (log(1 - exp(c)) - log(1 - exp(r)))`` on the *average* per-token log-probs
 ``c``, ``r`` of the chosen and rejected completions, as TRL 1.16's ``ORPOTrainer`` computes it.
+
+The clamp: ``log(1 - exp(x))`` is ``-inf`` at ``x = 0`` (a completion of probability 1, e.g. any
+completion when V = 1) and its derivative ``-1 / (1 - exp(-x))`` diverges as ``x -> 0``, so TRL's
+form gives an infinite log-odds, a NaN loss and NaN gradients there. Here the argument of
+``log(1 - exp(.))`` is clamped to at most :data:`LOG1MEXP_MAX` ``= -1e-6``: below it (every
+realistic mean log-prob: ``p < 0.999999``) the value is TRL's to fp32 rounding; above it each odds
+is capped at ``1e6`` (a log-odds of at most about 13.8 in magnitude) and only the ``c - r`` term
+carries gradient, so loss and gradients stay finite.
 """
 
 from __future__ import annotations
@@ -10,14 +18,30 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..kernels._checks import check_non_negative
 from ._module import FusedLossModule
 from ._paired import logit_options, logits_mean, split_pairs
 from ._sequences import check_rows, sequence_stats
 
 
+#: Largest argument of :func:`log1mexp` (see the module docstring): ``log(1 - exp(-1e-6)) ~ -13.8``.
+LOG1MEXP_MAX = -1e-6
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """``log(1 - exp(x))`` for ``x < 0``, accurate on both sides of ``-log 2``."""
+    """``log(1 - exp(x))`` for ``x <= 0``, accurate on both sides of ``-log 2``, with ``x`` clamped to ``<= -1e-6``.
+
+    The clamp (:data:`LOG1MEXP_MAX`) keeps the value and the gradient finite at and near ``x = 0``;
+    above it the gradient is 0. Both branches of the ``where`` are finite, so no NaN leaks into the
+    gradient of the branch not taken.
+    """
+    x = x.clamp(max=LOG1MEXP_MAX)
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def check_orpo_config(beta: float) -> float:
+    """``beta`` (ORPO's ``lambda``, the odds-ratio weight; 0 is plain SFT) as a finite float ``>= 0``."""
+    return check_non_negative("beta", beta)
 
 
 def orpo_objective(
@@ -42,6 +66,7 @@ def orpo_objective(
         (detached) ``nll_loss``, ``log_odds_ratio`` (mean log sigmoid), ``log_odds_chosen`` (mean
         log-odds), ``chosen_rewards`` and ``rejected_rewards`` ``(B,) = beta * logps``.
     """
+    beta = check_orpo_config(beta)
     chosen, rejected = chosen_logps.float(), rejected_logps.float()
     if pair_mask is not None:
         chosen = torch.where(pair_mask, chosen, torch.full_like(chosen, -1.0))
@@ -94,6 +119,7 @@ def fused_linear_orpo_loss(
         tokens) and those of :func:`orpo_objective`.
     """
     check_rows(hidden, target, lin_weight, paired=True)
+    beta = check_orpo_config(beta)
     opts = logit_options(
         ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
         chunk_bytes=chunk_bytes, impl=impl,
@@ -165,7 +191,7 @@ class LigerFusedLinearORPOLoss(FusedLossModule):
         impl: str | None = None,
     ) -> None:
         super().__init__(
-            dict(beta=beta),
+            dict(beta=check_orpo_config(beta)),
             ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
             chunk_bytes=chunk_bytes, impl=impl,
         )
