@@ -167,13 +167,14 @@ def head_accuracy(model: torch.nn.Module, data: Dataset, collator: Any, batch_si
         hidden = backbone(lm)(input_ids=batch["input_ids"].to(device),
                               attention_mask=batch["attention_mask"].to(device)).last_hidden_state
         labels = batch["labels"].to(device)
-        logits = torch.cat([output_head(lm)(hidden)[None], heads(hidden)])
         for k in range(heads.num_heads + 1):
             target = labels[:, 1 + k:]
             valid = target != -100
-            pred = logits[k, :, : target.shape[1]].argmax(-1)
-            hits[k] += ((pred == target) & valid).sum().item()
-            counts[k] += valid.sum().item()
+            rows, target = hidden[:, : target.shape[1]][valid], target[valid]
+            head = output_head(lm) if k == 0 else heads[k - 1]
+            for i in range(0, rows.shape[0], 1024):  # logits of 1024 valid rows at a time
+                hits[k] += (head(rows[i: i + 1024]).argmax(-1) == target[i: i + 1024]).sum().item()
+            counts[k] += target.numel()
     lm.train(was_training)
     return (hits / counts.clamp(min=1)).tolist()
 
