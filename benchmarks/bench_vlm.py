@@ -2,9 +2,11 @@
 
 Model: Qwen2-VL-2B's shape (text 1536 x 28 layers, 12 heads / 2 kv heads, SwiGLU 8960, tied head,
 V = 151936; vision 32 blocks x 1280, 16 heads, patch 14, 2x2 merge), bf16 weights, bf16 autocast,
-AdamW, gradient checkpointing (non-reentrant). Data: one 448 x 448 image per row (a 32 x 32 patch grid:
-256 visual tokens), rows of exactly 514 tokens (chat markers, 10 prompt words, the image, 240 answer
-tokens plus EOS; the loss covers the answer). Arms, each in a fresh subprocess so its peak memory is its own:
+AdamW (``--optim``, default torch's fused AdamW: the multi-tensor one allocates a parameter-sized temporary
+in its step, 4 GiB here, which would set every arm's peak), gradient checkpointing (non-reentrant).
+Data: one 448 x 448 image per row (a 32 x 32 patch grid: 256 visual tokens), rows of exactly 514 tokens
+(chat markers, 10 prompt words, the image, 240 answer tokens plus EOS; the loss covers the answer).
+Arms, each in a fresh subprocess so its peak memory is its own:
 
 - ``sft/hf``: the unpatched model with the Hugging Face ``Trainer`` (the collator of ``examples/vlm``);
 - ``sft/liger_kernel``: Liger-Kernel's ``apply_liger_kernel_to_qwen2_vl(model=...)`` (skipped when
@@ -148,8 +150,8 @@ def build_trainer(opts: argparse.Namespace, out_dir: Path, device: str) -> tuple
     common = dict(
         output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=opts.batch, learning_rate=1e-6,
         logging_steps=1, report_to=[], save_strategy="no", bf16=True, gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": False}, optim="adamw_torch", dataloader_num_workers=0 if smoke
-        else 2, disable_tqdm=True, seed=0, use_cpu=smoke, remove_unused_columns=False,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, optim="adamw_torch" if smoke else opts.optim,
+        dataloader_num_workers=0 if smoke else 2, disable_tqdm=True, seed=0, use_cpu=smoke, remove_unused_columns=False,
     )
     meter = StepMeterCallback(warmup_steps=opts.warmup)
     if opts.task == "sft":
@@ -230,7 +232,8 @@ def run_all(opts: argparse.Namespace) -> list[dict[str, Any]]:
             continue
         out = tmp / f"{task}-{impl}-{batch}.json"
         cmd = [sys.executable, __file__, "--worker", "--task", task, "--impl", impl, "--batch", str(batch),
-               "--worker-out", str(out), "--warmup", str(opts.warmup), "--steps", str(opts.steps)]
+               "--worker-out", str(out), "--warmup", str(opts.warmup), "--steps", str(opts.steps),
+               "--optim", opts.optim]
         cmd += ["--smoke"] if opts.smoke else []
         began = time.time()
         try:
@@ -346,6 +349,7 @@ def main() -> None:
     parser.add_argument("--big-batch", type=int, default=32, help="SFT batch of the second size (0: none)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--optim", default="adamw_torch_fused", help="TrainingArguments.optim of every arm")
     parser.add_argument("--timeout", type=int, default=240, help="seconds per subprocess")
     parser.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--smoke", action="store_true",
@@ -365,7 +369,7 @@ def main() -> None:
     results = run_all(opts)
     add_ratios(results)
     fit = largest_fit(results)
-    meta = {k: getattr(opts, k) for k in ("batch", "big_batch", "warmup", "steps", "smoke")}
+    meta = {k: getattr(opts, k) for k in ("batch", "big_batch", "warmup", "steps", "optim", "smoke")}
     (results_dir / "bench_vlm.json").write_text(json.dumps({"config": meta, "results": results,
                                                              "largest_fit": fit}, indent=1))
     path = plot(results, results_dir)
