@@ -38,7 +38,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ("unpatched", "liger_kernel", "ours")
+ARMS = ("unpatched", "liger_kernel", "ours", "ours_ce_only", "ours_layers_only")
+# The ablation arms attribute ours' time and memory: the fused loss alone, or the layer kernels alone.
+ABLATIONS = {
+    "ours_ce_only": dict(rope=False, rms_norm=False, swiglu=False, geglu=False),
+    "ours_layers_only": dict(fused_linear_cross_entropy=False),
+}
 GIB = 2**30
 
 # The public configs' sizes (random weights). ``family`` is transformers' model_type.
@@ -113,11 +118,11 @@ def patch(model: Any, arm: str, model_type: str) -> dict[str, Any]:
     """Apply ``arm``'s patch to ``model``; what was done, or ``{"error": ...}`` (the arm is then skipped)."""
     if arm == "unpatched":
         return {"patched": "nothing"}
-    if arm == "ours":
+    if arm == "ours" or arm in ABLATIONS:
         sys.path.insert(0, str(ROOT))
         from liger_align.models import apply_liger_kernel
 
-        handle = apply_liger_kernel(model)
+        handle = apply_liger_kernel(model, **ABLATIONS.get(arm, {}))
         return {"patched": handle.summary(), "family": getattr(handle, "family", None)}
     import importlib.metadata
 
@@ -293,14 +298,21 @@ def largest_fit(rows: list[dict[str, Any]], shape: str, arm: str) -> int | None:
     return max(fits, default=None)
 
 
+def _arms_in(rows: list[dict[str, Any]]) -> list[str]:
+    """The arms that ran, in ``ARMS`` order."""
+    present = {r["arm"] for r in rows}
+    return [arm for arm in ARMS if arm in present]
+
+
 def table(arms: list[dict[str, Any]], rows: list[dict[str, Any]], batches: list[int]) -> str:
     """Per shape and batch: each arm's s/step, tokens/s, GiB; ours/Liger and ours/unpatched ratios."""
-    lines = [f"{'shape':13} {'batch':>5}  " + "  ".join(f"{a:>26}" for a in ARMS)
+    ran = _arms_in(rows)
+    lines = [f"{'shape':13} {'batch':>5}  " + "  ".join(f"{a:>26}" for a in ran)
              + f"  {'tok/s ours/LK':>13} {'ours/unp':>8} {'mem ours/LK':>11} {'ours/unp':>8}"]
     for shape in dict.fromkeys(r["shape"] for r in rows):
         for batch in batches:
             cells = []
-            for arm in ARMS:
+            for arm in ran:
                 r = _get(rows, shape, arm, batch)
                 cells.append(f"{r['median_step_s']:.3f}s {r['tokens_per_s']:7.0f}/s {r['peak_allocated_gib']:5.1f}G"
                              if r.get("status") == "ok" else r.get("status", "-"))
@@ -309,12 +321,12 @@ def table(arms: list[dict[str, Any]], rows: list[dict[str, Any]], batches: list[
             lines.append(f"{shape:13} {batch:>5}  " + "  ".join(f"{c:>26}" for c in cells)
                          + f"  {_ratio(ours, lk, 'tokens_per_s'):>13} {_ratio(ours, unp, 'tokens_per_s'):>8}"
                          + f" {_ratio(ours, lk, mem):>11} {_ratio(ours, unp, mem):>8}")
-        fits = {arm: largest_fit(rows, shape, arm) for arm in ARMS}
+        fits = {arm: largest_fit(rows, shape, arm) for arm in ran}
         top = max(batches)
         text = ", ".join(f"{arm} {'none' if b is None else (f'>={b}' if b == top else b)}" for arm, b in fits.items())
-        ratio = f"{fits['ours'] / fits['unpatched']:.2f}" if fits["ours"] and fits["unpatched"] else "-"
+        ratio = f"{fits['ours'] / fits['unpatched']:.2f}" if fits.get("ours") and fits.get("unpatched") else "-"
         lines.append(f"{shape:13} largest batch that fits: {text}; ours/unpatched {ratio}"
-                     + (" (lower bound: the largest batch tried fits)" if fits["ours"] == top else ""))
+                     + (" (lower bound: the largest batch tried fits)" if fits.get("ours") == top else ""))
         diffs = [abs(a - b) / abs(b) for batch in batches
                  for a, b in zip(_get(rows, shape, "ours", batch).get("losses", []),
                                  _get(rows, shape, "unpatched", batch).get("losses", []))]
@@ -340,17 +352,19 @@ def plot(rows: list[dict[str, Any]], results_dir: Path, batches: list[int], meta
         print("matplotlib is not installed: no PNG", file=sys.stderr)
         return []
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    colors = {"unpatched": "#9e9e9e", "liger_kernel": "#1565c0", "ours": "#2e7d32"}
+    colors = {"unpatched": "#9e9e9e", "liger_kernel": "#1565c0", "ours": "#2e7d32", "ours_ce_only": "#81c784",
+              "ours_layers_only": "#c5e1a5"}
+    ran = _arms_in(rows)
     paths = []
     for key, label, name in (("tokens_per_s", "non-padding tokens/s", "throughput"),
                              ("peak_allocated_gib", "peak allocated GiB", "memory")):
         fig, axes = plt.subplots(1, len(shapes), figsize=(4.6 * len(shapes), 3.8), squeeze=False)
         for ax, shape in zip(axes[0], shapes):
-            width = 0.8 / len(ARMS)
-            for i, arm in enumerate(ARMS):
+            width = 0.8 / len(ran)
+            for i, arm in enumerate(ran):
                 for j, batch in enumerate(batches):
                     r = _get(rows, shape, arm, batch)
-                    x = j + (i - (len(ARMS) - 1) / 2) * width
+                    x = j + (i - (len(ran) - 1) / 2) * width
                     if r.get("status") == "ok":
                         ax.bar(x, r[key], width, color=colors[arm], label=arm if j == 0 else None)
                     elif r.get("status") == "OOM":
@@ -372,7 +386,7 @@ def plot(rows: list[dict[str, Any]], results_dir: Path, batches: list[int], meta
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
-    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS[:3]))
     parser.add_argument("--batches", nargs="+", type=int, default=[8, 16, 32, 64])
     parser.add_argument("--warmup", type=int, default=2, help="warm-up optimizer steps per batch size")
     parser.add_argument("--steps", type=int, default=5, help="measured optimizer steps per batch size")
