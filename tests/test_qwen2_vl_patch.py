@@ -13,6 +13,7 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.models.qwen2_vl import modeling_qwen2_vl
 
 from _reference import rel_err
+from conftest import HAS_CUDA, triton_runs_on
 from liger_align.kernels.rope import rope
 from liger_align.models import apply_liger_kernel
 from liger_align.models._vision_layers import LigerLayerNorm, layer_norm_forward, make_vision_rope_function
@@ -241,19 +242,22 @@ def test_unsupported_vision_language_model_warns_with_what_was_patched():
 @pytest.mark.interpreter
 def test_mrope_and_vision_rope_run_the_rope_kernel():
     """Per-token M-RoPE cos/sin (B, T, D) of a two-image batch, and the vision tower's (N, D) tables, through
-    the Triton kernel (interpreter on CPU): values and gradients as Hugging Face's functions."""
-    model = tiny_qwen2_vl()
-    inputs = batch()
+    the Triton kernel (on CUDA, else the interpreter on CPU): values and gradients as Hugging Face's functions."""
+    device = "cuda" if HAS_CUDA else "cpu"
+    if not triton_runs_on(device):
+        pytest.skip(f"Triton cannot run on {device} tensors here")
+    model = tiny_qwen2_vl().to(device)
+    inputs = {k: v.to(device) for k, v in batch().items()}
     position_ids, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
                                                  image_grid_thw=inputs["image_grid_thw"],
                                                  attention_mask=inputs["attention_mask"])
     assert not torch.equal(position_ids[1], position_ids[2])  # height and width positions differ on image tokens
     b, t = inputs["input_ids"].shape
-    x = torch.randn(b, t, 64)
+    x = torch.randn(b, t, 64, device=device)
     cos, sin = model.model.language_model.rotary_emb(x, position_ids)
     assert cos.shape == (b, t, 16)
-    q = torch.randn(b, 4, t, 16, requires_grad=True)
-    k = torch.randn(b, 2, t, 16, requires_grad=True)
+    q = torch.randn(b, 4, t, 16, device=device, requires_grad=True)
+    k = torch.randn(b, 2, t, 16, device=device, requires_grad=True)
     want_q, want_k = modeling_qwen2_vl.apply_rotary_pos_emb(q, k, cos, sin)
     got_q, got_k = rope(q, k, cos, sin, impl="triton")
     assert rel_err(got_q, want_q) < 1e-6 and rel_err(got_k, want_k) < 1e-6
@@ -267,15 +271,29 @@ def test_mrope_and_vision_rope_run_the_rope_kernel():
     n = int(grid.prod(-1).sum())
     from transformers.vision_utils import get_vision_position_ids
     vision_pos = get_vision_position_ids(grid, visual.spatial_merge_size)
-    vcos, vsin = visual.rotary_pos_emb(torch.randn(n, 32), vision_pos)
+    vcos, vsin = visual.rotary_pos_emb(torch.randn(n, 32, device=device), vision_pos)
     assert vcos.shape == (n, 8)
-    qkv = torch.randn(n, 3, 4, 8, requires_grad=True)  # the vision attention's strided q/k views
+    qkv = torch.randn(n, 3, 4, 8, device=device, requires_grad=True)  # the vision attention's strided q/k views
     vq, vk, _ = qkv.unbind(1)
     original = modeling_qwen2_vl.apply_rotary_pos_emb_vision
     want_vq, want_vk = original(vq, vk, vcos, vsin)
     got_vq, got_vk = make_vision_rope_function(original)(vq, vk, vcos, vsin)
     assert rel_err(got_vq, want_vq) < 1e-6 and rel_err(got_vk, want_vk) < 1e-6
-    g = torch.randn(2, n, 4, 8)
+    g = torch.randn(2, n, 4, 8, device=device)
     (want_grad,) = torch.autograd.grad((want_vq, want_vk), (qkv,), tuple(g))
     (got_grad,) = torch.autograd.grad((got_vq, got_vk), (qkv,), tuple(g))
     assert rel_err(got_grad, want_grad) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("build", [tiny_qwen2_vl, tiny_qwen2_5_vl])
+def test_gpu_patched_matches_unpatched(build):
+    """On CUDA every patched piece runs its Triton kernel: fp32 loss and gradients as the unpatched model's."""
+    ref = build().cuda().train()
+    model = copy.deepcopy(ref)
+    inputs = {k: v.cuda() for k, v in batch().items()}
+    want, want_grads = loss_and_grads(ref, inputs)
+    with apply_liger_kernel(model):
+        got, got_grads = loss_and_grads(model, inputs)
+    assert rel_err(got.loss, want.loss) < 1e-5
+    assert_same_grads(got_grads, want_grads, tol=1e-3)  # TF32-free fp32, different summation orders
