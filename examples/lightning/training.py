@@ -336,7 +336,7 @@ def set_single_process_env() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Check everything, train, print the summary (rank 0) and return it."""
+    """Check everything, train, print the summary (rank 0) and return it (the liger patch is reverted after)."""
     args = parse_args(argv)
     accelerator = resolve_accelerator(args.accelerator)
     check_strategy(args.strategy, accelerator)
@@ -384,6 +384,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     seconds = time.perf_counter() - began
     if args.save_checkpoint:
         trainer.save_checkpoint(output_dir / "last.ckpt")
+    handle = module.liger_handle
+    patches = (handle.summary(), len(handle.patched)) if handle is not None else (None, 0)
+    if handle is not None:
+        handle.revert()  # training is over: leave transformers' modules as they were in this process
 
     losses = [float(x) for x in torch.stack(module.train_losses).cpu()] if module.train_losses else []
     before = next((e for e in module.evaluations if e["before_training"]), None)
@@ -392,7 +396,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "model": args.model or "embedded tiny Llama 3.2",
         "data": source,
         "use_liger": args.use_liger,
-        "liger_patches": module.liger_handle.summary() if module.liger_handle is not None else None,
+        "liger_patches": patches[0],
+        "liger_patched_count": patches[1],
         "strategy": args.strategy,
         "accelerator": accelerator,
         "world_size": trainer.world_size,
