@@ -96,7 +96,7 @@ class MMLUModule(pl.LightningModule):
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
         self.gradient_checkpointing = gradient_checkpointing
         self.log_every = log_every
-        self.register_buffer("letter_ids", torch.tensor(list(letter_ids), dtype=torch.long), persistent=False)
+        self.letter_ids = [int(i) for i in letter_ids]  # a plain list: no buffer for FSDP/DeepSpeed to cast or shard
         self.model: torch.nn.Module | None = None
         self.liger_handle = None
         self._hf_ds_config = None
@@ -171,7 +171,8 @@ class MMLUModule(pl.LightningModule):
         out = self._forward(batch)
         valid = (batch["labels"][:, 1:] != mmlu_data.IGNORE_INDEX).sum()
         rows = torch.arange(batch["input_ids"].shape[0], device=self.device)
-        scores = out.logits[rows, batch["answer_pos"]][:, self.letter_ids].float()  # (B, letters)
+        letters = torch.tensor(self.letter_ids, device=self.device)
+        scores = out.logits[rows, batch["answer_pos"]][:, letters].float()  # (B, letters)
         beyond = torch.arange(scores.shape[1], device=self.device)[None, :] >= batch["num_choices"][:, None]
         correct = (scores.masked_fill(beyond, -torch.inf).argmax(-1) == batch["answer"]).sum()
         self._sums += torch.stack([out.loss.double() * valid, valid.double(), correct.double(),
