@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
+import os
 import resource
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +34,17 @@ from transformers import (
     TrainingArguments,
 )
 from trl.data_utils import maybe_apply_chat_template
+
+# A clean run prints only what the user needs. The Liger trainers build on TRL's experimental ORPO/CPO,
+# whose import notice concerns this repository (it pins the TRL range), not the user.
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+if not torch.cuda.is_available():
+    # DeepSpeed (imported by accelerate) otherwise warns that it "could not detect" a GPU on every CPU run.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# TRL's trainers read transformers' deprecated `is_gradient_checkpointing` and call the deprecated
+# `gradient_checkpointing_enable/disable` on every reference pass (transformers >= 5.2x): not the user's doing.
+for _name in ("is_gradient_checkpointing", "gradient_checkpointing_enable", "gradient_checkpointing_disable"):
+    warnings.filterwarnings("ignore", message=f"`{_name}` is deprecated", category=FutureWarning)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PAIRED_COLUMNS = ("prompt", "chosen", "rejected")
@@ -75,6 +89,19 @@ class ScriptArguments:
     )
     meter_warmup_steps: int = field(
         default=2, metadata={"help": "Optimizer steps the StepMeter leaves out of its summary (warm-up)."}
+    )
+
+
+@dataclass
+class AlignmentScriptArguments(ScriptArguments):
+    """:class:`ScriptArguments` plus what the alignment scripts do with an existing output folder."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into a non-empty --output_dir anyway (its files are overwritten). Without it, a "
+            "non-empty folder is refused; pass --resume_from_checkpoint to continue from a checkpoint-* in it."
+        },
     )
 
 
@@ -135,25 +162,63 @@ def parse_script_and_config(
     # HfArgumentParser spells the negation --no_use_liger and --no-use-liger; accept --no-use_liger too.
     parser.add_argument("--no-use_liger", action="store_false", dest="use_liger", help=argparse.SUPPRESS)
     defaults: dict[str, Any] = {"output_dir": str(Path("outputs") / name)}
-    if not any(arg == "--model_name_or_path" or arg.startswith("--model_name_or_path=") for arg in argv):
+    # Pinned host memory only helps copies to a GPU; without one, the DataLoader warns about it.
+    defaults["dataloader_pin_memory"] = torch.cuda.is_available()
+    if not _given(argv, "model_name_or_path"):
         defaults.update(EMBEDDED_DEFAULTS, **embedded_defaults)
         defaults["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     defaults.update(config_defaults or {})
+    defaults = checkpointing_defaults(config_class, defaults, argv)
     parser.set_defaults(**defaults)
     script_args, config = parser.parse_args_into_dataclasses(args=argv)
     return script_args, config
 
 
-def parse_args(algorithm: Algorithm, argv: Sequence[str] | None = None) -> tuple[ScriptArguments, TrainingArguments]:
-    """Parse ``argv`` into :class:`ScriptArguments` and the algorithm's config (``ORPOConfig``, ...)."""
-    return parse_script_and_config(
-        ScriptArguments,
+def _given(argv: Sequence[str], flag: str) -> bool:
+    """Whether ``--flag`` (or ``--flag=...``) is on the command line ``argv``."""
+    return any(arg == f"--{flag}" or arg.startswith(f"--{flag}=") for arg in argv)
+
+
+def checkpointing_defaults(config_class: type, defaults: dict[str, Any], argv: Sequence[str]) -> dict[str, Any]:
+    """``defaults`` with activation checkpointing under the name this transformers uses.
+
+    transformers >= 5.2x names it ``activation_checkpointing`` and warns when ``gradient_checkpointing``
+    is set (TRL's configs default the old name to True; our embedded defaults set it too). Where the
+    new field exists, the default moves to it, so a run warns only when the user passes the old flag.
+    """
+    names = {f.name: f for f in dataclasses.fields(config_class)}
+    defaults = dict(defaults)
+    if "activation_checkpointing" not in names or _given(argv, "gradient_checkpointing"):
+        return defaults
+    old = names["gradient_checkpointing"]
+    value = defaults.pop("gradient_checkpointing", old.default if old.default is not dataclasses.MISSING else None)
+    defaults.setdefault("activation_checkpointing", value)
+    defaults["gradient_checkpointing"] = None
+    return defaults
+
+
+def parse_args(
+    algorithm: Algorithm, argv: Sequence[str] | None = None
+) -> tuple[AlignmentScriptArguments, TrainingArguments]:
+    """Parse ``argv`` into :class:`AlignmentScriptArguments` and the algorithm's config (``ORPOConfig``, ...).
+
+    Without ``--output_dir`` and ``--model_name_or_path`` (the embedded demo), the default folder
+    ``outputs/<name>`` is overwritten by a new run (said in one line), as re-running a demo should.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script_args, config = parse_script_and_config(
+        AlignmentScriptArguments,
         algorithm.config_class,
         name=algorithm.name,
         embedded_defaults=algorithm.embedded_defaults,
         config_defaults=algorithm.config_defaults,
         argv=argv,
     )
+    if not _given(argv, "output_dir") and not _given(argv, "model_name_or_path") and not _given(
+        argv, "overwrite_output_dir"
+    ):
+        script_args.overwrite_output_dir = True
+    return script_args, config
 
 
 def _looks_like_path(name: str) -> bool:
@@ -175,6 +240,8 @@ def load_raw_dataset(name: str | None, config_name: str | None = None) -> Datase
             raise ValueError(
                 f"--dataset_name {name!r}: unsupported file type {path.suffix!r}; use one of {sorted(DATA_FILE_TYPES)}"
             )
+        if path.suffix.lower() == ".jsonl":
+            check_jsonl(path, name)
         return load_dataset(file_type, data_files=str(path), split="train")
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
@@ -189,6 +256,29 @@ def load_raw_dataset(name: str | None, config_name: str | None = None) -> Datase
             f"--dataset_name {name!r}: could not load it from the Hugging Face Hub ({type(error).__name__}: {error}). "
             "Offline, pass a local .jsonl/.json/.parquet file or a save_to_disk folder instead."
         ) from error
+
+
+def check_jsonl(path: Path, name: str) -> None:
+    """Raise ``ValueError`` naming the line when a line of the JSON-lines file ``path`` is not a JSON object.
+
+    (``datasets`` reports a malformed line without its number.) Blank lines are allowed.
+    """
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"--dataset_name {name!r}: line {number} is not valid JSON ({err.msg} at column {err.colno}): "
+                    f"{line.strip()[:80]!r}"
+                ) from None
+            if not isinstance(row, dict):
+                raise ValueError(
+                    f"--dataset_name {name!r}: line {number} must be a JSON object (one row), got "
+                    f"{type(row).__name__}: {line.strip()[:80]!r}"
+                )
 
 
 def check_columns(dataset: Dataset, required: Sequence[str], *, what: str) -> None:
@@ -359,12 +449,102 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(f"saved model and tokenizer to {summary['output_dir']}")
 
 
+def _bad_flag(flag: str, expected: str, value: Any) -> ValueError:
+    return ValueError(f"--{flag} must be {expected}, got {value!r}")
+
+
+def check_flags(script_args: ScriptArguments, config: TrainingArguments) -> None:
+    """Refuse length, batch-size and step flags that would train on nothing or fail later (before any loading).
+
+    Lengths (``max_length``, ``max_prompt_length``, ``max_completion_length``): unset or ``>= 1``, the
+    prompt shorter than the whole; batch sizes and ``gradient_accumulation_steps`` ``>= 1``;
+    ``max_steps`` ``-1`` (use epochs) or ``>= 1``; ``num_train_epochs > 0`` when it is used; logging,
+    evaluation and save steps ``> 0``; ``warmup_steps >= 0``; a finite ``learning_rate >= 0``;
+    ``eval_size > 0``.
+    """
+    lengths = {}
+    for flag in ("max_length", "max_prompt_length", "max_completion_length"):
+        value = getattr(config, flag, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise _bad_flag(flag, "an integer >= 1 (or unset)", value)
+        lengths[flag] = value
+    for part in ("max_prompt_length", "max_completion_length"):
+        if lengths[part] is not None and lengths["max_length"] is not None and lengths[part] >= lengths["max_length"]:
+            raise ValueError(
+                f"--{part} ({lengths[part]}) must be smaller than --max_length ({lengths['max_length']}): "
+                "prompt and completion share max_length"
+            )
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        value = getattr(config, flag)
+        if not isinstance(value, int) or value < 1:
+            raise _bad_flag(flag, "an integer >= 1", value)
+    if config.max_steps == 0 or config.max_steps < -1:
+        raise _bad_flag("max_steps", "-1 (train for --num_train_epochs) or an integer >= 1", config.max_steps)
+    if config.max_steps == -1 and not (math.isfinite(config.num_train_epochs) and config.num_train_epochs > 0):
+        raise _bad_flag("num_train_epochs", "a number > 0 (or set --max_steps)", config.num_train_epochs)
+    for flag in ("logging_steps", "eval_steps", "save_steps"):
+        value = getattr(config, flag, None)
+        if value is not None and not value > 0:
+            raise _bad_flag(flag, "a number > 0", value)
+    if getattr(config, "warmup_steps", 0) < 0:
+        raise _bad_flag("warmup_steps", "a number >= 0", config.warmup_steps)
+    if not (math.isfinite(config.learning_rate) and config.learning_rate >= 0):
+        raise _bad_flag("learning_rate", "a finite number >= 0", config.learning_rate)
+    if not (math.isfinite(script_args.eval_size) and script_args.eval_size > 0):
+        raise _bad_flag("eval_size", "a fraction in (0, 1) or a number of rows >= 1", script_args.eval_size)
+    if script_args.eval_size >= 1 and script_args.eval_size != int(script_args.eval_size):
+        raise _bad_flag("eval_size", "a fraction in (0, 1) or a whole number of rows", script_args.eval_size)
+
+
+def check_output_dir(config: TrainingArguments, *, overwrite: bool) -> str | None:
+    """Follow the Trainer's convention for ``--output_dir``; return the checkpoint to resume from (or None).
+
+    - ``--resume_from_checkpoint PATH`` resumes from that folder; ``--resume_from_checkpoint last``
+      (or ``true``) from the newest ``checkpoint-*`` in ``--output_dir``; either must exist.
+    - Otherwise a non-empty ``--output_dir`` is refused (naming the checkpoints it holds) unless
+      ``--overwrite_output_dir``.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    output_dir = Path(config.output_dir)
+    resume = config.resume_from_checkpoint
+    if resume:
+        if str(resume).lower() in ("last", "true"):
+            last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+            if last is None:
+                raise ValueError(
+                    f"--resume_from_checkpoint {resume}: no checkpoint-* folder in --output_dir {str(output_dir)!r}"
+                )
+            return last
+        if not Path(resume).is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint {resume!r}: no such checkpoint folder")
+        return str(resume)
+    if not output_dir.is_dir() or not any(output_dir.iterdir()):
+        return None
+    checkpoints = sorted(p.name for p in output_dir.glob("checkpoint-*") if p.is_dir())
+    if overwrite:
+        note = f" (its {len(checkpoints)} checkpoint-* folder(s) are left as they are)" if checkpoints else ""
+        print(f"writing into the non-empty --output_dir {str(output_dir)!r}{note}")
+        return None
+    held = f"checkpoints {checkpoints}" if checkpoints else f"{sum(1 for _ in output_dir.iterdir())} entries"
+    hint = (
+        f"pass --resume_from_checkpoint last (or {str(output_dir / checkpoints[-1])!r}) to continue, or "
+        if checkpoints else "pass "
+    )
+    raise ValueError(
+        f"--output_dir {str(output_dir)!r} is not empty ({held}): {hint}--overwrite_output_dir to train into it "
+        "anyway, or choose another --output_dir"
+    )
+
+
 def main(algorithm: Algorithm, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse arguments, load everything (checking it first), train, save, print and return the summary.
 
     The summary is also written to ``<output_dir>/run_summary.json``.
     """
     script_args, config = parse_args(algorithm, argv)
+    check_flags(script_args, config)
+    resume = check_output_dir(config, overwrite=script_args.overwrite_output_dir)
     train, held_out, pairs = prepare_datasets(algorithm, script_args, config.seed)
     model, tokenizer = load_model_and_tokenizer(script_args, config.seed)
 
@@ -382,7 +562,7 @@ def main(algorithm: Algorithm, argv: Sequence[str] | None = None) -> dict[str, A
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     began = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - began
     memory, memory_kind = peak_memory()
     end = _metrics(trainer, pairs, tokenizer, max_length)

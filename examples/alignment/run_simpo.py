@@ -27,7 +27,7 @@ SIMPO = common.Algorithm(
     trl_trainer=CPOTrainer,
     liger_trainer=LigerCPOTrainer,
     embedded_defaults={"beta": 2.0, "simpo_gamma": 0.5, "learning_rate": 1e-3},
-    config_defaults={"loss_type": "simpo", "cpo_alpha": 0.0},
+    config_defaults={"loss_type": "simpo", "cpo_alpha": 0.0, "remove_unused_columns": False},
 )
 
 if __name__ == "__main__":

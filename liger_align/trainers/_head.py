@@ -42,10 +42,12 @@ from ..models.head_call import (  # noqa: F401  (re-exported for the trainers an
     HeadFn, backbone, call_through_head, causal_lm, check_head_not_adapted, is_peft, logit_options, output_head,
     text_config,
 )
+from ._inputs import bound_arguments, check_config, check_datasets
 
 logger = logging.getLogger(__name__)
 
 _INSTALLED = "_liger_align_fused_forward"
+_STATE = "_liger_align_fused_state"
 _DROP = ("labels", "shift_labels", "num_items_in_batch", "logits_to_keep", "return_dict", "output_hidden_states")
 _TRL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
@@ -76,23 +78,39 @@ def install_fused_forward(
       hidden states ``(B, T, H)``; no logits are built.
     - ``lm(..., labels=labels, fused_lm_head=True)`` answers TRL's fused-LM-head protocol (see
       :func:`add_liger_fused_lm_head`).
-    - Without either keyword, the forward is the original one (generation, evaluation logits).
+    - Without either keyword, the forward is the one ``lm`` had (generation, evaluation logits).
+
+    The installed forward keeps no reference to ``lm``: its settings live on the instance
+    (``lm._liger_align_fused_state``) and the forward it falls back on is the class's, looked up at
+    call time (or a model patch bound to ``lm``), so ``copy.deepcopy(lm)`` is a true copy. A second
+    call only updates the settings: it never replaces the forward again, so the wrappers accelerate
+    put over it (autocast, output casting) stay in place.
     """
-    current = lm.__dict__.get("forward")
-    if current is not None and getattr(current, _INSTALLED, None) is not None:
-        state = getattr(current, _INSTALLED)
+    state = lm.__dict__.get(_STATE)
+    if state is not None:
         state["outputs"] = tuple(dict.fromkeys(state["outputs"] + tuple(outputs)))
-        state["temperature"] = temperature
+        state["temperature"] = float(temperature)
         return
-    state = {"outputs": tuple(outputs), "temperature": float(temperature)}
-    original = lm.forward
+    previous = lm.__dict__.get("forward")
+    if previous is not None and "_original_forward" in lm.__dict__:
+        logger.warning(
+            "%s was already prepared by accelerate (its forward wraps autocast): liger-align's fused forward, "
+            "installed now, runs without that autocast; install it before accelerator.prepare",
+            type(lm).__name__,
+        )
+    # The forward to fall back on: None means the class's (looked up at call time); an instance forward
+    # set before (a model patch, bound to ``lm``) is kept, and a deep copy rebinds it to the copy.
+    lm.__dict__[_STATE] = {
+        "outputs": tuple(outputs), "temperature": float(temperature), "inner": previous, "owner": id(lm),
+    }
 
     @functools.wraps(type(lm).forward)
     def forward(
         self: nn.Module, *args: Any, liger_head: HeadFn | None = None, fused_lm_head: bool = False, **kwargs: Any
     ) -> Any:
+        state = self.__dict__[_STATE]
         if liger_head is None and not fused_lm_head:
-            return original(*args, **kwargs)
+            return _fallback_forward(self, state)(*args, **kwargs)
         labels, shift_labels = kwargs.get("labels"), kwargs.get("shift_labels")
         num_items = kwargs.get("num_items_in_batch")
         body_kwargs = {k: v for k, v in kwargs.items() if k not in _DROP and v is not None}
@@ -112,8 +130,23 @@ def install_fused_forward(
             return {"head": call_through_head(head, hidden, liger_head), "aux_loss": aux}
         return _trl_fused_output(self, head, hidden, labels, shift_labels, num_items, aux, state)
 
-    setattr(forward, _INSTALLED, state)
+    setattr(forward, _INSTALLED, True)
     lm.forward = types.MethodType(forward, lm)
+
+
+def _fallback_forward(lm: nn.Module, state: dict[str, Any]) -> Callable[..., Any]:
+    """The forward ``lm`` had before the fused one: the class's, or the instance forward that was there."""
+    inner = state["inner"]
+    if inner is None:
+        return types.MethodType(type(lm).forward, lm)
+    if isinstance(inner, types.MethodType) and inner.__self__ is lm:
+        return inner
+    if state["owner"] == id(lm):
+        return inner
+    raise RuntimeError(
+        f"this {type(lm).__name__} is a copy of a model whose forward had been replaced by {inner!r}, which "
+        "still calls the original model; copy the model before wrapping its forward (or unwrap it first)"
+    )
 
 
 def add_liger_fused_lm_head(
@@ -211,6 +244,17 @@ class LigerTrainerMixin:
     """
 
     liger_patch_handles: list[Any]
+
+    def _liger_check_inputs(
+        self, parent: type, args: tuple, kwargs: dict[str, Any], *, paired: bool, beta_may_be_zero: bool = False
+    ) -> dict[str, Any]:
+        """Check the config and the data sets before TRL's ``__init__`` tokenises them; return the
+        constructor arguments by name (see :mod:`._inputs`)."""
+        bound = bound_arguments(parent, args, kwargs)
+        name = type(self).__name__
+        check_config(bound.get("args"), trainer=name, beta_may_be_zero=beta_may_be_zero)
+        check_datasets(bound.get("train_dataset"), bound.get("eval_dataset"), paired=paired, trainer=name)
+        return bound
 
     def _liger_pre_init(self, use_liger_kernel_patches: bool, *models: Any) -> None:
         self.use_liger_kernel_patches = bool(use_liger_kernel_patches)

@@ -7,10 +7,16 @@ chosen completion labels; ``logits/*`` means over every position, padding includ
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import torch
-from trl.experimental.cpo import CPOTrainer
+
+with warnings.catch_warnings():
+    # The TRL range liger_align supports is pinned and tested (._versions): TRL's notice that
+    # trl.experimental may change concerns this package, not the user who imported a Liger trainer.
+    warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")
+    from trl.experimental.cpo import CPOTrainer
 
 from ..losses import LigerFusedLinearCPOLoss
 from ._head import LigerTrainerMixin, position_logit_means, shift_targets, with_flag_signature
@@ -28,8 +34,8 @@ class LigerCPOTrainer(LigerTrainerMixin, CPOTrainer):
     _liger_metrics = LigerORPOTrainer._liger_metrics
 
     def __init__(self, *args: Any, use_liger_kernel_patches: bool = True, **kwargs: Any) -> None:
-        model = args[0] if args else kwargs.get("model")
-        self._liger_pre_init(use_liger_kernel_patches, model)
+        bound = self._liger_check_inputs(CPOTrainer, args, kwargs, paired=True)
+        self._liger_pre_init(use_liger_kernel_patches, bound.get("model"))
         super().__init__(*args, **kwargs)
         self._liger_post_init(self.model)
         self.liger_loss = LigerFusedLinearCPOLoss(

@@ -27,9 +27,8 @@ class LigerKTOTrainer(LigerTrainerMixin, KTOTrainer):
     """
 
     def __init__(self, *args: Any, use_liger_kernel_patches: bool = True, **kwargs: Any) -> None:
-        model = args[0] if args else kwargs.get("model")
-        ref_model = args[1] if len(args) > 1 else kwargs.get("ref_model")
-        self._liger_pre_init(use_liger_kernel_patches, model, ref_model)
+        bound = self._liger_check_inputs(KTOTrainer, args, kwargs, paired=False)
+        self._liger_pre_init(use_liger_kernel_patches, bound.get("model"), bound.get("ref_model"))
         with liger_fused_lm_head_for(KTOTrainer):
             super().__init__(*args, **kwargs)
         self._liger_post_init(self.model, self.ref_model)

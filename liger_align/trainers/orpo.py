@@ -1,18 +1,27 @@
 """``LigerORPOTrainer``: TRL's ``ORPOTrainer`` with the loss computed by :class:`LigerFusedLinearORPOLoss`.
 
 Only ``get_batch_loss_metrics`` changes (training and ``prediction_step`` both go through it); the
-``(2B, T, V)`` logits are never built. The batch is mapped exactly as TRL's decoder-only path does:
-log-probs are averaged over the completion labels (``concatenated_labels``, -100 on the prompt and
-padding), the NLL is the mean cross-entropy of the chosen rows over prompt + completion (every
-attended token), and ``logits/*`` are means over every position but the last, padding included.
+``(2B, T, V)`` logits are never built. The config and data sets are checked before TRL tokenises
+(see :mod:`._inputs`). The ``log_odds_*`` metrics come from the loss: TRL's values wherever TRL's
+are finite, and finite where TRL logs NaN (a fully truncated row, a mean log-prob of 0). The batch
+is mapped exactly as TRL's decoder-only path does: log-probs are averaged over the completion labels
+(``concatenated_labels``, -100 on the prompt and padding), the NLL is the mean cross-entropy of the
+chosen rows over prompt + completion (every attended token), and ``logits/*`` are means over every
+position but the last, padding included.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import torch
-from trl.experimental.orpo import ORPOTrainer
+
+with warnings.catch_warnings():
+    # The TRL range liger_align supports is pinned and tested (._versions): TRL's notice that
+    # trl.experimental may change concerns this package, not the user who imported a Liger trainer.
+    warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")
+    from trl.experimental.orpo import ORPOTrainer
 
 from ..losses import LigerFusedLinearORPOLoss
 from ._head import LigerTrainerMixin, position_logit_means, shift_targets, with_flag_signature
@@ -27,8 +36,8 @@ class LigerORPOTrainer(LigerTrainerMixin, ORPOTrainer):
     """
 
     def __init__(self, *args: Any, use_liger_kernel_patches: bool = True, **kwargs: Any) -> None:
-        model = args[0] if args else kwargs.get("model")
-        self._liger_pre_init(use_liger_kernel_patches, model)
+        bound = self._liger_check_inputs(ORPOTrainer, args, kwargs, paired=True, beta_may_be_zero=True)
+        self._liger_pre_init(use_liger_kernel_patches, bound.get("model"))
         super().__init__(*args, **kwargs)
         self._liger_post_init(self.model)
         self.liger_loss = LigerFusedLinearORPOLoss(beta=self.beta, ignore_index=-100)
@@ -56,14 +65,13 @@ class LigerORPOTrainer(LigerTrainerMixin, ORPOTrainer):
         out, aux_loss = self._liger_head_forward(model, input_ids, attention_mask, head)
         loss = out["loss"] if aux_loss is None else out["loss"] + aux_loss
         chosen_logps, rejected_logps = out["chosen_logps"], out["rejected_logps"]
-        # TRL's own formula on the (B,) log-probs, for metrics only (no gradient, no logits).
-        _, chosen_rewards, rejected_rewards, log_odds_ratio, log_odds_chosen = self.odds_ratio_loss(
-            chosen_logps, rejected_logps
-        )
+        # The metrics of the loss itself: TRL's values, but finite for a fully truncated row and at p -> 1
+        # (TRL's own odds_ratio_loss gives NaN there; see liger_align.losses.orpo).
         metrics = self._liger_metrics(
-            train_eval, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps,
+            train_eval, out["chosen_rewards"], out["rejected_rewards"], chosen_logps, rejected_logps,
             out["logits_chosen"], out["logits_rejected"],
-            {"nll_loss": out["nll_loss"], "log_odds_ratio": log_odds_ratio, "log_odds_chosen": log_odds_chosen},
+            {"nll_loss": out["nll_loss"], "log_odds_ratio": out["log_odds_ratio"],
+             "log_odds_chosen": out["log_odds_chosen"]},
         )
         return loss, metrics
 
