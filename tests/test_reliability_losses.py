@@ -278,3 +278,34 @@ def test_default_cross_entropy_does_no_gradient_work_when_nothing_needs_it(monke
     calls.clear()
     value = fused_linear_cross_entropy(h.detach(), weight.detach(), t)
     assert calls == [] and not value.requires_grad
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["grad_in_forward", "recompute"])
+def test_cuda_num_items_is_checked_in_the_ops_one_host_read(strategy) -> None:
+    """A CUDA ``num_items_in_batch`` adds no host synchronisation (its check rides on the valid-token count),
+    and a non-positive one is still refused."""
+    import warnings
+
+    hidden, weight, target = rows(10)
+    h, w, t = hidden.detach().reshape(-1, H).cuda(), weight.detach().cuda(), target.reshape(-1).cuda()
+    h.requires_grad_()
+    w.requires_grad_()
+
+    def syncs(**kwargs) -> int:
+        fused_linear_cross_entropy(h, w, t, strategy=strategy, **kwargs)  # warm-up
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                loss = fused_linear_cross_entropy(h, w, t, strategy=strategy, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert torch.isfinite(loss)
+        return sum("synchroniz" in str(c.message) for c in caught)
+
+    items = torch.tensor(40, device="cuda")
+    assert syncs(num_items_in_batch=items) == syncs()
+    with pytest.raises(ValueError, match="num_items_in_batch must be a finite number > 0, got 0"):
+        fused_linear_cross_entropy(h, w, t, strategy=strategy, num_items_in_batch=torch.zeros((), device="cuda"))

@@ -58,6 +58,8 @@ def test_reference_runs_under_autocast_and_step0_rewards_match_trl(algo: str, to
         trainer = cls(model=model, ref_model=ref, args=config, train_dataset=data, processing_class=tokenizer)
         seen.clear()
         trainer.train()
+        if hasattr(trainer, "revert_liger_kernel_patches"):
+            trainer.revert_liger_kernel_patches()
         assert seen and all(on and dtype == torch.bfloat16 for on, dtype in seen), (cls.__name__, seen)
         results[cls.__name__] = _first_rewards(trainer.state.log_history)
     want, got = results[trl_cls.__name__], results[liger_cls.__name__]

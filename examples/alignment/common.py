@@ -8,6 +8,7 @@ built from a config, a local tokenizer), and with no ``--dataset_name`` the ship
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -557,34 +558,39 @@ def main(algorithm: Algorithm, argv: Sequence[str] | None = None) -> dict[str, A
         model=model, args=config, train_dataset=train, eval_dataset=held_out, processing_class=tokenizer,
         callbacks=[meter], **kwargs,
     )
-    max_length = config.max_length or 512
-    start = _metrics(trainer, pairs, tokenizer, max_length)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    began = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
-    seconds = time.perf_counter() - began
-    memory, memory_kind = peak_memory()
-    end = _metrics(trainer, pairs, tokenizer, max_length)
+    # The model patches are undone at the end (the model is saved by then), so that a caller running
+    # main() in-process (tests, notebooks) finds transformers' modules as they were.
+    with contextlib.ExitStack() as cleanup:
+        if hasattr(trainer, "revert_liger_kernel_patches"):
+            cleanup.callback(trainer.revert_liger_kernel_patches)
+        max_length = config.max_length or 512
+        start = _metrics(trainer, pairs, tokenizer, max_length)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        began = time.perf_counter()
+        trainer.train(resume_from_checkpoint=resume)
+        seconds = time.perf_counter() - began
+        memory, memory_kind = peak_memory()
+        end = _metrics(trainer, pairs, tokenizer, max_length)
 
-    trainer.save_model(config.output_dir)
-    summary = {
-        "algorithm": algorithm.name,
-        "trainer": type(trainer).__name__,
-        "model": script_args.model_name_or_path or "embedded tiny Llama 3.2",
-        "device": str(trainer.args.device),
-        "steps": trainer.state.global_step,
-        "train_seconds": seconds,
-        "peak_memory_mib": memory,
-        "peak_memory_kind": memory_kind,
-        "meter": meter.summary(),
-        "eval_rows": len(held_out),
-        "start": start,
-        "end": end,
-        "output_dir": config.output_dir,
-    }
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(config.output_dir)
-        (Path(config.output_dir) / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print_summary(summary)
-    return summary
+        trainer.save_model(config.output_dir)
+        summary = {
+            "algorithm": algorithm.name,
+            "trainer": type(trainer).__name__,
+            "model": script_args.model_name_or_path or "embedded tiny Llama 3.2",
+            "device": str(trainer.args.device),
+            "steps": trainer.state.global_step,
+            "train_seconds": seconds,
+            "peak_memory_mib": memory,
+            "peak_memory_kind": memory_kind,
+            "meter": meter.summary(),
+            "eval_rows": len(held_out),
+            "start": start,
+            "end": end,
+            "output_dir": config.output_dir,
+        }
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(config.output_dir)
+            (Path(config.output_dir) / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            print_summary(summary)
+        return summary
