@@ -116,3 +116,13 @@ def test_a_clean_run_prints_no_notice_that_does_not_concern_the_user(name: str, 
     for notice in ("Warning", "deprecated", "trl.experimental", "remove_unused_columns", "pin_memory",
                    "Setting accelerator to CPU"):
         assert notice not in text, (notice, [line for line in text.splitlines() if notice in line])
+
+
+@pytest.mark.parametrize("name", ["dpo", "kto"])
+def test_a_null_value_is_named_with_its_row_in_the_file(name: str, tmp_path: Path) -> None:
+    rows = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": None if i == 5 else f"b{i}"} for i in range(20)]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(TypeError, match=r"the data set row 5, column 'rejected': expected a string .*NoneType None"):
+        _main(name)(["--dataset_name", str(path), "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

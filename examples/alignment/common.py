@@ -315,8 +315,14 @@ def prepare_datasets(algorithm: Algorithm, args: ScriptArguments, seed: int) -> 
     raw = load_raw_dataset(args.dataset_name, args.dataset_config)
     first = raw[next(iter(raw))] if isinstance(raw, DatasetDict) else raw
     what = f"--dataset_name {args.dataset_name or str(embedded.DATA_PATH)!r} for {algorithm.name.upper()}"
-    if algorithm.paired or not set(UNPAIRED_COLUMNS) <= set(first.column_names):
+    paired_data = algorithm.paired or not set(UNPAIRED_COLUMNS) <= set(first.column_names)
+    if paired_data:
         check_columns(first, PAIRED_COLUMNS, what=what if algorithm.paired else f"{what} (or {list(UNPAIRED_COLUMNS)})")
+    # Value types row by row, numbered as in the file (the trainers check again after the split).
+    from liger_align.trainers._inputs import check_dataset
+
+    check_dataset(first, name="the data set", paired=paired_data, trainer=what)
+    if paired_data:
         train, held_out = split_dataset(raw, args, seed)
         if algorithm.paired:
             return train, held_out, held_out
