@@ -22,24 +22,17 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "examples" / "alignment")]
+sys.path[:0] = [str(ROOT), str(ROOT / "examples" / "alignment"), str(Path(__file__).resolve().parent)]
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from _sharding import ZERO3, shard  # noqa: E402
 from embedded import build_tiny_llama, build_tokenizer, load_preference_dataset  # noqa: E402
 from trl.experimental.orpo import ORPOConfig  # noqa: E402
 
 from liger_align.trainers import LigerORPOTrainer  # noqa: E402
 
 STEPS, PAIRS_PER_STEP, LR = 3, 4, 0.5
-# ZeRO-3: every parameter, the tied head included, is partitioned across the ranks.
-ZERO3 = {
-    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-    "zero_allow_untested_optimizer": True,
-    "train_micro_batch_size_per_gpu": "auto",
-    "gradient_accumulation_steps": "auto",
-    "gradient_clipping": "auto",
-}
 
 
 def make_trainer(mode: str, out: Path) -> LigerORPOTrainer:
@@ -57,21 +50,6 @@ def make_trainer(mode: str, out: Path) -> LigerORPOTrainer:
     return LigerORPOTrainer(
         model=model, args=args, train_dataset=load_preference_dataset().select(range(32)), processing_class=tokenizer,
     )
-
-
-def shard(model: torch.nn.Module, mode: str) -> torch.nn.Module:
-    layer_cls = type(model.model.layers[0])
-    if mode == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model.model.layers:
-            fully_shard(layer)
-        return fully_shard(model)
-    from torch.distributed.fsdp import FullyShardedDataParallel
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-    return FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({layer_cls}), use_orig_params=True,
-                                    device_id=torch.device("cpu"))
 
 
 def manual_losses(trainer: LigerORPOTrainer, mode: str) -> list[float]:

@@ -27,10 +27,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "examples" / "alignment")]
+sys.path[:0] = [str(ROOT), str(ROOT / "examples" / "alignment"), str(Path(__file__).resolve().parent)]
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from _sharding import ZERO3, shard  # noqa: E402
 from embedded import build_tiny_llama, build_tokenizer, load_preference_dataset  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments  # noqa: E402
@@ -38,13 +39,6 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments  # n
 from liger_align.models import apply_liger_kernel  # noqa: E402
 
 STEPS, ROWS_PER_STEP, LR = 3, 8, 0.5
-ZERO3 = {
-    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-    "zero_allow_untested_optimizer": True,
-    "train_micro_batch_size_per_gpu": "auto",
-    "gradient_accumulation_steps": "auto",
-    "gradient_clipping": "auto",
-}
 
 
 class LogitsSpy(TorchDispatchMode):
@@ -101,7 +95,7 @@ def make_trainer(mode: str, out: Path) -> tuple[Trainer, int]:
     assert any("ForCausalLM" in p for p in handle.patched), handle.patched
     distributed = mode == "zero3"
     args = TrainingArguments(
-        output_dir=str(out.parent / f"run-{mode}"), per_device_train_batch_size=4 if distributed else 4,
+        output_dir=str(out.parent / f"run-{mode}"), per_device_train_batch_size=4,
         gradient_accumulation_steps=1 if distributed else 2, max_steps=STEPS, logging_steps=1, learning_rate=LR,
         lr_scheduler_type="constant", optim="sgd", max_grad_norm=1e9, weight_decay=0.0, report_to=[],
         save_strategy="no", use_cpu=True, seed=0, data_seed=0, deepspeed=ZERO3 if mode == "zero3" else None,
@@ -112,20 +106,6 @@ def make_trainer(mode: str, out: Path) -> tuple[Trainer, int]:
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
     )
     return trainer, len(tokenizer)
-
-
-def shard(model: torch.nn.Module, mode: str) -> torch.nn.Module:
-    if mode == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model.model.layers:
-            fully_shard(layer)
-        return fully_shard(model)
-    from torch.distributed.fsdp import FullyShardedDataParallel
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-    return FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({type(model.model.layers[0])}),
-                                    use_orig_params=True, device_id=torch.device("cpu"))
 
 
 def grad_norm(model: torch.nn.Module) -> float:
@@ -174,7 +154,6 @@ def main() -> None:
         dist.init_process_group("gloo")
     trainer, vocab = make_trainer(opts.mode, out)
     spy = LogitsSpy(vocab)
-    info: dict = {}
     with spy:
         if opts.mode in ("single", "zero3"):
             trainer.train()
