@@ -4,14 +4,14 @@ Each kernel runs fwd+bwd in bf16 at Llama-3.2-1B (H=2048, I=8192, 32/8 heads, he
 Llama-3-8B (H=4096, I=14336, 32/8 heads, head_dim 128) sizes, at 8192 and 65536 tokens, against
 transformers' eager code and Liger-Kernel's kernel (when ``liger_kernel`` is importable).
 
-- ``ms``: median of ``triton.testing.do_bench`` (after its warm-up); ``graph_ms``: the same work replayed
-  from a CUDA graph (``do_bench_cudagraph``), which removes the CPU launch cost that dominates at 8192
-  tokens. Ratios use ``graph_ms`` when the graph could be captured.
+- ``ms``: median after warm-up (``_runner.measure``); ``graph_ms``: the same work replayed from a CUDA graph
+  (``measure(cuda_graph=True)``), which removes the CPU launch cost that dominates at 8192 tokens. Ratios use
+  ``graph_ms`` when the graph could be captured.
 - ``floor_ms``: bytes that must move (each input read once, each output written once, bf16) divided by
   the device-to-device copy bandwidth measured in this run (read + write bytes of a 2 GiB copy);
   ``pct_floor = floor_ms / time``.
 - ``extra_mib``: ``max_memory_allocated`` during one fwd+bwd minus what was allocated before it, minus
-  the returned gradients (outputs every method must produce).
+  the returned gradients (outputs every method must produce): ``_runner.peak_memory``.
 
 Whole model: Llama-3.2-1B shape (random weights, bf16, SDPA attention), ``model(ids, labels).loss``
 forward + backward at 1 x 1024 and 8 x 1024 tokens, unpatched vs ``apply_liger_kernel_to_llama(model=...)``.
@@ -24,9 +24,7 @@ Prints a table last; writes ``benchmarks/results/model_kernels.json`` and ``mode
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import RESULTS, print_table, save_results  # noqa: E402
+import _runner  # noqa: E402
 from liger_align.kernels.rms_norm import rms_norm  # noqa: E402
 from liger_align.kernels.rope import rope  # noqa: E402
 from liger_align.kernels.swiglu import swiglu  # noqa: E402
@@ -60,66 +58,15 @@ def optional_liger():
     return {"rms_norm": LigerRMSNorm, "rope": liger_rotary_pos_emb, "swiglu": LigerSiLUMulFunction.apply}
 
 
-# ---------------------------------------------------------------- timing and memory
+# ---------------------------------------------------------------- floor
 
 
-class Timer:
-    """``do_bench`` / ``do_bench_cudagraph`` medians on CUDA; wall-clock medians in ``--smoke``."""
-
-    def __init__(self, device: str):
-        self.cuda = device == "cuda"
-
-    def ms(self, fn: Callable[[], object]) -> float:
-        if not self.cuda:
-            fn()
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - start) * 1e3)
-            return sorted(times)[1]
-        import triton
-
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-    def graph_ms(self, fn: Callable[[], object]) -> float | None:
-        if not self.cuda:
-            return None
-        import triton
-
-        try:
-            with torch.cuda.stream(torch.cuda.Stream()):
-                return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
-        except Exception as exc:  # noqa: BLE001 - a method that cannot be captured gets no graph time
-            print(f"  (no CUDA graph: {type(exc).__name__}: {str(exc)[:120]})")
-            torch.cuda.synchronize()
-            return None
-
-    def extra_mib(self, fn: Callable[[], tuple[torch.Tensor, ...]]) -> float | None:
-        return self.memory(fn)[0]
-
-    def memory(self, fn: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[float | None, float | None]:
-        """``(extra MiB beyond inputs and returned gradients, absolute peak GiB)`` of one ``fn()``."""
-        if not self.cuda:
-            return None, None
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        grads = fn()
-        torch.cuda.synchronize()
-        returned = sum(g.numel() * g.element_size() for g in grads if g is not None)
-        peak = torch.cuda.max_memory_allocated()
-        del grads
-        return (peak - before - returned) / MIB, peak / 2**30
-
-
-def copy_bandwidth(timer: Timer, device: str) -> float:
+def copy_bandwidth(device: str) -> float:
     """Device-to-device copy bandwidth in bytes/ms, counting the read and the write."""
     n = (2 * 2**30) // 2 if device == "cuda" else 2**22
     src = torch.empty(n, device=device, dtype=torch.bfloat16).normal_()
     dst = torch.empty_like(src)
-    ms = timer.ms(lambda: dst.copy_(src))
+    ms = _runner.measure(lambda: dst.copy_(src))
     return 2 * src.numel() * src.element_size() / ms
 
 
@@ -214,36 +161,31 @@ def swiglu_cases(tokens, intermediate, dtype, device, liger):
     return cases, 8 * tokens * intermediate * itemsize  # fwd: a, b, c; bwd: dc, a, b, da, db
 
 
-def bench_kernels(args, timer, bandwidth, liger) -> list[dict]:
-    rows = []
-    for size_name, (hidden, inter, n_q, n_kv, head_dim) in SIZES.items():
+def bench_kernels(args, bandwidth, liger) -> list[dict]:
+    """The runner over (kernel, size, tokens); ``pct_floor``, ``vs_transformers``, ``vs_liger_kernel`` per row."""
+    def setup(shape: dict) -> _runner.Case:
+        hidden, inter, n_q, n_kv, head_dim = SIZES[shape["size"]]
         if args.smoke:
             hidden, inter, n_q, n_kv, head_dim = hidden // 32, inter // 32, 4, 2, 16
-        for tokens in args.tokens:
-            builders = {
-                "rms_norm": lambda: rms_norm_cases(tokens, hidden, args.dtype, args.device, liger),
-                "rope": lambda: rope_cases(tokens, n_q, n_kv, head_dim, args.dtype, args.device, liger),
-                "swiglu": lambda: swiglu_cases(tokens, inter, args.dtype, args.device, liger),
-            }
-            for kernel, build in builders.items():
-                cases, moved = build()
-                floor = moved / bandwidth
-                base = {}
-                for method, fn in cases:
-                    print(f"{kernel} {size_name} tokens={tokens} {method}", flush=True)
-                    ms, graph = timer.ms(fn), timer.graph_ms(fn)
-                    best = graph if graph is not None else ms
-                    base[method] = best
-                    rows.append({"kernel": kernel, "size": size_name, "tokens": tokens, "method": method,
-                                 "ms": ms, "graph_ms": graph, "floor_ms": floor, "pct_floor": 100 * floor / best,
-                                 "extra_mib": timer.extra_mib(fn)})
-                for row in rows[-len(cases):]:
-                    best = row["graph_ms"] if row["graph_ms"] is not None else row["ms"]
-                    row["vs_transformers"] = best / base["transformers"]
-                    row["vs_liger_kernel"] = best / base["liger_kernel"] if "liger_kernel" in base else None
-                del cases
-                if args.device == "cuda":
-                    torch.cuda.empty_cache()
+        tokens, kernel = shape["tokens"], shape["kernel"]
+        if kernel == "rms_norm":
+            cases, moved = rms_norm_cases(tokens, hidden, args.dtype, args.device, liger)
+        elif kernel == "rope":
+            cases, moved = rope_cases(tokens, n_q, n_kv, head_dim, args.dtype, args.device, liger)
+        else:
+            cases, moved = swiglu_cases(tokens, inter, args.dtype, args.device, liger)
+        return _runner.Case(dict(cases), fields={"floor_ms": moved / bandwidth})
+
+    shapes = [{"kernel": k, "size": s, "tokens": t} for s in SIZES for t in args.tokens
+              for k in ("rms_norm", "rope", "swiglu")]
+    rows = _runner.run(shapes, setup, cuda_graph=True, rep_ms=100, warmup_ms=25,
+                       ratios={"vs_transformers": ("transformers", "time"), "vs_liger_kernel": ("liger_kernel", "time")})
+    for row in rows:
+        best = row["graph_ms"] if isinstance(row.get("graph_ms"), float) else row.get("ms")
+        row["pct_floor"] = 100 * row["floor_ms"] / best if isinstance(best, float) else None
+        gib = row.pop("extra_gib", None)
+        row["extra_mib"] = None if gib is None else gib * 1024
+        row.pop("peak_gib", None)
     return rows
 
 
@@ -267,7 +209,7 @@ def llama_1b(device: str, smoke: bool):
     return model.to(torch.bfloat16).train()
 
 
-def bench_model(args, timer) -> list[dict]:
+def bench_model(args) -> list[dict]:
     from liger_align.models import apply_liger_kernel_to_llama
 
     model = llama_1b(args.device, args.smoke)
@@ -287,8 +229,9 @@ def bench_model(args, timer) -> list[dict]:
             handle = apply_liger_kernel_to_llama(model=model) if patched else None
             name = "liger_align" if patched else "transformers"
             print(f"model llama-3.2-1b tokens={ids.numel()} {name}", flush=True)
-            ms = timer.ms(step)
-            extra, peak = timer.memory(step)
+            ms = _runner.measure(step, warmup_ms=25, rep_ms=100)
+            extra, peak = _runner.peak_memory(step)
+            extra = None if extra is None else extra * 1024
             rows.append({"kernel": "model fwd+bwd", "size": "llama-3.2-1b", "tokens": ids.numel(), "method": name,
                          "ms": ms, "graph_ms": None, "floor_ms": None, "pct_floor": None,
                          "extra_mib": extra, "peak_gib": peak, "weights_mib": weights_mib})
@@ -298,37 +241,6 @@ def bench_model(args, timer) -> list[dict]:
             row["vs_transformers"] = row["ms"] / rows[-2]["ms"]
     del model
     return rows
-
-
-# ---------------------------------------------------------------- report
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
-    kernel_rows = [r for r in rows if r["pct_floor"] is not None]
-    groups = sorted({(r["kernel"], r["size"], r["tokens"]) for r in kernel_rows}, key=str)
-    methods = sorted({r["method"] for r in kernel_rows})
-    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(groups)), 4.5))
-    width = 0.8 / max(1, len(methods))
-    for i, method in enumerate(methods):
-        values = [next((r["pct_floor"] for r in kernel_rows if (r["kernel"], r["size"], r["tokens"]) == g
-                        and r["method"] == method), 0.0) for g in groups]
-        ax.bar([j + i * width for j in range(len(groups))], values, width, label=method)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
-    ax.set_xticklabels([f"{k}\n{s}\n{t // 1024}k tok" for k, s, t in groups], fontsize=7)
-    ax.axhline(80, color="grey", linestyle="--", linewidth=0.8)
-    ax.set_ylabel("% of HBM floor (higher is better)")
-    ax.set_title("Model kernels, fwd+bwd, bf16")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -344,26 +256,22 @@ def main() -> None:
     elif not torch.cuda.is_available():
         sys.exit("needs a CUDA device (or --smoke)")
     torch.manual_seed(0)
-    timer = Timer(args.device)
     liger = None if args.smoke else optional_liger()
-    bandwidth = copy_bandwidth(timer, args.device)
-    rows = bench_kernels(args, timer, bandwidth, liger)
+    bandwidth = copy_bandwidth(args.device)
+    rows = bench_kernels(args, bandwidth, liger)
     if not args.skip_model:
-        rows += bench_model(args, timer)
-    import transformers
-    import triton
-
-    meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu (smoke)",
-            "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
-            "copy_bandwidth_tb_s": bandwidth * 1e3 / 1e12, "liger_kernel": liger is not None, "smoke": args.smoke}
+        rows += bench_model(args)
+    meta = _runner.run_meta(copy_bandwidth_tb_s=bandwidth * 1e3 / 1e12, liger_kernel=liger is not None,
+                            smoke=args.smoke)
     name = "model_kernels_smoke" if args.smoke else "model_kernels"
-    path = save_results(name, rows, meta)
-    plot(rows, RESULTS / f"{name}.png")
+    path = _runner.save(name, rows, meta)
+    _runner.plot(name, [r for r in rows if r.get("pct_floor") is not None], group=["kernel", "size", "tokens"],
+                 values=[("pct_floor", "% of HBM floor (higher is better)")], ref_line=80,
+                 title="Model kernels, fwd+bwd, bf16")
     print(f"\nwrote {path} and {name}.png; copy bandwidth {meta['copy_bandwidth_tb_s']:.2f} TB/s (read+write)")
-    print(f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}\n")
-    shown = [{k: ("-" if v is None else v) for k, v in r.items()} for r in rows]
-    print_table(shown, ["kernel", "size", "tokens", "method", "ms", "graph_ms", "floor_ms", "pct_floor",
-                       "vs_transformers", "vs_liger_kernel", "extra_mib", "peak_gib"])
+    print(f"{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}\n")
+    _runner.print_table(rows, ["kernel", "size", "tokens", "method", "ms", "graph_ms", "floor_ms", "pct_floor",
+                               "vs_transformers", "vs_liger_kernel", "extra_mib", "peak_gib"])
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ states (its own head, no gradient). Methods:
 - ``trl_chunked_logprob``: TRL's ``trl.kernels.ChunkedLogProbFunction`` on the valid tokens, then
   the same objective (skipped when TRL is absent).
 
-Extra memory = ``max_memory_allocated`` during one fwd+bwd minus what was allocated before it, minus
-the bytes of the gradients it returns. Times: median of ``triton.testing.do_bench`` after warm-up.
+Extra memory = peak allocated during one fwd+bwd beyond what was allocated before it and the gradients it
+returns; times: median after warm-up (``benchmarks/_runner.py``, the runner of every benchmark here).
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import bench_ms, floor_valid_ms, peak_extra_gib, plot_ratios, print_table, save_results  # noqa: E402
+import _runner  # noqa: E402
 from liger_align.losses import (  # noqa: E402
     LigerFusedLinearCPOLoss, LigerFusedLinearDPOLoss, LigerFusedLinearKTOLoss, LigerFusedLinearORPOLoss,
     LigerFusedLinearSimPOLoss, cpo_objective, dpo_objective, kto_objective, orpo_objective,
@@ -41,20 +41,7 @@ LOSSES = ("orpo", "dpo", "simpo", "cpo", "kto")
 WITH_REFERENCE = ("dpo", "kto")
 
 
-class Inputs:
-    """One shape's tensors: policy ``hidden (R, T, H)``, ``weight (V, H)`` leaves; reference; targets."""
-
-    def __init__(self, rows: int, seq: int, hidden_size: int, dtype=torch.bfloat16) -> None:
-        torch.manual_seed(0)
-        scale = hidden_size**-0.5
-        self.hidden = torch.randn(rows, seq, hidden_size, device="cuda", dtype=dtype).requires_grad_()
-        self.weight = (torch.randn(VOCAB, hidden_size, device="cuda") * scale).to(dtype).requires_grad_()
-        self.ref_hidden = torch.randn(rows, seq, hidden_size, device="cuda", dtype=dtype)
-        self.ref_weight = (torch.randn(VOCAB, hidden_size, device="cuda") * scale).to(dtype)
-        self.target = torch.randint(0, VOCAB, (rows, seq), device="cuda")
-        self.target[:, : seq // 4] = -100
-        self.labels = torch.arange(rows, device="cuda") % 2 == 0  # KTO: half desirable
-        self.n_valid = int((self.target != -100).sum())
+Inputs = _runner.TokenInputs  # hidden (R, T, H) and weight (V, H) leaves, reference twin, targets, KTO labels
 
 
 def ours(loss: str, x: Inputs) -> Callable[[], None]:
@@ -159,50 +146,41 @@ def liger_kernel(loss: str, x: Inputs) -> Callable[[], None]:
 PEERS = {"liger_align": ours, "naive_torch": naive, "liger_kernel": liger_kernel, "trl_chunked_logprob": trl_op}
 
 
-def measure(row: dict, make: Callable[[], Callable[[], None]], x: Inputs, floor: float) -> dict:
-    """Fill ``row`` with ms, x_floor and extra_gib; a peer that is missing, OOMs or fails is recorded."""
-    try:
-        fn = make()
-    except ImportError as exc:
-        row["ms"] = f"skipped: {exc.name or exc}"
-        return row
-    grads = [x.hidden, x.weight]
-    try:
-        fn()  # warm-up (compilation, autotuning) before measuring memory
-        row["extra_gib"] = peak_extra_gib(fn, grads)
-        row["ms"] = bench_ms(fn, grads)
-        row["x_floor"] = row["ms"] / floor
-    except torch.OutOfMemoryError:
-        row["ms"] = "OOM"
-    except Exception as exc:  # noqa: BLE001 - a failing peer is recorded, not fatal
-        row["ms"] = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
-    for t in grads:
-        t.grad = None
-    torch.cuda.empty_cache()
-    return row
+def make_setup(methods, skip_naive_over_tokens: int, vocab: int = VOCAB, dtype: torch.dtype = torch.bfloat16):
+    """``setup({"loss", "shape", "rows", "seq", "hidden"}) -> Case``; one shape's inputs and floors serve every loss."""
+    cache: dict[str, Any] = {}
+
+    def setup(shape: dict) -> _runner.Case:
+        if cache.get("key") != shape["shape"]:
+            cache.clear()
+            x = _runner.token_inputs(shape["rows"], shape["seq"], shape["hidden"], vocab, dtype=dtype, reference=True)
+            floor = _runner.floor_valid_ms(x.n_valid, shape["hidden"], vocab, dtype)
+            ref_fwd = _runner.floor_valid_ms(x.n_valid, shape["hidden"], vocab, dtype, forward_only=True)
+            cache.update(key=shape["shape"], x=x, floor=floor, ref_fwd=ref_fwd)
+        x, loss = cache["x"], shape["loss"]
+        arms: dict[str, Callable[[], None] | str] = {}
+        for name in methods:
+            if name == "naive_torch" and shape["rows"] * shape["seq"] > skip_naive_over_tokens:
+                arms[name] = "too large"
+                continue
+            try:
+                arms[name] = PEERS[name](loss, x)
+            except ImportError as exc:
+                arms[name] = f"{exc.name or exc} not installed"
+        floor = cache["floor"] + (cache["ref_fwd"] if loss in WITH_REFERENCE else 0.0)
+        return _runner.Case(arms, grads=[x.hidden, x.weight], floor_ms=floor)
+
+    return setup
 
 
 def run(shapes, losses, methods, skip_naive_over_tokens: int) -> list[dict]:
-    out = []
-    for rows, seq, hidden_size in shapes:
-        x = Inputs(rows, seq, hidden_size)
-        shape = f"{rows}x{seq} H={hidden_size}"
-        floor = floor_valid_ms(x.n_valid, hidden_size, VOCAB, x.hidden.dtype)
-        ref_fwd = floor_valid_ms(x.n_valid, hidden_size, VOCAB, x.hidden.dtype, forward_only=True)
-        for loss in losses:
-            loss_floor = floor + (ref_fwd if loss in WITH_REFERENCE else 0.0)
-            out.append(dict(loss=loss, shape=shape, method="floor_valid", ms=loss_floor, x_floor=1.0, extra_gib=0.0))
-            for name in methods:
-                row = dict(loss=loss, shape=shape, method=name)
-                if name == "naive_torch" and rows * seq > skip_naive_over_tokens:
-                    row["ms"] = "skipped: too large"
-                else:
-                    measure(row, lambda: PEERS[name](loss, x), x, loss_floor)
-                out.append(row)
-                print(f"  {loss:6s} {shape:16s} {name:20s} {row.get('ms')}", flush=True)
-        del x
-        torch.cuda.empty_cache()
-    return out
+    shape_rows = [{"loss": loss, "shape": f"{r}x{t} H={h}", "rows": r, "seq": t, "hidden": h}
+                  for r, t, h in shapes for loss in losses]
+    rows = _runner.run(shape_rows, make_setup(methods, skip_naive_over_tokens))
+    for r in rows:
+        for key in ("rows", "seq", "hidden"):
+            r.pop(key, None)
+    return rows
 
 
 def main() -> None:
@@ -212,20 +190,21 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=list(PEERS), choices=list(PEERS))
     parser.add_argument("--skip-naive-over-tokens", type=int, default=16384)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA device")
     shapes = SHAPES[:1] if args.quick else SHAPES
     rows = run(shapes, args.losses, args.methods, args.skip_naive_over_tokens)
-    meta = dict(
-        gpu=torch.cuda.get_device_name(), torch=torch.__version__, vocab=VOCAB, dtype="bf16", masked="first 25%",
+    meta = _runner.run_meta(
+        vocab=VOCAB, dtype="bf16", masked="first 25%",
         extra_memory="peak max_memory_allocated during one fwd+bwd - allocated before - bytes of returned grads",
         floor_valid="3 GEMMs over valid tokens (+1 forward GEMM for the reference in dpo and kto)",
     )
-    save_results("preference_losses", rows, meta)
-    plot_ratios("preference_losses", [dict(r, group=f"{r['loss']} {r['shape']}") for r in rows
-                                      if r["method"] != "floor_valid"],
-                group="group", method="method", value="x_floor", title="fwd+bwd time / floor_valid (lower is better)")
+    _runner.save("preference_losses", rows, meta)
+    _runner.plot("preference_losses", [r for r in rows if r["method"] != "floor_valid"], group=["loss", "shape"],
+                 values=[("x_floor", "time / floor_valid")], title="fwd+bwd time / floor_valid (lower is better)")
     print(f"# {meta['gpu']}, torch {meta['torch']}; extra_gib = {meta['extra_memory']}")
     print(f"# floor_valid = {meta['floor_valid']}")
-    print_table(rows, ["loss", "shape", "method", "ms", "x_floor", "extra_gib"])
+    _runner.print_table(rows, ["loss", "shape", "method", "ms", "x_floor", "extra_gib"])
 
 
 if __name__ == "__main__":

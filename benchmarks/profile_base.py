@@ -1,7 +1,7 @@
 """Per-kernel CUDA time of one fwd+bwd of linear_logprobs and the fused cross-entropy (torch.profiler).
 
 ``python benchmarks/profile_base.py [--hidden 2048]``: prints the kernels that take the time, to see
-how much goes to the products, the row passes and the accumulations.
+how much goes to the products, the row passes and the accumulations. Inputs: the runner's builder.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--hidden", type=int, default=2048)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA device")
     hidden, weight, target = make_inputs(8, 1024, args.hidden)
     cases = {
         "logprobs": lambda: linear_logprobs(hidden, weight, target).logps.sum().backward(),
