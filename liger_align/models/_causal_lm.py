@@ -28,17 +28,15 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .._tokens import IGNORE_INDEX, next_token_targets
 from ..kernels import fused_linear_cross_entropy, linear_logprobs
-from .head_call import call_through_head, is_tuner_layer, logit_options, output_head
+from .head_call import call_through_head, is_tuner_layer, logit_options, output_head, text_config
 
 try:
     from transformers.utils import can_return_tuple
 except ImportError:  # pragma: no cover - older transformers
     def can_return_tuple(fn):
         return fn
-
-IGNORE_INDEX = -100
-
 
 @dataclass
 class LigerCausalLMOutputWithPast(CausalLMOutputWithPast):
@@ -71,11 +69,6 @@ def _warn_adapted_head(model: nn.Module) -> None:
             "Train the head with modules_to_save=['lm_head'] or leave it out of target_modules to keep the saving.",
             stacklevel=3,
         )
-
-
-def shift_labels_left(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """``(B, T) -> (B, T)``: ``out[:, t] = labels[:, t + 1]``, last position ``ignore_index``."""
-    return nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
 
 
 def _check_targets(name: str, target: torch.Tensor, hidden: torch.Tensor) -> None:
@@ -113,7 +106,7 @@ def head_outputs(
     if shift_labels is not None:
         target = shift_labels
     elif labels is not None:
-        target = shift_labels_left(labels)
+        target = next_token_targets(labels)
     fuse_loss = target is not None and (self.training or logprob_targets is not None)
     if target is not None:
         _check_targets("labels", target, hidden)
@@ -136,7 +129,7 @@ def head_outputs(
             logits = opts["softcap"] * torch.tanh(logits / opts["softcap"])
         if target is not None:
             loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.get_text_config().vocab_size,
+                logits=logits, labels=labels, vocab_size=text_config(self).vocab_size,
                 num_items_in_batch=num_items_in_batch, shift_labels=shift_labels,
             )
         if logprob_targets is not None:

@@ -35,6 +35,7 @@ from ._layers import (
     gemma_rms_norm_forward, geglu_mlp_forward, make_rope_function, rms_norm_forward, swiglu_mlp_forward,
     uses_silu, uses_tanh_gelu,
 )
+from .head_call import unwrap_peft
 
 #: MLP kernel flag -> (replacement forward, "does this MLP use the kernel's activation?", activation, kernel).
 MLP_KERNELS = {
@@ -80,12 +81,6 @@ GEMMA3_TEXT = ModelFamily("gemma3_text", "gemma3", "Gemma3", mlp="geglu", offset
 FAMILIES = {f.model_type: f for f in (LLAMA, QWEN2, MISTRAL, GEMMA, GEMMA2, GEMMA3_TEXT)}
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT wrapper (``get_base_model()``), else ``model`` itself."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def _forward_slot(module: nn.Module) -> str:
     """Where a module's own forward lives: accelerate's hooks keep the real one in ``_old_forward``."""
     return "_old_forward" if "_old_forward" in vars(module) else "forward"
@@ -107,7 +102,7 @@ def check_instance(family: ModelFamily, model: nn.Module, *, fused_linear_cross_
     """Raise ``ValueError`` when ``model`` is not of ``family``, or has no ``<Prefix>ForCausalLM`` to fuse."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
-    base = unwrap(model)
+    base = unwrap_peft(model)
     rms_cls, mlp_cls, lm_cls = (family.cls(s) for s in ("RMSNorm", "MLP", "ForCausalLM"))
     modules = list(base.modules())
     model_type = getattr(getattr(base, "config", None), "model_type", None)
@@ -154,7 +149,7 @@ def patch_family(
                 handle.add(cls, "forward", fn, f"{cls.__name__}.forward")
         return handle
 
-    base = unwrap(model)
+    base = unwrap_peft(model)
     rms_cls, mlp_cls, lm_cls = (family.cls(s) for s in ("RMSNorm", "MLP", "ForCausalLM"))
     skipped_mlp = 0
     for name, module in base.named_modules():

@@ -28,12 +28,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ._families import _forward_slot, patch_rope_function, unwrap
+from ._families import _forward_slot, patch_rope_function
 from ._handle import PatchHandle
 from ._layers import (
     gemma_rms_norm_forward, geglu_mlp_forward, make_rope_function, rms_norm_forward, swiglu_mlp_forward, uses_silu,
     uses_tanh_gelu,
 )
+from .head_call import unwrap_peft
 
 _TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 _ROPE_PARAMS = ["q", "k", "cos", "sin", "unsqueeze_dim"]
@@ -126,7 +127,7 @@ def patch_generic(model: nn.Module, *, rope: bool = True, rms_norm: bool = True,
     ``swiglu`` / ``geglu`` enable the gated-MLP kernels; flags of other families' kernels are ignored.
     Returns a :class:`PatchHandle` with ``family="generic"``; ``skipped`` lists what was not patched and why.
     """
-    base = unwrap(model)
+    base = unwrap_peft(model)
     handle = PatchHandle(family="generic")
     verdicts: dict[type, Callable | None] = {}
     unprobeable: set[str] = set()

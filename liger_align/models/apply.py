@@ -10,9 +10,9 @@ from typing import Callable
 
 from torch import nn
 
-from ._families import unwrap
 from ._generic import patch_generic
 from ._handle import PatchHandle
+from .head_call import unwrap_peft
 from .gemma import apply_liger_kernel_to_gemma, apply_liger_kernel_to_gemma2, apply_liger_kernel_to_gemma3_text
 from .llama import apply_liger_kernel_to_llama
 from .mistral import apply_liger_kernel_to_mistral
@@ -80,7 +80,7 @@ def apply_liger_kernel(model: nn.Module, *, model_type: str | None = None, **fla
         close = difflib.get_close_matches(str(model_type), PATCHERS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"model_type={model_type!r} is not supported{hint}; supported: {supported_model_types()}")
-    detected = getattr(getattr(unwrap(model), "config", None), "model_type", None)
+    detected = getattr(getattr(unwrap_peft(model), "config", None), "model_type", None)
     chosen = model_type or detected
     patcher = PATCHERS.get(chosen)
     if patcher is None:

@@ -42,6 +42,11 @@ def is_peft(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a ``peft.PeftModel`` (``get_base_model()``), else ``model`` itself."""
+    return model.get_base_model() if is_peft(model) else model
+
+
 def causal_lm(model: nn.Module) -> nn.Module:
     """The transformers model under DDP / FSDP1 / DeepSpeed / ``torch.compile`` wrappers and PEFT."""
     for _ in range(8):
@@ -50,7 +55,7 @@ def causal_lm(model: nn.Module) -> nn.Module:
         elif type(model).__name__ in _WRAPPERS:
             model = model.module
         elif is_peft(model):
-            model = model.get_base_model()
+            model = unwrap_peft(model)
         else:
             break
     return model
@@ -114,6 +119,25 @@ def backbone(lm: nn.Module) -> nn.Module:
     if hasattr(lm, "get_decoder"):
         return lm.get_decoder()
     raise ValueError(f"cannot find the backbone of {type(lm).__name__} (no attribute {prefix!r})")
+
+
+#: Keywords of a causal LM's forward that belong to its loss or its output format, not to the backbone.
+LOSS_KEYWORDS = (
+    "labels", "shift_labels", "num_items_in_batch", "logits_to_keep", "return_dict", "output_hidden_states",
+)
+
+
+def backbone_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keywords of a causal-LM forward call that go to its backbone: no loss keyword, no ``None``, no cache."""
+    body = {k: v for k, v in kwargs.items() if k not in LOSS_KEYWORDS and v is not None}
+    body["use_cache"] = False
+    return body
+
+
+def backbone_hidden(lm: nn.Module, args: tuple, body_kwargs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    """``(last hidden states (B, T, H), the backbone's whole output)`` of ``lm``'s backbone on the call's inputs."""
+    out = backbone(lm)(*args, **body_kwargs)
+    return (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]), out
 
 
 def text_config(lm: nn.Module) -> Any:

@@ -36,13 +36,15 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from .._tokens import IGNORE_INDEX
 from ..losses.medusa import HeadFn, HeadRunner, fused_linear_medusa_loss
-from .head_call import backbone, call_through_head, causal_lm, logit_options, output_head
+from .head_call import (
+    backbone, backbone_hidden, backbone_kwargs, call_through_head, causal_lm, logit_options, output_head,
+)
 
 MEDUSA_HEADS_FILE = "medusa_lm_head.safetensors"
 MEDUSA_CONFIG_FILE = "config.json"
 _INSTALLED = "_liger_align_medusa_forward"
-_DROP = ("labels", "shift_labels", "num_items_in_batch", "logits_to_keep", "return_dict", "output_hidden_states")
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
@@ -213,7 +215,7 @@ def _install_forward(lm: nn.Module) -> None:
     def forward(
         self: nn.Module, *args: Any, medusa_labels: torch.Tensor | None = None,
         medusa_weights: Sequence[float] | None = None, medusa_num_items: Any = None,
-        medusa_freeze_backbone: bool = False, medusa_ignore_index: int = -100,
+        medusa_freeze_backbone: bool = False, medusa_ignore_index: int = IGNORE_INDEX,
         medusa_chunk_bytes: int | None = None, medusa_strategy: str = "auto",
         medusa_materialize_logits: bool = False, **kwargs: Any,
     ) -> Any:
@@ -224,11 +226,8 @@ def _install_forward(lm: nn.Module) -> None:
         :class:`MedusaCausalLMOutput`."""
         if medusa_labels is None:
             return original(*args, **kwargs)
-        body_kwargs = {k: v for k, v in kwargs.items() if k not in _DROP and v is not None}
-        body_kwargs["use_cache"] = False
         with torch.no_grad() if medusa_freeze_backbone else contextlib.nullcontext():
-            body_out = backbone(self)(*args, **body_kwargs)
-        hidden = body_out.last_hidden_state if hasattr(body_out, "last_hidden_state") else body_out[0]
+            hidden, _ = backbone_hidden(self, args, backbone_kwargs(kwargs))
         runners = medusa_head_runners(self)
         weights = [1.0] * len(runners) if medusa_weights is None else list(medusa_weights)
         result = fused_linear_medusa_loss(

@@ -39,13 +39,14 @@ import torch
 from torch import nn
 
 from ._causal_lm import _keep, can_return_tuple, head_outputs
-from ._families import ModelFamily, _forward_slot, _patch_rope, unwrap
+from ._families import ModelFamily, _forward_slot, _patch_rope
 from ._handle import PatchHandle
 from ._layers import rms_norm_forward, swiglu_mlp_forward, uses_silu
 from ._vision_layers import (
     LigerLayerNorm, fits_layer_norm, gated_silu_mlp_forward, is_silu, layer_norm_forward, make_vision_rope_function,
     register_layer_norm_owner,
 )
+from .head_call import unwrap_peft
 
 FLAGS = ("rope", "rms_norm", "swiglu", "layer_norm", "fused_linear_cross_entropy")
 
@@ -300,7 +301,7 @@ def patch_vision_language(family: VisionLanguageFamily, *, model: nn.Module | No
             handle.add(modeling, "LayerNorm", LigerLayerNorm, f"{modeling.__name__}.LayerNorm")
             found["layer_norm"].append("LayerNorm of the models built from now on (model= patches an existing one's)")
     else:
-        for name, module in unwrap(model).named_modules():
+        for name, module in unwrap_peft(model).named_modules():
             flag, fn = _module_forward(module, flags, family, classes)
             if flag is None:
                 continue
@@ -343,12 +344,12 @@ def _check_instance(family: VisionLanguageFamily, model: nn.Module | None) -> No
         return
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a {family.title} nn.Module or None, got {type(model).__name__}")
-    model_type = getattr(getattr(unwrap(model), "config", None), "model_type", None)
+    model_type = getattr(getattr(unwrap_peft(model), "config", None), "model_type", None)
     if model_type != family.model_type:
         raise ValueError(
             f"model: apply_liger_kernel_to_{family.model_type} patches {family.title} models (model_type "
-            f"{family.model_type!r}), got {type(unwrap(model)).__name__} with model_type {model_type!r}; nothing was "
-            "patched (liger_align.models.apply_liger_kernel picks the right patch by model type)"
+            f"{family.model_type!r}), got {type(unwrap_peft(model)).__name__} with model_type {model_type!r}; "
+            "nothing was patched (liger_align.models.apply_liger_kernel picks the right patch by model type)"
         )
 
 
