@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import math
-import statistics
 import sys
 import tempfile
 import time
@@ -42,7 +40,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-import _common  # noqa: E402
+import _runner  # noqa: E402
 
 from liger_align.kernels import fused_linear_cross_entropy  # noqa: E402
 from liger_align.losses.medusa import fused_linear_medusa_loss, tensor_head  # noqa: E402
@@ -50,7 +48,6 @@ from liger_align.models.medusa import MedusaHeads, add_medusa_heads, medusa_head
 from liger_align.utils import StepMeter  # noqa: E402
 
 VOCAB = 128256
-GIB = 2**30
 
 
 def head_weights(num_heads: int, model_head: float = 1.0) -> list[float]:
@@ -79,11 +76,11 @@ def resblocks(head, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def loss_methods(hidden, labels, w0, heads, weights, *, cuda: bool) -> dict[str, Callable[[], Any]]:
+def loss_methods(hidden, labels, w0, heads, weights, *, cuda: bool) -> dict[str, Callable[[], Any] | str]:
     """fwd+bwd closures of the multi-head loss."""
     runners = [tensor_head(w0), *(functools.partial(lambda h, rows, fn: h(rows, fn), h) for h in heads)]
     length = hidden.shape[1]
-    methods = {
+    methods: dict[str, Callable[[], Any] | str] = {
         "liger_align": lambda: fused_linear_medusa_loss(hidden, labels, runners, weights).loss.backward(),
         "liger_align_recompute": lambda: fused_linear_medusa_loss(
             hidden, labels, runners, weights, strategy="recompute").loss.backward(),
@@ -100,14 +97,12 @@ def loss_methods(hidden, labels, w0, heads, weights, *, cuda: bool) -> dict[str,
 
     methods["fused_ce_per_head"] = lambda: per_head(lambda x, w, t: fused_linear_cross_entropy(x, w, t))
     methods["naive_torch"] = lambda: naive_medusa_loss(hidden, labels, w0, heads, weights).backward()
-    if cuda:
-        try:
-            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-            liger = LigerFusedLinearCrossEntropyLoss()
-            methods["liger_kernel_per_head"] = lambda: per_head(lambda x, w, t: liger(w, x, t))
-        except ImportError:
-            print("liger_kernel is not installed: liger_kernel_per_head skipped", file=sys.stderr)
+    flce = _runner.optional("liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss") if cuda else "needs CUDA"
+    if isinstance(flce, str):
+        methods["liger_kernel_per_head"] = flce
+    else:
+        liger = flce()
+        methods["liger_kernel_per_head"] = lambda: per_head(lambda x, w, t: liger(w, x, t))
     return methods
 
 
@@ -129,25 +124,7 @@ def floor_ms(valid_rows: list[int], hidden_size: int, vocab: int, layers: int, d
                 torch.mm(a[:m], r)
                 torch.mm(a[:m].t(), a[:m])
 
-    return time_ms(gemms, [])  # the buffers are freed on return
-
-
-def time_ms(fn: Callable[[], Any], grads: list[torch.Tensor]) -> float:
-    """Median ms: ``triton.testing.do_bench`` on CUDA; on CPU (smoke) the median of 3 timed runs."""
-    if torch.cuda.is_available():
-        return _common.bench_ms(fn, grads, warmup=25, rep=150)
-    times = []
-    for _ in range(3):
-        for t in grads:
-            t.grad = None
-        began = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - began) * 1e3)
-    return statistics.median(times)
-
-
-def extra_gib(fn: Callable[[], Any], grads: list[torch.Tensor]) -> float:
-    return _common.peak_extra_gib(fn, grads) if torch.cuda.is_available() else math.nan
+    return _runner.measure(gemms, warmup_ms=25, rep_ms=150)  # the buffers are freed on return
 
 
 def run_loss(smoke: bool) -> list[dict]:
@@ -166,35 +143,13 @@ def run_loss(smoke: bool) -> list[dict]:
     labels[:, : length // 4] = -100
     weights = head_weights(num_heads)
     valid_rows = [int((labels[:, 1 + k:] != -100).sum()) for k in range(num_heads + 1)]
-    grads = [hidden, w0, *heads.parameters()]
-    shape = f"{rows}x{length} H={size} K={num_heads}"
+    shape = {"part": "loss", "shape": f"{rows}x{length} H={size} K={num_heads}"}
     floor = floor_ms(valid_rows, size, vocab, 1, dtype, device)
-    out = [dict(part="loss", shape=shape, method="floor", ms=floor, x_floor=1.0, extra_gib=0.0)]
-    for name, fn in loss_methods(hidden, labels, w0, heads, weights, cuda=device == "cuda").items():
-        row = dict(part="loss", shape=shape, method=name)
-        try:
-            row["extra_gib"] = extra_gib(fn, grads)
-            row["ms"] = time_ms(fn, grads)
-            row["x_floor"] = row["ms"] / floor
-        except torch.OutOfMemoryError:
-            row["ms"] = "OOM"
-        except Exception as exc:  # a peer failing is recorded, not fatal
-            row["ms"] = f"failed: {type(exc).__name__}: {exc}"[:120]
-        for t in grads:
-            t.grad = None
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        out.append(row)
-    by = {r["method"]: r for r in out}
-    naive, ours = by.get("naive_torch", {}), by["liger_align"]
-    if isinstance(naive.get("extra_gib"), float) and naive["extra_gib"] > 0:
-        for r in out:
-            if isinstance(r.get("extra_gib"), float):
-                r["x_naive_memory"] = r["extra_gib"] / naive["extra_gib"]
-    liger = by.get("liger_kernel_per_head", {})
-    if isinstance(liger.get("ms"), float) and isinstance(ours.get("ms"), float):
-        ours["x_liger_kernel_time"] = ours["ms"] / liger["ms"]
+    case = _runner.Case(loss_methods(hidden, labels, w0, heads, weights, cuda=device == "cuda"),
+                        grads=[hidden, w0, *heads.parameters()], floor_ms=floor, floor_name="floor")
+    out = _runner.run([shape], lambda _: case, warmup_ms=25, rep_ms=150, ratios={
+        "x_floor": ("floor", "time"), "x_naive_memory": ("naive_torch", "extra_gib"),
+        "x_liger_kernel_time": ("liger_kernel_per_head", "time")})
     return out
 
 
@@ -308,47 +263,6 @@ def run_training(smoke: bool, heads_list: list[int], lengths: list[int], batch: 
     return out
 
 
-def plot_training(rows: list[dict], name: str) -> Path | None:
-    """4 x 2 panels: rows (stage, K), columns peak memory and tokens/s; x = T, OOM marked."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    combos = sorted({(r["stage"], r["heads"]) for r in rows})
-    lengths = sorted({r["seq"] for r in rows})
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, axes = plt.subplots(len(combos), 2, figsize=(10, 2.6 * len(combos)), squeeze=False)
-    width = 0.8 / len(methods)
-    for i, (stage, heads) in enumerate(combos):
-        for j, (key, label) in enumerate((("peak_gib", "peak memory (GiB)"), ("tokens_per_s", "tokens/s"))):
-            ax = axes[i][j]
-            for m, method in enumerate(methods):
-                for x, length in enumerate(lengths):
-                    match = [r for r in rows if (r["stage"], r["heads"], r["seq"], r["method"]) ==
-                             (stage, heads, length, method)]
-                    if not match:
-                        continue
-                    value = match[0].get(key)
-                    pos = x + (m - (len(methods) - 1) / 2) * width
-                    if isinstance(value, float):
-                        ax.bar(pos, value, width, color=f"C{m}", label=method if x == 0 else None)
-                    else:
-                        ax.text(pos, 0, "OOM", ha="center", va="bottom", fontsize=7, color=f"C{m}", rotation=90)
-            ax.set_xticks(range(len(lengths)), [str(t) for t in lengths], fontsize=8)
-            ax.set_title(f"stage {stage}, K={heads}: {label}", fontsize=9)
-            ax.set_xlabel("sequence length T", fontsize=8)
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    _common.RESULTS.mkdir(parents=True, exist_ok=True)
-    path = _common.RESULTS / f"{name}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["loss", "training", "both"], default="both")
@@ -360,10 +274,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--results-dir", type=Path, default=None)
     opts = parser.parse_args()
-    if opts.results_dir is not None:
-        _common.RESULTS = opts.results_dir
-    elif opts.smoke:
-        _common.RESULTS = Path(tempfile.mkdtemp(prefix="bench_medusa_"))
+    results_dir = opts.results_dir or (Path(tempfile.mkdtemp(prefix="bench_medusa_")) if opts.smoke
+                                       else _runner.RESULTS)
     if opts.smoke:  # unless given: one K, two short lengths, one measured step
         defaults = {"heads": [3], "seq": [32, 64], "batch": 2, "steps": 1}
         for key, value in defaults.items():
@@ -377,27 +289,31 @@ def main() -> None:
         print_loss(rows)
     if opts.part in ("training", "both"):
         rows += run_training(opts.smoke, opts.heads, seq, batch, opts.steps, opts.warmup)
-    meta = dict(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", torch=torch.__version__,
-                smoke=opts.smoke, masked="first 25% of each row", seconds=time.perf_counter() - began)
-    path = _common.save_results("medusa", rows, meta)
+    meta = _runner.run_meta(smoke=opts.smoke, masked="first 25% of each row", seconds=time.perf_counter() - began)
+    path = _runner.save("medusa", rows, meta, results_dir=results_dir)
     loss_rows = [r for r in rows if r["part"] == "loss" and r["method"] != "floor"]
     if loss_rows:
-        _common.plot_ratios("medusa_loss", loss_rows, group="shape", method="method", value="x_floor",
-                            title="Medusa loss fwd+bwd time / floor (lower is better)")
+        _runner.plot(results_dir / "medusa_loss.png", loss_rows, group=["shape"],
+                     values=[("x_floor", "time / floor")], title="Medusa loss fwd+bwd time / floor (lower is better)")
     train_rows = [r for r in rows if r["part"] == "training"]
     if train_rows:
-        plot_training(train_rows, "medusa_training")
+        _runner.plot(results_dir / "medusa_training.png", [dict(r, stage=f"stage {r['stage']}", heads=f"K={r['heads']}",
+                                                                 seq=f"T={r['seq']}") for r in train_rows],
+                     group=["stage", "heads", "seq"], ref_line=None,
+                     values=[("peak_gib", "peak memory (GiB)"), ("tokens_per_s", "tokens/s")],
+                     annotate={"peak_gib": "x_naive_memory", "tokens_per_s": "x_naive_throughput"},
+                     title=f"Medusa training step, batch {batch}, {meta['gpu']}")
     print(f"\n# {meta['gpu']}, torch {meta['torch']}, {meta['seconds']:.0f} s; results in {path.parent}")
     if loss_rows:
         print_loss(rows)
     if train_rows:
-        _common.print_table(train_rows, ["heads", "stage", "seq", "batch", "method", "tokens_per_s", "peak_gib",
+        _runner.print_table(train_rows, ["heads", "stage", "seq", "batch", "method", "tokens_per_s", "peak_gib",
                                          "step_ms", "x_naive_throughput", "x_naive_memory"])
 
 
 def print_loss(rows: list[dict]) -> None:
     print("\n# loss alone: extra = peak beyond inputs and returned grads; x_floor = time / floor")
-    _common.print_table([r for r in rows if r["part"] == "loss"],
+    _runner.print_table([r for r in rows if r["part"] == "loss"],
                         ["shape", "method", "ms", "x_floor", "extra_gib", "x_naive_memory", "x_liger_kernel_time"])
 
 
