@@ -60,12 +60,12 @@ BAD_FLAGS = [
 
 @pytest.mark.parametrize("flags,message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
 def test_bad_flags_are_refused_before_loading(flags, message, tmp_path: Path, monkeypatch) -> None:
-    import common
+    import loading
 
     def no_loading(*args, **kwargs):
         raise AssertionError("data were loaded before the flags were checked")
 
-    monkeypatch.setattr(common, "load_raw_dataset", no_loading)
+    monkeypatch.setattr(loading, "load_raw_dataset", no_loading)
     with pytest.raises(ValueError, match=message):
         _main("simpo")([*flags, "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()

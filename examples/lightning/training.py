@@ -28,7 +28,6 @@ loss and answer accuracy before and after. The real job::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -50,6 +49,7 @@ for _path in (HERE, REPO / "examples" / "alignment", REPO):
 
 import mmlu_data  # noqa: E402
 from lightning_strategies import STRATEGIES, require_deepspeed, strategy_for  # noqa: E402
+from reporting import write_summary  # noqa: E402
 
 from liger_align.models import apply_liger_kernel  # noqa: E402
 from liger_align.utils import LightningStepMeter  # noqa: E402
@@ -416,9 +416,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "meter": meter.summary(),
     }
     if trainer.is_global_zero:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print_summary(summary)
+        write_summary(summary, output_dir, printer=print_summary)
     return summary
 
 

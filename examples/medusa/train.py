@@ -26,10 +26,8 @@ template. The heads are saved alone (``medusa_lm_head.safetensors``, Medusa's ke
 
 from __future__ import annotations
 
-import json
 import random
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,10 +41,9 @@ import common  # noqa: E402
 import embedded  # noqa: E402
 
 common.add_repo_to_path()
-from liger_align.models.medusa import medusa_heads  # noqa: E402
 from liger_align.models.head_call import backbone, causal_lm, output_head  # noqa: E402
+from liger_align.models.medusa import medusa_heads  # noqa: E402
 from liger_align.trainers import MedusaTrainer, MedusaTrainingArguments  # noqa: E402
-from liger_align.utils import StepMeterCallback  # noqa: E402
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
          "bing": "assistant", "chatgpt": "assistant"}
@@ -230,35 +227,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, tokenizer = load_model(args, train, config.seed)
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding="longest")
     train_ids, held_ids = tokenize(train, tokenizer, args.max_length), tokenize(held_out, tokenizer, args.max_length)
-    meter = StepMeterCallback(warmup_steps=2)
+    meter = common.step_meter(args, config)
     trainer = MedusaTrainer(
         model=model, args=config, train_dataset=train_ids, eval_dataset=held_ids, processing_class=tokenizer,
         data_collator=collator, callbacks=[meter], use_liger=args.use_liger,
     )
-    start = head_accuracy(trainer.model, held_ids, collator, config.per_device_eval_batch_size)
-    began = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - began
-    end = head_accuracy(trainer.model, held_ids, collator, config.per_device_eval_batch_size)
-    trainer.save_model(config.output_dir)
-    summary = {
+    measured = common.train_measured(
+        trainer, lambda: head_accuracy(trainer.model, held_ids, collator, config.per_device_eval_batch_size)
+    )
+    measured["top1_start"], measured["top1_end"] = measured.pop("start"), measured.pop("end")  # one value a head
+    described = {
         "stage": 1 if config.medusa_only_heads else 2,
         "trainer": type(trainer).__name__ + ("" if args.use_liger else " (materialised logits)"),
         "model": args.model_name_or_path or "embedded tiny Llama 3.2",
         "device": str(config.device),
         "medusa_num_heads": config.medusa_num_heads,
-        "steps": trainer.state.global_step,
-        "train_seconds": seconds,
-        "meter": meter.summary(),
-        "eval_rows": len(held_out),
-        "top1_start": start,
-        "top1_end": end,
-        "output_dir": config.output_dir,
     }
-    if trainer.is_world_process_zero():
-        (Path(config.output_dir) / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print_summary(summary)
-    return summary
+    return common.finish_run(trainer, described, measured, meter=meter, eval_rows=len(held_out),
+                             printer=print_summary)
 
 
 if __name__ == "__main__":

@@ -27,14 +27,11 @@ unpatched model, for comparison.
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from datasets import Dataset, DatasetDict
 from transformers import (
     DataCollatorForSeq2Seq,
@@ -192,7 +189,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             data_collator=make_collator(tokenizer),
             callbacks=[meter],
         )
-        summary = {
+        measured = common.train_measured(trainer, lambda: {"eval_loss": trainer.evaluate()["eval_loss"]})
+        described = {
             "algorithm": "sft",
             "family": handle.family,
             "trainer": "Trainer" + (" + apply_liger_kernel" if handle.patched else ""),
@@ -200,37 +198,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "model_type": model.config.model_type,
             "patched": list(handle.patched),
             "device": str(config.device),
-            **train_and_evaluate(trainer),
-            "meter": meter.summary(),
-            "eval_rows": len(held_out),
-            "output_dir": config.output_dir,
         }
-        trainer.save_model(config.output_dir)
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(config.output_dir)
-        (Path(config.output_dir) / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        common.print_summary(summary)
-    return summary
-
-
-def train_and_evaluate(trainer: Trainer) -> dict[str, Any]:
-    """Held-out loss, training (timed, peak memory), held-out loss again."""
-    start = trainer.evaluate()["eval_loss"]
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    began = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - began
-    memory, memory_kind = common.peak_memory()
-    end = trainer.evaluate()["eval_loss"]
-    return {
-        "steps": trainer.state.global_step,
-        "train_seconds": seconds,
-        "peak_memory_mib": memory,
-        "peak_memory_kind": memory_kind,
-        "start": {"eval_loss": start},
-        "end": {"eval_loss": end},
-    }
+        return common.finish_run(
+            trainer, described, measured, meter=meter, eval_rows=len(held_out), save_with=tokenizer
+        )
 
 
 if __name__ == "__main__":

@@ -23,10 +23,7 @@ and ``prompt``, ``chosen``, ``rejected`` (strings or conversational turns). ``--
 
 from __future__ import annotations
 
-import copy
-import json
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +35,8 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "alignment")]
 import common  # noqa: E402
 import vlm_embedded as embedded  # noqa: E402
+from loading import first_split, reference_copy  # noqa: E402
+from vlm_loading import data_root, limit_threads, load_checkpoint  # noqa: E402
 
 common.add_repo_to_path()
 from liger_align.trainers import LigerDPOTrainer  # noqa: E402
@@ -64,13 +63,12 @@ def load_pairs(args: DPOVLMScriptArguments, seed: int) -> tuple[Any, Any]:
         return (Dataset.from_list(embedded.preference_rows(args.train_pairs, seed=seed)),
                 Dataset.from_list(embedded.preference_rows(args.eval_pairs, seed=seed + 1)))
     raw = common.load_raw_dataset(args.dataset_name, args.dataset_config)
-    first = raw[next(iter(raw))] if hasattr(raw, "keys") else raw
+    first = first_split(raw)
     image_column = "images" if "images" in first.column_names else "image"
     common.check_columns(first, (image_column, "prompt", "chosen", "rejected"),
                          what=f"--dataset_name {args.dataset_name!r} for DPO on images")
     feature = Sequence(Image()) if image_column == "images" else Image()
-    root = Path(args.dataset_name).expanduser().resolve()
-    root = root.parent if root.is_file() else root
+    root = data_root(args.dataset_name)
 
     def absolute(row: dict[str, Any]) -> dict[str, Any]:
         fix = lambda p: p if not isinstance(p, str) or Path(p).is_absolute() else str(root / p)  # noqa: E731
@@ -86,11 +84,9 @@ def load_model(args: DPOVLMScriptArguments, seed: int) -> tuple[Any, Any]:
     if args.model_name_or_path is None:
         processor = embedded.build_processor()
         return embedded.build_tiny_qwen2_vl(processor.tokenizer, seed=seed), processor
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
 
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    return (AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=dtype),
-            AutoProcessor.from_pretrained(args.model_name_or_path))
+    return load_checkpoint(args), AutoProcessor.from_pretrained(args.model_name_or_path)
 
 
 @torch.no_grad()
@@ -120,14 +116,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args, config = common.parse_script_and_config(
         DPOVLMScriptArguments, DPOConfig, name="dpo_vlm", embedded_defaults=DPO_VLM_EMBEDDED_DEFAULTS, argv=argv
     )
-    embedded_run = args.model_name_or_path is None
-    if embedded_run and config.device.type == "cpu":
-        torch.set_num_threads(1)  # a tiny model gains nothing from more threads; a busy machine's spin-waits cost
+    limit_threads(args, config)
     model, processor = load_model(args, config.seed)
     train, held_out = load_pairs(args, config.seed)
     kwargs: dict[str, Any] = {}
-    if embedded_run:  # TRL loads the reference from the model's path; the embedded model has none
-        kwargs["ref_model"] = copy.deepcopy(model).eval().requires_grad_(False)
+    if args.model_name_or_path is None:  # TRL loads the reference from the model's path; the embedded model has none
+        kwargs["ref_model"] = reference_copy(model)
     trainer_class = LigerDPOTrainer if args.use_liger else DPOTrainer
     meter = common.step_meter(args, config)
     trainer = trainer_class(model=model, args=config, train_dataset=train, eval_dataset=held_out,
@@ -141,36 +135,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             trainer.model, trainer.data_collator, held_out, batch_size=config.per_device_eval_batch_size)
         return out
 
-    start = metrics()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    began = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - began
-    memory, memory_kind = common.peak_memory()
-    end = metrics()
-
-    trainer.save_model(config.output_dir)
-    summary = {
+    measured = common.train_measured(trainer, metrics)
+    described = {
         "algorithm": "dpo (images)",
         "trainer": type(trainer).__name__,
         "model": args.model_name_or_path or "embedded tiny Qwen2-VL",
         "device": str(trainer.args.device),
-        "steps": trainer.state.global_step,
-        "train_seconds": seconds,
-        "peak_memory_mib": memory,
-        "peak_memory_kind": memory_kind,
-        "eval_rows": len(held_out),
-        "start": start,
-        "end": end,
-        "meter": meter.summary(),
-        "output_dir": config.output_dir,
     }
-    if trainer.is_world_process_zero():
-        processor.save_pretrained(config.output_dir)
-        (Path(config.output_dir) / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        common.print_summary(summary)
-    return summary
+    return common.finish_run(
+        trainer, described, measured, meter=meter, eval_rows=len(held_out), save_with=processor
+    )
 
 
 if __name__ == "__main__":

@@ -23,9 +23,7 @@ unpatched model, for comparison.
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,9 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "alignment")]
 import common  # noqa: E402
 import vlm_embedded as embedded  # noqa: E402
+from loading import first_split  # noqa: E402
 from vlm_collator import VisionSFTCollator, uses_mm_token_type_ids  # noqa: E402
+from vlm_loading import data_root, limit_threads, load_checkpoint  # noqa: E402
 
 common.add_repo_to_path()
 from liger_align.models import apply_liger_kernel  # noqa: E402
@@ -83,11 +83,11 @@ def load_data(args: VLMScriptArguments, seed: int) -> tuple[Any, Any]:
         return (embedded.caption_rows(args.train_images, seed=seed),
                 embedded.caption_rows(args.eval_images, seed=seed + 1))
     raw = common.load_raw_dataset(args.dataset_name, args.dataset_config)
-    first = raw[next(iter(raw))] if hasattr(raw, "keys") else raw
-    common.check_columns(first, ("image", "prompt", "completion"), what=f"--dataset_name {args.dataset_name!r}")
+    common.check_columns(
+        first_split(raw), ("image", "prompt", "completion"), what=f"--dataset_name {args.dataset_name!r}"
+    )
     train, held_out = common.split_dataset(raw, args, seed)
-    root = Path(args.dataset_name).expanduser().resolve()
-    root = root.parent if root.is_file() else root
+    root = data_root(args.dataset_name)
     return ImageRows(train, root), ImageRows(held_out, root)
 
 
@@ -96,10 +96,9 @@ def load_model(args: VLMScriptArguments, seed: int) -> tuple[Any, Any, Any]:
     if args.model_name_or_path is None:
         tokenizer = embedded.build_tokenizer()
         return embedded.build_tiny_qwen2_vl(tokenizer, seed=seed), tokenizer, embedded.build_image_processor()
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
 
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=dtype)
+    model = load_checkpoint(args)
     try:
         processor = AutoProcessor.from_pretrained(args.model_name_or_path)
         tokenizer, image_processor = processor.tokenizer, processor.image_processor
@@ -142,10 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args, config = common.parse_script_and_config(
         VLMScriptArguments, TrainingArguments, name="qwen2_vl", embedded_defaults=VLM_EMBEDDED_DEFAULTS, argv=argv
     )
-    embedded_run = args.model_name_or_path is None
-    if embedded_run and config.device.type == "cpu":
-        # A model this small gains nothing from more threads, and OpenMP threads on a busy machine spin-wait.
-        torch.set_num_threads(1)
+    limit_threads(args, config)
     model, tokenizer, image_processor = load_model(args, config.seed)
     train, held_out = load_data(args, config.seed)
     collator = VisionSFTCollator(tokenizer, image_processor, max_length=args.max_length,
@@ -160,41 +156,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer = Trainer(model=model, args=config, train_dataset=train, eval_dataset=held_out,
                       data_collator=collator, processing_class=tokenizer, callbacks=[meter])
     embedded_data = args.dataset_name is None
-    start = {"eval_loss": trainer.evaluate()["eval_loss"]}
-    if embedded_data:
-        start["colour_accuracy"] = colour_accuracy(model, collator, held_out)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    began = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - began
-    memory, memory_kind = common.peak_memory()
-    end = {"eval_loss": trainer.evaluate()["eval_loss"]}
-    if embedded_data:
-        end["colour_accuracy"] = colour_accuracy(model, collator, held_out)
 
-    trainer.save_model(config.output_dir)
-    summary = {
+    def metrics() -> dict[str, float]:
+        out = {"eval_loss": trainer.evaluate()["eval_loss"]}
+        if embedded_data:
+            out["colour_accuracy"] = colour_accuracy(model, collator, held_out)
+        return out
+
+    measured = common.train_measured(trainer, metrics)
+    described = {
         "algorithm": "sft (vision-language)",
         "trainer": "Trainer" + (" + liger_align Qwen2-VL patch" if args.use_liger else ""),
         "model": args.model_name_or_path or "embedded tiny Qwen2-VL",
         "device": str(config.device),
-        "steps": trainer.state.global_step,
-        "train_seconds": seconds,
-        "peak_memory_mib": memory,
-        "peak_memory_kind": memory_kind,
-        "eval_rows": len(held_out),
-        "start": start,
-        "end": end,
-        "meter": meter.summary(),
         "patched": patched,
-        "output_dir": config.output_dir,
     }
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(config.output_dir)
-        (Path(config.output_dir) / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        common.print_summary(summary)
-    return summary
+    return common.finish_run(trainer, described, measured, meter=meter, eval_rows=len(held_out), save_with=tokenizer)
 
 
 if __name__ == "__main__":

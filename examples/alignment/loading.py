@@ -1,0 +1,160 @@
+"""Loading for the examples: data sets (local files, ``save_to_disk`` folders, hub ids), their checks and
+the held-out split, and the model with its tokenizer (a checkpoint or the embedded tiny Llama 3.2)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import embedded
+import torch
+from cli import Algorithm, ScriptArguments
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+PAIRED_COLUMNS = ("prompt", "chosen", "rejected")
+UNPAIRED_COLUMNS = ("prompt", "completion", "label")
+DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` reads as a local path (not a hub id): it starts like one, has a data-file suffix or
+    more than one ``/``."""
+    return name.startswith((".", "/", "~")) or Path(name).suffix.lower() in DATA_FILE_TYPES or name.count("/") > 1
+
+
+def load_raw_dataset(name: str | None, config_name: str | None = None) -> Dataset | DatasetDict:
+    """Load ``name``: ``None`` (the shipped data), a local file or ``save_to_disk`` folder, or a hub id.
+
+    Raises ``FileNotFoundError`` for a local-looking path that does not exist, and ``RuntimeError``
+    naming the data set when a hub id cannot be loaded (for instance offline).
+    """
+    if name is None:
+        return embedded.load_preference_dataset()
+    path = Path(name).expanduser()
+    if path.is_file():
+        file_type = DATA_FILE_TYPES.get(path.suffix.lower())
+        if file_type is None:
+            raise ValueError(
+                f"--dataset_name {name!r}: unsupported file type {path.suffix!r}; use one of {sorted(DATA_FILE_TYPES)}"
+            )
+        if path.suffix.lower() == ".jsonl":
+            check_jsonl(path, name)
+        return load_dataset(file_type, data_files=str(path), split="train")
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            return load_from_disk(str(path))
+        return load_dataset(str(path), config_name)
+    if looks_like_path(name):
+        raise FileNotFoundError(f"--dataset_name {name!r}: no such file or folder ({path.resolve()})")
+    try:
+        return load_dataset(name, config_name)
+    except Exception as error:  # the hub raises many kinds of errors offline
+        raise RuntimeError(
+            f"--dataset_name {name!r}: could not load it from the Hugging Face Hub ({type(error).__name__}: {error}). "
+            "Offline, pass a local .jsonl/.json/.parquet file or a save_to_disk folder instead."
+        ) from error
+
+
+def check_jsonl(path: Path, name: str) -> None:
+    """Raise ``ValueError`` naming the line when a line of the JSON-lines file ``path`` is not a JSON object.
+
+    (``datasets`` reports a malformed line without its number.) Blank lines are allowed.
+    """
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"--dataset_name {name!r}: line {number} is not valid JSON ({err.msg} at column {err.colno}): "
+                    f"{line.strip()[:80]!r}"
+                ) from None
+            if not isinstance(row, dict):
+                raise ValueError(
+                    f"--dataset_name {name!r}: line {number} must be a JSON object (one row), got "
+                    f"{type(row).__name__}: {line.strip()[:80]!r}"
+                )
+
+
+def check_columns(dataset: Dataset, required: Sequence[str], *, what: str) -> None:
+    """Raise ``ValueError`` naming the missing and the present columns unless ``dataset`` has ``required``."""
+    missing = [column for column in required if column not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{what} needs the columns {list(required)}; missing {missing}, found {dataset.column_names}")
+
+
+def first_split(raw: Dataset | DatasetDict) -> Dataset:
+    """``raw`` itself, or the first split of a ``DatasetDict`` (whose columns the checks read)."""
+    return raw[next(iter(raw))] if isinstance(raw, DatasetDict) else raw
+
+
+def split_dataset(raw: Dataset | DatasetDict, args: ScriptArguments, seed: int) -> tuple[Dataset, Dataset]:
+    """Return (train, held-out): the named splits, or a seeded ``eval_size`` cut of the train split."""
+    if isinstance(raw, DatasetDict):
+        if args.dataset_train_split not in raw:
+            raise ValueError(
+                f"--dataset_train_split {args.dataset_train_split!r} not in the data set's splits {list(raw)}"
+            )
+        if args.dataset_test_split in raw:
+            return raw[args.dataset_train_split], raw[args.dataset_test_split]
+        raw = raw[args.dataset_train_split]
+    size = args.eval_size if args.eval_size < 1 else int(args.eval_size)
+    if len(raw) < 2:
+        raise ValueError(f"the data set has {len(raw)} row(s); at least 2 are needed to hold some out")
+    parts = raw.train_test_split(test_size=size, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def prepare_datasets(algorithm: Algorithm, args: ScriptArguments, seed: int) -> tuple[Dataset, Dataset, Dataset | None]:
+    """Load, check and split the data: (train, held-out for the trainer, held-out pairs or ``None``).
+
+    Paired algorithms need ``prompt``/``chosen``/``rejected``. KTO takes ``prompt``/``completion``/
+    ``label``, or paired data that it unpairs (then the held-out pairs also give a preference accuracy).
+    """
+    raw = load_raw_dataset(args.dataset_name, args.dataset_config)
+    first = first_split(raw)
+    what = f"--dataset_name {args.dataset_name or str(embedded.DATA_PATH)!r} for {algorithm.name.upper()}"
+    paired_data = algorithm.paired or not set(UNPAIRED_COLUMNS) <= set(first.column_names)
+    if paired_data:
+        check_columns(first, PAIRED_COLUMNS, what=what if algorithm.paired else f"{what} (or {list(UNPAIRED_COLUMNS)})")
+    # Value types row by row, numbered as in the file (the trainers check again after the split).
+    from liger_align.trainers._inputs import check_dataset
+
+    check_dataset(first, name="the data set", paired=paired_data, trainer=what)
+    if paired_data:
+        train, held_out = split_dataset(raw, args, seed)
+        if algorithm.paired:
+            return train, held_out, held_out
+        return embedded.to_unpaired(train), embedded.to_unpaired(held_out), held_out
+    train, held_out = split_dataset(raw, args, seed)
+    return train, held_out, None
+
+
+def load_model_and_tokenizer(args: ScriptArguments, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``--model_name_or_path`` and its tokenizer, or the embedded tiny Llama 3.2 and local tokenizer."""
+    if args.model_name_or_path is None:
+        model, tokenizer, _ = embedded.build_embedded(seed=seed)
+        return model, tokenizer
+    if looks_like_path(args.model_name_or_path) and not Path(args.model_name_or_path).expanduser().exists():
+        raise FileNotFoundError(f"--model_name_or_path {args.model_name_or_path!r}: no such folder")
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=load_dtype(args))
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_dtype(args: ScriptArguments) -> Any:
+    """``--dtype`` as ``from_pretrained`` takes it: ``"auto"`` or a ``torch.dtype``."""
+    return args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+
+
+def reference_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A frozen copy of ``model`` in eval mode: the reference of DPO/KTO for a model with no path to reload."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
