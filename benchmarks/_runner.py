@@ -197,13 +197,13 @@ def _time(row: dict) -> float | None:
     return best if isinstance(best, float) else None
 
 
-def add_ratios(rows: list[dict], *, keys: Sequence[str], ratios: dict[str, tuple[str, str]]) -> None:
+def add_ratios(rows: list[dict], *, keys: Sequence[str], ratios: dict[str, tuple[str, str]],
+               method: str = "method") -> None:
     """``row[name] = row[value] / base[value]`` where ``ratios[name] = (base arm, value)`` and ``base`` is the row of
-    that arm with the same ``keys``; ``value == "time"``: ``graph_ms`` when present, else ``ms``."""
+    that arm (``row[method]``) with the same ``keys``; ``value == "time"``: ``graph_ms`` when present, else ``ms``."""
     for row in rows:
         for name, (arm, value) in ratios.items():
-            base = next((r for r in rows if r.get("method") == arm and all(r.get(k) == row.get(k) for k in keys)),
-                        None)
+            base = next((r for r in rows if r.get(method) == arm and all(r.get(k) == row.get(k) for k in keys)), None)
             get = _time if value == "time" else (lambda r, v=value: r.get(v) if isinstance(r.get(v), float) else None)
             a, b = get(row), get(base) if base is not None else None
             row[name] = a / b if a is not None and b else None

@@ -11,7 +11,7 @@ memory is its own; after ``--warmup`` steps (Triton compilation, allocator growt
     python benchmarks/bench_trainers.py --only orpo simpo    # a subset
     python benchmarks/bench_trainers.py --plot-only a/bench_trainers.json b/bench_trainers.json  # merge, redraw
 
-Writes ``bench_trainers.json`` and the PNG bar charts ``bench_trainers_throughput.png`` and
+Writes ``bench_trainers.json`` (``{"meta", "rows"}``, ``benchmarks/_runner.py``) and the PNG bar charts ``bench_trainers_throughput.png`` and
 ``bench_trainers_memory.png`` under ``--results-dir`` (default ``benchmarks/results``); prints the
 table last. Every figure in the table is also given as a ratio to TRL's in the same run.
 """
@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import _runner  # noqa: E402
+
 ALGOS = ("orpo", "simpo", "dpo", "kto")
 # Per sequence: BOS + a quarter of max_length of prompt words, then completion words truncated at max_length.
 
@@ -178,7 +181,7 @@ def worker(opts: argparse.Namespace) -> None:
     result = {
         "algo": opts.algo, "impl": opts.impl, "step_s": step_s, "step_s_all": timer.times,
         "tokens_per_step": rows * opts.seq_len, "input_shapes": shapes, "tokens_per_s": rows * opts.seq_len / step_s,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, "losses": losses,
+        "peak_gib": _runner.peak_allocated_gib() or 0.0, "losses": losses,
         "device": torch.cuda.get_device_name() if cuda else "cpu (smoke)", "torch": torch.__version__,
     }
     Path(opts.worker_out).write_text(json.dumps(result))
@@ -218,8 +221,8 @@ def table(results: list[dict[str, Any]]) -> str:
     by = {(r["algo"], r["impl"]): r for r in results}
     header = f"{'trainer':8} {'impl':6} {'s/step':>8} {'tokens/s':>10} {'peak GiB':>9}"
     lines = [header + f" {'thr x TRL':>10} {'mem / TRL':>10}"]
+    nan = float("nan")
     for algo in dict.fromkeys(r["algo"] for r in results):
-        base = by.get((algo, "trl"), {})
         for impl in ("trl", "liger"):
             r = by.get((algo, impl))
             if r is None:
@@ -227,52 +230,27 @@ def table(results: list[dict[str, Any]]) -> str:
             if "error" in r:
                 lines.append(f"{algo:8} {impl:6} {'failed':>8}")
                 continue
-            thr = r["tokens_per_s"] / base["tokens_per_s"] if base.get("tokens_per_s") else float("nan")
-            mem = r["peak_gib"] / base["peak_gib"] if base.get("peak_gib") else float("nan")
+            thr, mem = r.get("throughput_x_trl") or nan, r.get("memory_x_trl") or nan
             lines.append(f"{algo:8} {impl:6} {r['step_s']:8.3f} {r['tokens_per_s']:10.0f} {r['peak_gib']:9.2f} "
                          f"{thr:9.2f}x {mem:9.2f}x")
     return "\n".join(lines)
 
 
-def plot(results: list[dict[str, Any]], results_dir: Path, meta: dict[str, Any]) -> list[Path]:
-    """Two grouped bar charts (tokens/s, peak GiB), TRL vs liger-align per trainer; [] without matplotlib."""
-    try:
-        import matplotlib
+RATIOS = {"throughput_x_trl": ("trl", "tokens_per_s"), "memory_x_trl": ("trl", "peak_gib")}
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no PNG (run again with --plot-only on the JSON)", file=sys.stderr)
-        return []
+
+def plot(results: list[dict[str, Any]], results_dir: Path, meta: dict[str, Any]) -> list[Path]:
+    """Two grouped bar charts (tokens/s, peak GiB), TRL vs liger-align per trainer, ratios (``RATIOS``) on the bars."""
     ok = [r for r in results if "error" not in r]
-    algos = list(dict.fromkeys(r["algo"] for r in ok))
-    by = {(r["algo"], r["impl"]): r for r in ok}
-    names = {"orpo": "ORPO", "simpo": "SimPO (CPO)", "dpo": "DPO", "kto": "KTO"}
+    device = ok[0].get("device", "GPU") if ok else "GPU"
+    title = (f"Llama-3.2-1B shape, bf16, grad. checkpointing, {meta.get('pairs')} pairs x {meta.get('seq_len')} "
+             f"tokens, {device}")
     paths = []
-    charts = (("tokens_per_s", "throughput (tokens/s)", "throughput"), ("peak_gib", "peak memory (GiB)", "memory"))
-    for key, label, fname in charts:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        width = 0.38
-        for i, (impl, color) in enumerate((("trl", "#9e9e9e"), ("liger", "#2e7d32"))):
-            xs = [j + (i - 0.5) * width for j in range(len(algos))]
-            ys = [by.get((a, impl), {}).get(key, 0.0) for a in algos]
-            bars = ax.bar(xs, ys, width, label="TRL" if impl == "trl" else "liger-align", color=color)
-            for bar, a in zip(bars, algos):
-                base = by.get((a, "trl"), {}).get(key)
-                if impl == "liger" and base:
-                    ax.annotate(f"{bar.get_height() / base:.2f}x", (bar.get_x() + width / 2, bar.get_height()),
-                                ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(range(len(algos)), [names.get(a, a) for a in algos])
-        ax.set_ylabel(label)
-        device = ok[0].get("device", "GPU") if ok else "GPU"
-        ax.set_title(f"Llama-3.2-1B shape, bf16, grad. checkpointing, {meta.get('pairs')} pairs x "
-                     f"{meta.get('seq_len')} tokens, {device}", fontsize=9)
-        ax.legend()
-        fig.tight_layout()
-        path = results_dir / f"bench_trainers_{fname}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
+    for key, label, fname, ratio in (("tokens_per_s", "throughput (tokens/s)", "throughput", "throughput_x_trl"),
+                                     ("peak_gib", "peak memory (GiB)", "memory", "memory_x_trl")):
+        path = _runner.plot(results_dir / f"bench_trainers_{fname}.png", ok, group=["algo"], method="impl",
+                            values=[(key, label)], annotate={key: ratio}, ref_line=None, title=title)
+        paths += [path] if path else []
     return paths
 
 
@@ -299,13 +277,13 @@ def main() -> None:
     results_dir = Path(opts.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     if opts.plot_only:
-        saved = [json.loads(Path(path).read_text()) for path in opts.plot_only]
-        results, meta = [r for part in saved for r in part["results"]], saved[0]["config"]
-        (results_dir / "bench_trainers.json").write_text(json.dumps({"config": meta, "results": results}, indent=1))
+        saved = [_runner.load_rows(Path(path)) for path in opts.plot_only]  # also the older {config, results}
+        results, meta = [r for _, rows in saved for r in rows], saved[0][0]
     else:
         results = run_all(opts)
-        meta = {k: getattr(opts, k) for k in ("warmup", "steps", "pairs", "seq_len")}
-        (results_dir / "bench_trainers.json").write_text(json.dumps({"config": meta, "results": results}, indent=1))
+        meta = _runner.run_meta(**{k: getattr(opts, k) for k in ("warmup", "steps", "pairs", "seq_len", "smoke")})
+    _runner.add_ratios([r for r in results if "error" not in r], keys=["algo"], ratios=RATIOS, method="impl")
+    _runner.save("bench_trainers", results, meta, results_dir=results_dir)
     for path in plot(results, results_dir, meta):
         print(f"wrote {path}")
     print(table(results))
