@@ -1,4 +1,4 @@
-"""Triton kernels with autograd Functions and plain-PyTorch twins (see DESIGN.md, layer ``kernels``).
+"""Triton kernels with autograd Functions and plain-PyTorch twins (see docs/ARCHITECTURE.md, ``kernels/``).
 
 - :func:`linear_logprobs`: fused linear -> per-token target log-prob, the base of every loss.
 - :func:`fused_linear_cross_entropy`: fused linear cross-entropy on the same row passes.

@@ -1,4 +1,4 @@
-"""Preference objectives on the lm_head output, without materialising the logits (see DESIGN.md, layer ``losses``).
+"""Preference objectives on the lm_head output, without materialising the logits (see docs/ARCHITECTURE.md).
 
 Each loss is a plain-torch objective on per-sequence log-probs (``orpo_objective``, ``dpo_objective``,
 ``cpo_objective``, ``kto_objective``), an ``nn.Module`` and a functional twin in :mod:`.functional`.

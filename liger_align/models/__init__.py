@@ -1,4 +1,4 @@
-"""Model-level patches (see DESIGN.md, layer ``models``): kernels for Llama 3.x, Qwen2, Mistral and Gemma 1/2/3,
+"""Model-level patches (see docs/ARCHITECTURE.md): kernels for Llama 3.x, Qwen2, Mistral and Gemma 1/2/3,
 and the vision-language Qwen2-VL and Qwen2.5-VL (both towers).
 
 ``apply_liger_kernel_to_llama(model=None)`` patches the classes, ``model=m`` one instance;

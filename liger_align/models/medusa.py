@@ -1,4 +1,4 @@
-"""Medusa heads on any causal LM, trained through the fused multi-head loss (see DESIGN.md, layer ``models``).
+"""Medusa heads on any causal LM, trained through the fused multi-head loss (see docs/ARCHITECTURE.md).
 
 Medusa (Cai et al., 2024) adds K decoding heads on the last hidden state ``h (..., H)``; head k predicts
 the token at ``t+k+1``. Head k is ``num_layers`` ResBlocks ``x <- x + SiLU(W_k,l x + b_k,l)`` then a
