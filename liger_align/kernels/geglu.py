@@ -20,11 +20,13 @@ overwrite ``a`` and ``b``: only for callers that own ``a`` and ``b``, as the pat
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
-from ._dispatch import triton_available, use_triton
+from ._dispatch import triton_available
+from ._gated import GateKernels, GatedActivationFunction, gate_torch, gated_activation
 
 _K0 = math.sqrt(2.0 / math.pi)
 _K1 = 0.044715
@@ -64,51 +66,19 @@ if triton_available():
         tl.store(db_ptr + offs, db.to(db_ptr.dtype.element_ty), mask=mask)
 
 
-_BLOCK = 2048
+_KERNELS = GateKernels(
+    _geglu_fwd_kernel, _geglu_bwd_kernel, forward_constants=(("K0", _K0), ("K1", _K1)),
+    backward_constants=(("K0", _K0), ("K1", _K1), ("TAIL_CLAMP", _TAIL_CLAMP)),
+) if triton_available() else None
 
 
-def _grid(n: int) -> tuple[int]:
-    return (triton.cdiv(n, _BLOCK),)
-
-
-class GeGLUFunction(torch.autograd.Function):
+class GeGLUFunction(GatedActivationFunction):
     """Triton ``gelu_tanh(a) * b`` for contiguous ``a``, ``b`` of one shape and dtype; see :func:`geglu`."""
-
-    @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor, inplace_backward: bool) -> torch.Tensor:
-        c = torch.empty_like(a)
-        _geglu_fwd_kernel[_grid(a.numel())](a, b, c, a.numel(), K0=_K0, K1=_K1, BLOCK=_BLOCK, num_warps=8)
-        ctx.save_for_backward(a, b)
-        ctx.inplace_backward = inplace_backward
-        return c
-
-    @staticmethod
-    def backward(ctx, dc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        a, b = ctx.saved_tensors
-        dc = dc.contiguous()
-        da, db = (a, b) if ctx.inplace_backward else (torch.empty_like(a), torch.empty_like(b))
-        _geglu_bwd_kernel[_grid(a.numel())](dc, a, b, da, db, a.numel(), K0=_K0, K1=_K1, TAIL_CLAMP=_TAIL_CLAMP,
-                                            BLOCK=_BLOCK, num_warps=8)
-        return da, db, None
 
 
 def geglu_torch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Plain-PyTorch ``gelu_tanh(a) * b`` with the contract of :func:`geglu` (fp32 math, fp64 for fp64)."""
-    compute = torch.promote_types(a.dtype, torch.float32)
-    return (torch.nn.functional.gelu(a.to(compute), approximate="tanh") * b.to(compute)).to(a.dtype)
-
-
-def _check(a: object, b: object) -> None:
-    for name, t in (("a", a), ("b", b)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {type(t).__name__}"
-                            f"{' of dtype ' + str(t.dtype) if isinstance(t, torch.Tensor) else ''}")
-    if a.shape != b.shape:
-        raise ValueError(f"b must have a's shape {tuple(a.shape)}, got {tuple(b.shape)}")
-    if a.dtype != b.dtype:
-        raise TypeError(f"b must have a's dtype {a.dtype}, got {b.dtype}")
-    if a.device != b.device:
-        raise ValueError(f"b must be on a's device {a.device}, got {b.device}")
+    return gate_torch(functools.partial(torch.nn.functional.gelu, approximate="tanh"), a, b)
 
 
 def geglu(
@@ -126,7 +96,5 @@ def geglu(
     Returns:
         ``(..., I)`` in ``a``'s dtype, computed in fp32 (fp64 for fp64 on the torch path) and rounded once.
     """
-    _check(a, b)
-    if a.numel() == 0 or not use_triton(a, b, impl=impl):
-        return geglu_torch(a, b)
-    return GeGLUFunction.apply(a.contiguous(), b.contiguous(), bool(inplace_backward))
+    return gated_activation(a, b, function=GeGLUFunction, kernels=_KERNELS, torch_path=geglu_torch,
+                            inplace_backward=inplace_backward, impl=impl)

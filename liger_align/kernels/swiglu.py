@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import triton_available, use_triton
+from ._dispatch import triton_available
+from ._gated import GateKernels, GatedActivationFunction, gate_torch, gated_activation
 
 if triton_available():
     import triton
@@ -47,50 +48,16 @@ if triton_available():
         tl.store(db_ptr + offs, db.to(db_ptr.dtype.element_ty), mask=mask)
 
 
-_BLOCK = 2048
+_KERNELS = GateKernels(_swiglu_fwd_kernel, _swiglu_bwd_kernel) if triton_available() else None
 
 
-def _grid(n: int) -> tuple[int]:
-    return (triton.cdiv(n, _BLOCK),)
-
-
-class SwiGLUFunction(torch.autograd.Function):
+class SwiGLUFunction(GatedActivationFunction):
     """Triton ``silu(a) * b`` for contiguous ``a``, ``b`` of one shape and dtype; see :func:`swiglu`."""
-
-    @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor, inplace_backward: bool) -> torch.Tensor:
-        c = torch.empty_like(a)
-        _swiglu_fwd_kernel[_grid(a.numel())](a, b, c, a.numel(), BLOCK=_BLOCK, num_warps=8)
-        ctx.save_for_backward(a, b)
-        ctx.inplace_backward = inplace_backward
-        return c
-
-    @staticmethod
-    def backward(ctx, dc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        a, b = ctx.saved_tensors
-        dc = dc.contiguous()
-        da, db = (a, b) if ctx.inplace_backward else (torch.empty_like(a), torch.empty_like(b))
-        _swiglu_bwd_kernel[_grid(a.numel())](dc, a, b, da, db, a.numel(), BLOCK=_BLOCK, num_warps=8)
-        return da, db, None
 
 
 def swiglu_torch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Plain-PyTorch ``silu(a) * b`` with the contract of :func:`swiglu` (fp32 math, fp64 for fp64)."""
-    compute = torch.promote_types(a.dtype, torch.float32)
-    return (torch.nn.functional.silu(a.to(compute)) * b.to(compute)).to(a.dtype)
-
-
-def _check(a: object, b: object) -> None:
-    for name, t in (("a", a), ("b", b)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {type(t).__name__}"
-                            f"{' of dtype ' + str(t.dtype) if isinstance(t, torch.Tensor) else ''}")
-    if a.shape != b.shape:
-        raise ValueError(f"b must have a's shape {tuple(a.shape)}, got {tuple(b.shape)}")
-    if a.dtype != b.dtype:
-        raise TypeError(f"b must have a's dtype {a.dtype}, got {b.dtype}")
-    if a.device != b.device:
-        raise ValueError(f"b must be on a's device {a.device}, got {b.device}")
+    return gate_torch(torch.nn.functional.silu, a, b)
 
 
 def swiglu(
@@ -108,7 +75,5 @@ def swiglu(
     Returns:
         ``(..., I)`` in ``a``'s dtype, computed in fp32 and rounded once.
     """
-    _check(a, b)
-    if a.numel() == 0 or not use_triton(a, b, impl=impl):
-        return swiglu_torch(a, b)
-    return SwiGLUFunction.apply(a.contiguous(), b.contiguous(), bool(inplace_backward))
+    return gated_activation(a, b, function=SwiGLUFunction, kernels=_KERNELS, torch_path=swiglu_torch,
+                            inplace_backward=inplace_backward, impl=impl)
