@@ -11,31 +11,17 @@ from __future__ import annotations
 import types
 from collections import defaultdict
 
-import pytest
 import torch
 
+from _helpers import leaf_copies, skip_unless_path
 from _reference import TOLERANCE, reference_logits, rel_err
-from conftest import HAS_CUDA, triton_runs_on
 
 IGNORE = -100
-
-
-def skip_unless_path(device: str, impl: str) -> None:
-    """Skip unless tensors on ``device`` can run ``impl`` here (CUDA present; Triton's interpreter on CPU)."""
-    if device == "cuda" and not HAS_CUDA:
-        pytest.skip("needs a CUDA device")
-    if impl == "triton" and not triton_runs_on(device):
-        pytest.skip(f"impl='triton' cannot run on {device} tensors here (TRITON_INTERPRET=1 or CUDA needed)")
 
 
 # Tolerance of the relative error against float64, by input dtype (sums of bf16 log-probs drift more).
 def tol(dtype: torch.dtype) -> float:
     return {torch.bfloat16: 3e-2}.get(dtype, TOLERANCE[dtype])
-
-
-def leaf_copies(*tensors):
-    """Float64 CPU leaves copying ``tensors`` (None stays None): the references always run on the CPU."""
-    return [None if t is None else t.detach().cpu().double().requires_grad_(t.requires_grad) for t in tensors]
 
 
 def make_rows(rows, length, width, vocab, dtype, *, bias, seed, device="cpu", masked_rows=()):

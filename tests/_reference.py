@@ -32,10 +32,3 @@ def reference_logprobs(hidden, weight, target, bias=None, *, ignore_index=-100, 
     logp = torch.log_softmax(reference_logits(hidden, weight, bias, **transform), dim=-1)
     valid = target != ignore_index
     return logp.gather(1, target.clamp(min=0)[:, None]).squeeze(1) * valid
-
-
-def leaf_copies(*tensors, dtype=None):
-    """Detached float64 (or ``dtype``) copies that require grad like the originals."""
-    return [
-        None if t is None else t.detach().to(dtype or torch.float64).requires_grad_(t.requires_grad) for t in tensors
-    ]

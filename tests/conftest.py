@@ -6,12 +6,20 @@ Automatic dispatch (``impl=None``) would then also pick the interpreter for ever
 is far too slow for model and trainer tests: outside tests marked ``interpreter``, automatic dispatch
 is told the interpreter is off, so it takes the plain-PyTorch path on CPU (``impl="triton"`` still
 runs the interpreter).
+
+Every test starts from a seed derived from its node id (``seed``, autouse): a rerun of one test draws
+the same numbers, whatever ran before it, and a failing test's report shows the seed it ran with.
+
+Tiers: ``python -m pytest -q`` runs everything (CI); ``python -m pytest -q -m "not slow"`` is the quick
+tier (trainer, distributed and example tests, and anything over a few seconds, are marked ``slow``).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import random
+import zlib
 
 import pytest
 
@@ -36,6 +44,26 @@ def triton_runs_on(device: str) -> bool:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "interpreter: keep TRITON_INTERPRET=1 set while the test runs")
+
+
+def seed_of(nodeid: str) -> int:
+    """The seed of the test ``nodeid``: a stable hash (CRC-32, not Python's salted ``hash``), < 2**31."""
+    return zlib.crc32(nodeid.encode()) % 2**31
+
+
+@pytest.fixture(autouse=True)
+def seed(request: pytest.FixtureRequest) -> int:
+    """Seed torch, ``random`` and numpy from the test id; the seed is shown in the report of a failure."""
+    value = seed_of(request.node.nodeid)
+    random.seed(value)
+    if importlib.util.find_spec("numpy") is not None:
+        import numpy
+
+        numpy.random.seed(value)
+    if importlib.util.find_spec("torch") is not None:
+        torch.manual_seed(value)
+    request.node.add_report_section("setup", "seed", f"seed = {value} (zlib.crc32 of {request.node.nodeid!r})")
+    return value
 
 
 @pytest.fixture(autouse=True)

@@ -6,17 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import HAS_CUDA, triton_runs_on
-from _reference import TOLERANCE, leaf_copies, reference_logits, rel_err
+from _helpers import count_products, PATHS, leaf_copies, skip_unless_path
+from _reference import TOLERANCE, reference_logits, rel_err
 from liger_align.kernels import fused_linear_cross_entropy
-
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
-PATHS = [(d, impl) for d in DEVICES for impl in ("torch", "triton")]
-
-
-def _skip_unless_runs(device, impl):
-    if impl == "triton" and not triton_runs_on(device):
-        pytest.skip(f"Triton cannot run on {device} tensors here")
 
 
 def _inputs(shape, h, v, dtype, device, *, bias=True):
@@ -38,15 +30,17 @@ def _reference(hidden, weight, bias, target, **kw):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("strategy", ["grad_in_forward", "recompute"])
-def test_matches_cross_entropy(device, impl, dtype, reduction, label_smoothing, strategy):
-    _skip_unless_runs(device, impl)
+def test_matches_cross_entropy(device, impl, dtype, reduction, label_smoothing, strategy, monkeypatch):
+    skip_unless_path(device, impl)
     if strategy == "grad_in_forward" and reduction == "none":
         pytest.skip("per-token losses need the recomputing strategy")
     hidden, weight, b, target = _inputs((37,), 48, 1003, dtype, device)
+    products = count_products(monkeypatch)
     loss = fused_linear_cross_entropy(
         hidden, weight, target, b, reduction=reduction, label_smoothing=label_smoothing, impl=impl,
-        chunk_bytes=16 * 1003 * 4, strategy=strategy,
+        chunk_bytes=16 * 1003 * hidden.element_size(), strategy=strategy,  # 16 rows of logits per chunk
     )
+    assert len(products) > 1  # the small budget split the forward into several chunks
     h64, w64, b64 = leaf_copies(hidden, weight, b)
     ref = _reference(h64, w64, b64, target, reduction=reduction, label_smoothing=label_smoothing)
     tol = TOLERANCE[dtype]
@@ -60,7 +54,7 @@ def test_matches_cross_entropy(device, impl, dtype, reduction, label_smoothing, 
 
 @pytest.mark.parametrize("device,impl", PATHS)
 def test_batched_input_and_sum_with_other_loss(device, impl):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     hidden, weight, b, target = _inputs((3, 13), 40, 517, torch.float32, device)
     loss = fused_linear_cross_entropy(hidden, weight, target, b, impl=impl)
     (3 * loss + (hidden**2).mean()).backward()
@@ -73,7 +67,7 @@ def test_batched_input_and_sum_with_other_loss(device, impl):
 @pytest.mark.parametrize("device,impl", PATHS)
 @pytest.mark.parametrize("strategy", ["grad_in_forward", "recompute"])
 def test_num_items_in_batch_makes_accumulation_exact(device, impl, strategy):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     hidden, weight, b, target = _inputs((2, 19), 32, 301, torch.float32, device)
     target[1, :12] = -100  # micro-batches with different numbers of valid tokens
     total_items = (target != -100).sum()
@@ -94,7 +88,7 @@ def test_num_items_in_batch_makes_accumulation_exact(device, impl, strategy):
 
 @pytest.mark.parametrize("device,impl", PATHS)
 def test_all_masked_is_finite_with_zero_gradient(device, impl):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     hidden, weight, b, target = _inputs((9,), 24, 211, torch.float32, device)
     target.fill_(-100)
     loss = fused_linear_cross_entropy(hidden, weight, target, b, impl=impl)

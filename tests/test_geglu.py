@@ -12,18 +12,10 @@ from transformers import GemmaConfig
 from transformers.activations import ACT2FN
 from transformers.models.gemma.modeling_gemma import GemmaMLP
 
-from conftest import HAS_CUDA, triton_runs_on
+from _helpers import PATHS, skip_unless_path
 from _reference import TOLERANCE, rel_err
 from liger_align.kernels.geglu import geglu
 from liger_align.models._layers import geglu_mlp_forward, uses_tanh_gelu
-
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
-PATHS = [(d, impl) for d in DEVICES for impl in ("torch", "triton")]
-
-
-def _skip_unless_runs(device: str, impl: str) -> None:
-    if impl == "triton" and not triton_runs_on(device):
-        pytest.skip(f"Triton cannot run on {device} tensors here")
 
 
 def _formula64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -53,14 +45,14 @@ def _check_gate(shape, dtype, device, impl, *, inplace_backward, tol=None):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("inplace_backward", [False, True])
 def test_gate_matches_float64_formula(device, impl, dtype, inplace_backward):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     tol = 1e-5 if dtype == torch.float64 and impl == "triton" else None  # fp32 math inside the kernel
     _check_gate((3, 37, 177), dtype, device, impl, inplace_backward=inplace_backward, tol=tol)
 
 
 @pytest.mark.parametrize("device,impl", PATHS)
 def test_matches_transformers_gelu_pytorch_tanh(device, impl):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     a = (torch.randn(41, 203) * 4).to(device).requires_grad_()
     b = torch.randn(41, 203, device=device).requires_grad_()
     c = geglu(a * 1, b * 1, impl=impl)
@@ -77,7 +69,7 @@ def test_matches_transformers_gelu_pytorch_tanh(device, impl):
 
 @pytest.mark.parametrize("device,impl", PATHS)
 def test_large_and_tiny_inputs_stay_finite(device, impl):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     a = torch.tensor([-1e4, -60.0, -20.0, -3.0, -1e-6, 0.0, 1e-6, 3.0, 20.0, 60.0, 1e4], device=device)
     a = a.requires_grad_()
     b = torch.full_like(a, 1.5).requires_grad_()
@@ -93,7 +85,6 @@ def test_large_and_tiny_inputs_stay_finite(device, impl):
 def _mlp_pair(hidden: int, intermediate: int, dtype, device):
     config = GemmaConfig(hidden_size=hidden, intermediate_size=intermediate, hidden_act="gelu_pytorch_tanh",
                          hidden_activation="gelu_pytorch_tanh", num_attention_heads=4, head_dim=16)
-    torch.manual_seed(torch.seed() % 2**31)
     ref = GemmaMLP(config).to(device, torch.float64)
     ours = copy.deepcopy(ref).to(dtype)
     return ref, ours
@@ -102,7 +93,7 @@ def _mlp_pair(hidden: int, intermediate: int, dtype, device):
 @pytest.mark.parametrize("device,impl", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_patched_mlp_matches_gemma_mlp(device, impl, dtype, monkeypatch):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     import liger_align.models._layers as layers
 
     monkeypatch.setattr(layers, "geglu", lambda a, b, **kw: geglu(a, b, **{**kw, "impl": impl}))

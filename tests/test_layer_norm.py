@@ -5,18 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import HAS_CUDA, triton_runs_on
+from _helpers import PATHS, skip_unless_path
 from _reference import TOLERANCE, rel_err
 from liger_align.kernels import layer_norm
 from liger_align.kernels.layer_norm import layer_norm_torch
-
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
-PATHS = [(d, impl) for d in DEVICES for impl in ("torch", "triton")]
-
-
-def _skip_unless_runs(device: str, impl: str) -> None:
-    if impl == "triton" and not triton_runs_on(device):
-        pytest.skip(f"Triton cannot run on {device} tensors here")
 
 
 def _reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -57,7 +49,7 @@ def _check(shape, dtype, device, impl, *, with_bias: bool, eps: float = 1e-6, to
 @pytest.mark.parametrize("shape", [(37, 48), (2, 19, 80), (3, 101, 33), (5, 1000)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_matches_float64_formula(device, impl, dtype, shape, with_bias):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     # the Triton path computes in fp32 whatever the storage dtype
     tol = 1e-5 if dtype == torch.float64 and impl == "triton" else None
     _check(shape, dtype, device, impl, with_bias=with_bias, tol=tol)
@@ -67,7 +59,7 @@ def test_matches_float64_formula(device, impl, dtype, shape, with_bias):
 @pytest.mark.parametrize("device,impl", PATHS)
 def test_matches_nn_layer_norm_module(device, impl):
     """Same numbers as the module it replaces in Qwen2-VL's vision tower (eps 1e-6, with bias)."""
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     module = torch.nn.LayerNorm(67, eps=1e-6).to(device)
     with torch.no_grad():
         module.weight.normal_(1.0, 0.3)
@@ -85,7 +77,7 @@ def test_matches_nn_layer_norm_module(device, impl):
 @pytest.mark.parametrize("device,impl", PATHS)
 def test_frozen_affine_and_constant_rows(device, impl):
     """Frozen weight/bias (no dweight/dbias computed); constant rows (variance 0) stay finite."""
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     x = torch.randn(13, 40, device=device)
     x[3] = 2.5  # a constant row: xhat = 0, rstd = 1/sqrt(eps)
     x.requires_grad_()
@@ -104,7 +96,7 @@ def test_frozen_affine_and_constant_rows(device, impl):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("device,impl", PATHS)
 def test_fp32_weight_on_bf16_input_and_eps(device, impl):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     x = torch.randn(37, 48).to(device, torch.bfloat16).requires_grad_()
     weight = torch.randn(48, device=device, requires_grad=True)
     y = layer_norm(x, weight, None, eps=1e-6, impl=impl)

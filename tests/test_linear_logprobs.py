@@ -5,21 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import HAS_CUDA, triton_runs_on
-from _reference import TOLERANCE, leaf_copies, reference_logprobs, rel_err
+from conftest import triton_runs_on
+from _helpers import count_products, PATHS, leaf_copies, skip_unless_path
+from _reference import TOLERANCE, reference_logprobs, rel_err
 from liger_align.kernels import linear_logprobs
-
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
-PATHS = [(d, impl) for d in DEVICES for impl in ("torch", "triton")]
-
-
-def _skip_unless_runs(device: str, impl: str) -> None:
-    if impl == "triton" and not triton_runs_on(device):
-        pytest.skip(f"Triton cannot run on {device} tensors here")
 
 
 def _inputs(n, h, v, dtype, device, *, bias, masked_every=3, seed=None):
-    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    gen = None if seed is None else torch.Generator().manual_seed(seed)  # None: the per-test seed
     hidden = torch.randn(n, h, generator=gen).to(device, dtype).requires_grad_()
     weight = (torch.randn(v, h, generator=gen) / h**0.5).to(device, dtype).requires_grad_()
     b = (torch.randn(v, generator=gen) * 0.5).to(device, dtype).requires_grad_() if bias else None
@@ -52,16 +45,19 @@ def _check(hidden, weight, bias, target, *, tol, **options):
 @pytest.mark.parametrize("device,impl", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
-def test_values_and_gradients(device, impl, dtype, bias):
-    _skip_unless_runs(device, impl)
+def test_values_and_gradients(device, impl, dtype, bias, monkeypatch):
+    skip_unless_path(device, impl)
     hidden, weight, b, target = _inputs(37, 48, 1003, dtype, device, bias=bias)
     # a small chunk budget forces several chunks
     _check(hidden, weight, b, target, tol=TOLERANCE[dtype], impl=impl, chunk_bytes=8 * 1003 * 4)
+    products = count_products(monkeypatch)
+    linear_logprobs(hidden, weight, target, b, impl=impl, chunk_bytes=8 * 1003 * 4)
+    assert len(products) > 1  # the forward alone ran several chunks
 
 
 @pytest.mark.parametrize("device,impl", PATHS)
 def test_transform_options(device, impl):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     hidden, weight, b, target = _inputs(29, 40, 517, torch.float32, device, bias=True)
     out = _check(
         hidden, weight, b, target, tol=TOLERANCE[torch.float32], impl=impl, softcap=2.5, temperature=0.7, logit_scale=1.9
@@ -76,7 +72,7 @@ def test_transform_options(device, impl):
 
 @pytest.mark.parametrize("device,impl", PATHS)
 def test_all_masked_is_zero_with_zero_gradient(device, impl):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     hidden, weight, b, target = _inputs(11, 24, 301, torch.float32, device, bias=True)
     target.fill_(-100)
     out = linear_logprobs(hidden, weight, target, b, impl=impl)
@@ -88,7 +84,7 @@ def test_all_masked_is_zero_with_zero_gradient(device, impl):
 
 @pytest.mark.parametrize("device,impl", PATHS)
 def test_frozen_weight_gets_no_gradient(device, impl):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     hidden, weight, _, target = _inputs(23, 32, 257, torch.float32, device, bias=False)
     weight.requires_grad_(False)
     out = linear_logprobs(hidden, weight, target, impl=impl)
@@ -101,7 +97,7 @@ def test_frozen_weight_gets_no_gradient(device, impl):
 
 @pytest.mark.parametrize("device,impl", PATHS)
 def test_non_contiguous_inputs(device, impl):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     base_hidden = torch.randn(48, 37, device=device)
     hidden = base_hidden.t().requires_grad_()  # (37, 48), column-major
     base_weight = torch.randn(1003, 96, device=device) / 7
@@ -114,7 +110,7 @@ def test_non_contiguous_inputs(device, impl):
 
 @pytest.mark.parametrize("device,impl", PATHS)
 def test_fp16_inputs(device, impl):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     if device == "cpu" and impl == "torch":
         pass  # CPU matmul in fp16 is supported by recent torch
     hidden, weight, b, target = _inputs(19, 32, 211, torch.float16, device, bias=True)
@@ -184,7 +180,7 @@ def test_bad_options(option, value):
 @pytest.mark.parametrize("device,impl", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_distribution_stats(device, impl, dtype):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     from _reference import reference_logits
 
     hidden, weight, b, target = _inputs(37, 48, 1003, dtype, device, bias=True)
@@ -210,7 +206,7 @@ def test_distribution_stats(device, impl, dtype):
 
 @pytest.mark.parametrize("device,impl", PATHS)
 def test_top1_on_a_peaked_distribution(device, impl):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     hidden, weight, _, target = _inputs(29, 32, 301, torch.float32, device, bias=False)
     target = (hidden.detach() @ weight.detach().t()).argmax(-1)  # every target is the argmax
     target[::2] = (target[::2] + 1) % 301  # half of them are not

@@ -10,6 +10,7 @@ import torch
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from trl.experimental.cpo import CPOTrainer  # noqa: E402
 
+from _helpers import count_products  # noqa: E402
 from _preference_reference import (  # noqa: E402
     IGNORE, LogitsModel, check_grads, close, leaf_copies, logits64, make_rows, masked_logits_mean, pad_left,
     skip_unless_path, token_logps64, trainer_stub,
@@ -52,8 +53,12 @@ def run_case(dtype, config, *, bias=True, impl="torch", device="cpu", pairs=B, s
         config = dict(config, loss_type="simpo", cpo_alpha=0.0)
     else:
         loss_fn = LigerFusedLinearCPOLoss(**config, impl=impl, chunk_bytes=chunk_bytes)
-    loss, out = loss_fn(weight, hidden, target, b)
-    h64, w64, b64 = leaf_copies(hidden, weight, b)
+    with pytest.MonkeyPatch.context() as patch:
+        products = count_products(patch)
+        loss, out = loss_fn(weight, hidden, target, b)
+    if chunk_bytes is not None:
+        assert len(products) > 1  # the small budget split the forward into several chunks
+    h64, w64, b64 = leaf_copies(hidden, weight, b, device="cpu")
     ref_loss, metrics = trl_cpo(h64, w64, b64, target.cpu(), config)
 
     assert loss.dtype == torch.float32 and loss.shape == () and torch.isfinite(loss)
@@ -119,7 +124,7 @@ def test_cuda(dtype):
 
 def test_sum_with_another_loss_in_one_graph():
     hidden, weight, b, target = make_rows(2 * B, T, H, V, torch.float32, bias=True, seed=18)
-    h64, w64, b64 = leaf_copies(hidden, weight, b)
+    h64, w64, b64 = leaf_copies(hidden, weight, b, device="cpu")
     loss, _ = fused_linear_simpo_loss(weight, hidden, target, b, impl="torch")
     ce = fused_linear_cross_entropy(hidden, weight, target, b, impl="torch")
     ref_loss, _ = trl_cpo(h64, w64, b64, target, dict(loss_type="simpo", beta=2.0, cpo_alpha=0.0))

@@ -9,6 +9,7 @@ import torch
 
 from trl import KTOTrainer
 
+from _helpers import count_products
 from _preference_reference import (
     FusedHeadModel, check_grads, close, leaf_copies, logits64, make_rows, skip_unless_path, token_logps64,
     trainer_stub, unshifted_batch,
@@ -59,9 +60,10 @@ def run_case(dtype, config, labels, *, bias=True, reference="hidden", impl="torc
     kl_hidden, _, _, kl_target = make_rows(rows, length, H, vocab, dtype, bias=False, seed=seed + 1, device=device)
     ref_h, ref_w, ref_b, _ = make_rows(rows, length, H + 3, vocab, dtype, bias=bias, seed=seed + 2, device=device)
     ref_kl_h, _, _, _ = make_rows(rows, length, H + 3, vocab, dtype, bias=False, seed=seed + 3, device=device)
-    h64, w64, b64 = leaf_copies(hidden, weight, b)
+    h64, w64, b64 = leaf_copies(hidden, weight, b, device="cpu")
     with torch.no_grad():
-        kl64, ref64, ref_kl64 = leaf_copies(kl_hidden)[0], leaf_copies(ref_h, ref_w, ref_b), leaf_copies(ref_kl_h)[0]
+        kl64, ref_kl64 = leaf_copies(kl_hidden, ref_kl_h, device="cpu")
+        ref64 = leaf_copies(ref_h, ref_w, ref_b, device="cpu")
         kl_logps = token_logps64(logits64(kl64, w64, b64), kl_target.cpu()).sum(1)
     label_tensor = torch.tensor(labels, device=device)
     loss_fn = LigerFusedLinearKTOLoss(**config, impl=impl, chunk_bytes=chunk_bytes)
@@ -76,7 +78,11 @@ def run_case(dtype, config, labels, *, bias=True, reference="hidden", impl="torc
         ref_kl_logps = (kl_logps - 2.5).float()
         kwargs.update(ref_logps=ref_logps.to(device), ref_kl_logps=ref_kl_logps.to(device))
         trl_ref = dict(ref_logps=(ref_logps.double(), ref_kl_logps.double()))
-    loss, out = loss_fn(weight, hidden, target, label_tensor, b, **kwargs)
+    with pytest.MonkeyPatch.context() as patch:
+        products = count_products(patch)
+        loss, out = loss_fn(weight, hidden, target, label_tensor, b, **kwargs)
+    if chunk_bytes is not None:
+        assert len(products) > 1  # the small budget split the forward into several chunks
     ref_loss, metrics = trl_kto(
         (h64, w64, b64), (kl64, w64, b64), target.cpu(), kl_target.cpu(), labels, config=config, **trl_ref
     )
@@ -131,7 +137,7 @@ def test_scaled_upstream_and_sum_with_another_loss():
     run_case(torch.float32, dict(), COMPOSITIONS["mixed"], reference="logps", scale=3.0, seed=11)
     hidden, weight, b, target = make_rows(R, T, H, V, torch.float32, bias=True, seed=12)
     labels = COMPOSITIONS["mixed"]
-    h64, w64, b64 = leaf_copies(hidden, weight, b)
+    h64, w64, b64 = leaf_copies(hidden, weight, b, device="cpu")
     loss, _ = fused_linear_kto_loss(weight, hidden, target, torch.tensor(labels), b, reference_free=True,
                                     loss_type="apo_zero_unpaired", impl="torch")
     ce = fused_linear_cross_entropy(hidden, weight, target, b, impl="torch")

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from _helpers import count_products, skip_unless_path
 from liger_align.kernels import fused_linear_cross_entropy
 from liger_align.losses.medusa import (
     LigerFusedLinearMedusaLoss, fused_linear_medusa_loss, medusa_loss_weights, medusa_schedule, tensor_head,
@@ -255,11 +256,8 @@ def test_autocast_keeps_rows_in_the_autocast_dtype() -> None:
 
 @pytest.mark.parametrize("strategy", ["grad_in_forward", "recompute"])
 @pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
-def test_cross_entropy_top1_from_the_row_pass(strategy: str, impl: str) -> None:
-    from conftest import triton_runs_on
-
-    if impl == "triton" and not triton_runs_on("cpu"):
-        pytest.skip("Triton's interpreter is not available")
+def test_cross_entropy_top1_from_the_row_pass(strategy: str, impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    skip_unless_path("cpu", impl)
     gen = torch.Generator().manual_seed(12)
     n, size, vocab = 29, 24, 301
     hidden = torch.randn(n, size, generator=gen, requires_grad=True)
@@ -268,8 +266,10 @@ def test_cross_entropy_top1_from_the_row_pass(strategy: str, impl: str) -> None:
     target = torch.randint(0, vocab, (n,), generator=gen)
     target[::3] = logits.argmax(-1)[::3]  # some hits
     target[1::7] = -100
+    products = count_products(monkeypatch)
     loss, is_top1 = fused_linear_cross_entropy(hidden, weight, target, strategy=strategy, impl=impl,
                                                chunk_bytes=8 * vocab * 4, return_top1=True)
+    assert len(products) > 1  # the top-1 flags are gathered over several chunks
     want = (logits.argmax(-1) == target) & (target != -100)
     assert torch.equal(is_top1, want) and want.sum() > 0
     torch.testing.assert_close(loss, fused_linear_cross_entropy(hidden, weight, target, strategy=strategy, impl=impl))

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from _reference import leaf_copies, rel_err
+from _helpers import leaf_copies
+from _reference import rel_err
 from liger_align.kernels import fused_linear_cross_entropy, linear_logprobs, rms_norm
 from liger_align.kernels import _dispatch
 from liger_align.kernels._linear_chunks import valid_token_index

@@ -6,17 +6,9 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from conftest import HAS_CUDA, triton_runs_on
+from _helpers import PATHS, skip_unless_path
 from _reference import TOLERANCE, rel_err
 from liger_align.kernels.rms_norm import rms_norm
-
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
-PATHS = [(d, impl) for d in DEVICES for impl in ("torch", "triton")]
-
-
-def _skip_unless_runs(device: str, impl: str) -> None:
-    if impl == "triton" and not triton_runs_on(device):
-        pytest.skip(f"Triton cannot run on {device} tensors here")
 
 
 def _hf_reference(x: torch.Tensor, weight: torch.Tensor, eps: float):
@@ -48,7 +40,7 @@ def _check(shape, dtype, device, impl, eps=1e-5, tol=None):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(37, 48), (2, 19, 80), (3, 100, 48), (5, 1000)])
 def test_matches_llama_rms_norm(device, impl, dtype, shape):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     # the Triton path computes in fp32 whatever the storage dtype
     tol = 1e-5 if dtype == torch.float64 and impl == "triton" else None
     _check(shape, dtype, device, impl, tol=tol)
@@ -56,7 +48,7 @@ def test_matches_llama_rms_norm(device, impl, dtype, shape):
 
 @pytest.mark.parametrize("device,impl", PATHS)
 def test_weight_without_grad_and_fp32_weight_on_bf16_input(device, impl):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     x = torch.randn(37, 48).to(device, torch.bfloat16).requires_grad_()
     weight = torch.randn(48, device=device)  # fp32, frozen: output is promoted to fp32 like HF's
     y = rms_norm(x, weight, eps=1e-6, impl=impl)
@@ -69,7 +61,7 @@ def test_weight_without_grad_and_fp32_weight_on_bf16_input(device, impl):
 
 @pytest.mark.parametrize("device,impl", PATHS)
 def test_paths_agree_and_eps_matters(device, impl):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     x = torch.randn(37, 48, device=device) * 1e-3  # small rows: eps is visible
     w = torch.randn(48, device=device)
     a = rms_norm(x, w, eps=1e-5, impl=impl)

@@ -9,19 +9,12 @@ from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 
-from conftest import HAS_CUDA, triton_runs_on
+from _helpers import PATHS, skip_unless_path
 from _reference import TOLERANCE, rel_err
 from liger_align.kernels.rms_norm import rms_norm
 from liger_align.models._layers import gemma_rms_norm_forward
 
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
-PATHS = [(d, impl) for d in DEVICES for impl in ("torch", "triton")]
 GEMMA_NORMS = [GemmaRMSNorm, Gemma2RMSNorm, Gemma3RMSNorm]
-
-
-def _skip_unless_runs(device: str, impl: str) -> None:
-    if impl == "triton" and not triton_runs_on(device):
-        pytest.skip(f"Triton cannot run on {device} tensors here")
 
 
 def _hf_reference(cls, x: torch.Tensor, weight: torch.Tensor, eps: float):
@@ -60,7 +53,7 @@ def _check(cls, shape, dtype, device, impl, *, w_dtype=None, eps=1e-6, tol=None)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(37, 48), (2, 19, 80), (5, 1000)])
 def test_matches_gemma_rms_norm(device, impl, dtype, shape):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     tol = 1e-5 if dtype == torch.float64 and impl == "triton" else None  # fp32 math inside the kernel
     _check(GemmaRMSNorm, shape, dtype, device, impl, tol=tol)
 
@@ -68,20 +61,20 @@ def test_matches_gemma_rms_norm(device, impl, dtype, shape):
 @pytest.mark.parametrize("cls", GEMMA_NORMS)
 @pytest.mark.parametrize("device,impl", PATHS)
 def test_every_gemma_generation(cls, device, impl):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     _check(cls, (3, 11, 48), torch.float32, device, impl)
 
 
 @pytest.mark.parametrize("device,impl", PATHS)
 def test_fp32_weight_on_bf16_input_returns_bf16(device, impl):
     """Gemma's casting: normalised in fp32, times ``1 + weight`` in fp32, cast to the input's dtype."""
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     _check(GemmaRMSNorm, (37, 48), torch.bfloat16, device, impl, w_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("device,impl", PATHS)
 def test_offset_and_out_dtype_are_what_they_say(device, impl):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     x = torch.randn(13, 40, device=device)
     w = torch.randn(40, device=device)
     plain = rms_norm(x, w + 1.0, eps=1e-6, impl="torch")

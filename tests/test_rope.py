@@ -9,19 +9,12 @@ from transformers import LlamaConfig
 from transformers.models.llama import modeling_llama
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from conftest import HAS_CUDA, triton_runs_on
+from _helpers import PATHS, skip_unless_path
 from _reference import TOLERANCE, rel_err
 from liger_align.kernels.rope import rope
 
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
-PATHS = [(d, impl) for d in DEVICES for impl in ("torch", "triton")]
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 64}
-
-
-def _skip_unless_runs(device: str, impl: str) -> None:
-    if impl == "triton" and not triton_runs_on(device):
-        pytest.skip(f"Triton cannot run on {device} tensors here")
 
 
 def _tables(batch: int, seq: int, head_dim: int, n_heads: int, dtype, device, *, per_batch: bool):
@@ -67,21 +60,21 @@ def _check(batch, seq, n_q, n_kv, head_dim, dtype, device, impl, *, unsqueeze_di
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("unsqueeze_dim", [1, 2])
 def test_matches_hf_gqa_llama3_scaling(device, impl, dtype, unsqueeze_dim):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     tol = 1e-5 if dtype == torch.float64 and impl == "triton" else None
     _check(2, 37, 6, 2, 16, dtype, device, impl, unsqueeze_dim=unsqueeze_dim, tol=tol)
 
 
 @pytest.mark.parametrize("device,impl", PATHS)
 def test_broadcast_tables_and_odd_head_counts(device, impl):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     # cos/sin shared by the batch (position_ids (1, T)); 5 query heads, 1 kv head (MQA); head_dim 24
     _check(3, 11, 5, 1, 24, torch.float32, device, impl, per_batch=False)
 
 
 @pytest.mark.parametrize("device,impl", PATHS)
 def test_contiguous_inputs_and_non_duplicated_tables(device, impl):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     # arbitrary cos/sin (halves differ): the op must use both halves as the formula says
     q = torch.randn(2, 4, 13, 8, device=device, requires_grad=True)
     k = torch.randn(2, 2, 13, 8, device=device, requires_grad=True)

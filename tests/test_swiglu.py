@@ -10,18 +10,10 @@ from transformers import LlamaConfig
 from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from conftest import HAS_CUDA, triton_runs_on
+from _helpers import PATHS, skip_unless_path
 from _reference import TOLERANCE, rel_err
 from liger_align.kernels.swiglu import swiglu
 from liger_align.models._layers import swiglu_mlp_forward
-
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
-PATHS = [(d, impl) for d in DEVICES for impl in ("torch", "triton")]
-
-
-def _skip_unless_runs(device: str, impl: str) -> None:
-    if impl == "triton" and not triton_runs_on(device):
-        pytest.skip(f"Triton cannot run on {device} tensors here")
 
 
 def _check_gate(shape, dtype, device, impl, *, inplace_backward, tol=None):
@@ -44,14 +36,13 @@ def _check_gate(shape, dtype, device, impl, *, inplace_backward, tol=None):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("inplace_backward", [False, True])
 def test_gate_matches_silu_times_up(device, impl, dtype, inplace_backward):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     tol = 1e-5 if dtype == torch.float64 and impl == "triton" else None
     _check_gate((3, 37, 176), dtype, device, impl, inplace_backward=inplace_backward, tol=tol)
 
 
 def _mlp_pair(hidden: int, intermediate: int, dtype, device):
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, hidden_act="silu", num_attention_heads=4)
-    torch.manual_seed(torch.seed() % 2**31)
     ref = LlamaMLP(config).to(device, torch.float64)
     ours = copy.deepcopy(ref).to(dtype)
     return ref, ours
@@ -60,7 +51,7 @@ def _mlp_pair(hidden: int, intermediate: int, dtype, device):
 @pytest.mark.parametrize("device,impl", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_patched_mlp_matches_llama_mlp(device, impl, dtype, monkeypatch):
-    _skip_unless_runs(device, impl)
+    skip_unless_path(device, impl)
     import liger_align.models._layers as layers
 
     monkeypatch.setattr(layers, "swiglu", lambda a, b, **kw: swiglu(a, b, **{**kw, "impl": impl}))
