@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import triton_available, use_triton
-from .rms_norm import _MAX_BLOCK_COLS, _backward_programs, _launch_shape
+from ._norm import backward_programs, check_norm_inputs, launch_shape, partial_grad
 
 if triton_available():
     import triton
@@ -101,7 +101,7 @@ class LayerNormFunction(torch.autograd.Function):
         y = torch.empty((n_rows, n_cols), device=x.device, dtype=out_dtype)
         mean = torch.empty(n_rows, device=x.device, dtype=torch.float32)
         rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
-        block_cols, block_rows, num_warps = _launch_shape(n_cols)
+        block_cols, block_rows, num_warps = launch_shape(n_cols)
         _layer_norm_fwd_kernel[(triton.cdiv(n_rows, block_rows),)](
             x, weight, weight if bias is None else bias, y, mean, rstd, x.stride(0), y.stride(0), n_rows, n_cols,
             float(eps), HAS_BIAS=bias is not None, BLOCK_COLS=block_cols, BLOCK_ROWS=block_rows, num_warps=num_warps,
@@ -118,12 +118,10 @@ class LayerNormFunction(torch.autograd.Function):
         dx = torch.empty_like(x)
         compute_dw = ctx.needs_input_grad[1]
         compute_db = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
-        programs = _backward_programs(x.device, n_rows)
-        partial = lambda wanted: (  # noqa: E731
-            torch.empty((programs, n_cols), device=x.device, dtype=torch.float32) if wanted else rstd
-        )
-        dw_partial, db_partial = partial(compute_dw), partial(compute_db)
-        block_cols, block_rows, num_warps = _launch_shape(n_cols)
+        programs = backward_programs(x.device, n_rows)
+        dw_partial = partial_grad(compute_dw, programs, n_cols, rstd)
+        db_partial = partial_grad(compute_db, programs, n_cols, rstd)
+        block_cols, block_rows, num_warps = launch_shape(n_cols)
         _layer_norm_bwd_kernel[(programs,)](
             dy, x, weight, mean, rstd, dx, dw_partial, db_partial,
             dy.stride(0), x.stride(0), dx.stride(0), n_rows, n_cols, triton.cdiv(n_rows, programs),
@@ -146,28 +144,6 @@ def layer_norm_torch(
     return y.to(torch.promote_types(x.dtype, weight.dtype))
 
 
-def _check(x: object, weight: object, bias: object, eps: object) -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor (..., H), got {type(x).__name__}"
-                        f"{'' if not isinstance(x, torch.Tensor) else ' of dtype ' + str(x.dtype)}")
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"x must have shape (..., H) with H > 0, got {tuple(x.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None and name == "bias":
-            continue
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor (H,), got {type(t).__name__}"
-                            f"{'' if not isinstance(t, torch.Tensor) else ' of dtype ' + str(t.dtype)}")
-        if t.shape != (x.shape[-1],):
-            raise ValueError(f"{name} must have shape (H,) = ({x.shape[-1]},), got {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
-    if x.shape[-1] > _MAX_BLOCK_COLS:
-        raise ValueError(f"x's last dimension H must be <= {_MAX_BLOCK_COLS}, got {x.shape[-1]}")
-
-
 def layer_norm(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, eps: float = 1e-5,
     impl: str | None = None,
@@ -185,7 +161,7 @@ def layer_norm(
         ``(..., H)`` in ``promote_types(x.dtype, weight.dtype)`` (bf16 for a bf16 model; fp32 for fp32
         weights, as ``nn.LayerNorm`` gives under autocast). The math runs in fp32; the result is rounded once.
     """
-    _check(x, weight, bias, eps)
+    check_norm_inputs(x, eps, weight=weight, bias=bias)
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if not use_triton(*tensors, impl=impl) or x.numel() == 0:
         return layer_norm_torch(x, weight, bias, eps=eps)

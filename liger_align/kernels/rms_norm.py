@@ -18,9 +18,12 @@ dtype. The plain-PyTorch path computes the same formula (in fp32, or fp64 for fp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ._dispatch import triton_available, use_triton
+from ._norm import backward_programs, check_norm_inputs, launch_shape, partial_grad
 
 if triton_available():
     import triton
@@ -73,63 +76,51 @@ if triton_available():
             tl.store(dw_partial_ptr + pid.to(tl.int64) * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
 
 
-_MAX_BLOCK_COLS = 65536
+@dataclass(frozen=True)
+class RMSNormOptions:
+    """The non-tensor argument of :class:`RMSNormFunction`: ``eps``, the weight ``offset`` and the output dtype."""
 
-
-def _launch_shape(n_cols: int) -> tuple[int, int, int]:
-    """``(BLOCK_COLS, BLOCK_ROWS, num_warps)``: a whole row per block, about 4096 elements per program."""
-    block_cols = triton.next_power_of_2(n_cols)
-    block_rows = max(1, 4096 // block_cols)
-    elements = block_cols * block_rows
-    num_warps = 4 if elements <= 4096 else 8 if elements <= 8192 else 16
-    return block_cols, block_rows, num_warps
-
-
-def _backward_programs(device: torch.device, n_rows: int) -> int:
-    """Number of persistent backward programs: a few per SM on CUDA, a handful under the interpreter."""
-    if device.type == "cuda":
-        return max(1, min(n_rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
-    return max(1, min(n_rows, 4))
+    eps: float
+    offset: float
+    out_dtype: torch.dtype
 
 
 class RMSNormFunction(torch.autograd.Function):
     """Triton RMSNorm over the last dimension of a contiguous ``(N, H)`` input; see :func:`rms_norm`."""
 
     @staticmethod
-    def forward(
-        ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, out_dtype: torch.dtype,
-    ) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, opts: RMSNormOptions) -> torch.Tensor:
         n_rows, n_cols = x.shape
-        y = torch.empty((n_rows, n_cols), device=x.device, dtype=out_dtype)
+        y = torch.empty((n_rows, n_cols), device=x.device, dtype=opts.out_dtype)
         rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
-        block_cols, block_rows, num_warps = _launch_shape(n_cols)
+        block_cols, block_rows, num_warps = launch_shape(n_cols)
         grid = (triton.cdiv(n_rows, block_rows),)
         _rms_norm_fwd_kernel[grid](
-            x, weight, y, rstd, x.stride(0), y.stride(0), n_rows, n_cols, float(eps), float(offset),
+            x, weight, y, rstd, x.stride(0), y.stride(0), n_rows, n_cols, opts.eps, opts.offset,
             BLOCK_COLS=block_cols, BLOCK_ROWS=block_rows, num_warps=num_warps,
         )
         ctx.save_for_backward(x, weight, rstd)
-        ctx.offset = float(offset)
+        ctx.offset = opts.offset
         return y
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, weight, rstd = ctx.saved_tensors
         n_rows, n_cols = x.shape
         dy = dy.contiguous()
         dx = torch.empty_like(x)
         compute_dw = ctx.needs_input_grad[1]
-        programs = _backward_programs(x.device, n_rows)
+        programs = backward_programs(x.device, n_rows)
         rows_per_program = triton.cdiv(n_rows, programs)
-        dw_partial = torch.empty((programs, n_cols), device=x.device, dtype=torch.float32) if compute_dw else rstd
-        block_cols, block_rows, num_warps = _launch_shape(n_cols)
+        dw_partial = partial_grad(compute_dw, programs, n_cols, rstd)
+        block_cols, block_rows, num_warps = launch_shape(n_cols)
         _rms_norm_bwd_kernel[(programs,)](
             dy, x, weight, rstd, dx, dw_partial,
             dy.stride(0), x.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program, ctx.offset,
             BLOCK_COLS=block_cols, BLOCK_ROWS=block_rows, COMPUTE_DW=compute_dw, num_warps=num_warps,
         )
         dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
-        return (dx if ctx.needs_input_grad[0] else None), dw, None, None, None
+        return (dx if ctx.needs_input_grad[0] else None), dw, None
 
 
 def rms_norm_torch(
@@ -145,25 +136,11 @@ def rms_norm_torch(
 
 
 def _check(x: object, weight: object, eps: object, offset: object, out_dtype: object) -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor (..., H), got {type(x).__name__}"
-                        f"{'' if not isinstance(x, torch.Tensor) else ' of dtype ' + str(x.dtype)}")
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-        raise TypeError(f"weight must be a floating-point tensor (H,), got {type(weight).__name__}")
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"x must have shape (..., H) with H > 0, got {tuple(x.shape)}")
-    if weight.shape != (x.shape[-1],):
-        raise ValueError(f"weight must have shape (H,) = ({x.shape[-1]},), got {tuple(weight.shape)}")
-    if weight.device != x.device:
-        raise ValueError(f"weight must be on x's device {x.device}, got {weight.device}")
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    check_norm_inputs(x, eps, weight=weight)
     if isinstance(offset, bool) or not isinstance(offset, (int, float)):
         raise TypeError(f"offset must be a float (0.0 for Llama, 1.0 for Gemma), got {offset!r}")
     if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
         raise TypeError(f"out_dtype must be None or a floating-point torch.dtype, got {out_dtype!r}")
-    if x.shape[-1] > _MAX_BLOCK_COLS:
-        raise ValueError(f"x's last dimension H must be <= {_MAX_BLOCK_COLS}, got {x.shape[-1]}")
 
 
 def rms_norm(
@@ -191,6 +168,6 @@ def rms_norm(
     if not use_triton(x, weight, impl=impl) or x.numel() == 0:
         return rms_norm_torch(x, weight, eps=eps, offset=float(offset), out_dtype=out_dtype)
     shape = x.shape
-    y = RMSNormFunction.apply(x.reshape(-1, shape[-1]).contiguous(), weight.contiguous(), float(eps),
-                              float(offset), out_dtype)
+    opts = RMSNormOptions(eps=float(eps), offset=float(offset), out_dtype=out_dtype)
+    y = RMSNormFunction.apply(x.reshape(-1, shape[-1]).contiguous(), weight.contiguous(), opts)
     return y.view(shape)
