@@ -6,7 +6,7 @@
 - :func:`layer_norm`: LayerNorm with optional bias (vision towers, e.g. Qwen2-VL).
 """
 
-from .fused_linear_cross_entropy import fused_linear_cross_entropy
+from .fused_linear_cross_entropy import CrossEntropyOutput, fused_linear_cross_entropy
 from .geglu import geglu
 from .layer_norm import layer_norm
 from .linear_logprobs import LinearLogProbs, LogitOptions, linear_logprobs
@@ -15,6 +15,7 @@ from .rope import rope
 from .swiglu import swiglu
 
 __all__ = [
+    "CrossEntropyOutput",
     "LinearLogProbs",
     "LogitOptions",
     "fused_linear_cross_entropy",

@@ -14,6 +14,11 @@ Statistics per row ``i`` (fp32), folded over vocabulary slices with an online lo
 Gradient per row, for an objective ``a_i * log p_i[target_i] + b_i * mean_v log p_iv``:
 ``d/dz_iv = a_i * onehot_iv + b_i / V - (a_i + b_i) * p_iv``, chained through the transform and
 written in place over the logits.
+
+Options of the cross-entropy, each behind a ``tl.constexpr`` flag (off: the kernels compile to the
+plain ones): per-class weights ``c_v`` make the row pass also fold ``wsum_i = sum_v c_v z_iv`` and
+the gradient pass use ``b_i * c_v / V`` in place of ``b_i / V``; a per-row coefficient ``g_i`` adds
+``g_i * p_iv`` to the gradient (the z-loss ``2 s lse_i``, the weighted smoothing's ``p`` term).
 """
 
 from __future__ import annotations
@@ -39,9 +44,10 @@ if triton_available():
     @triton.jit
     def _row_stats_kernel(
         logits_ptr, stride, target_ptr, max_ptr, sum_exp_ptr, target_logit_ptr, logit_sum_ptr,
-        z_sum_exp_ptr, sq_sum_exp_ptr,
+        z_sum_exp_ptr, sq_sum_exp_ptr, weighted_sum_ptr, class_weight_ptr,
         vocab_start, n_cols, logit_scale, softcap, inv_temperature,
         HAS_SOFTCAP: tl.constexpr, DISTRIBUTION: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_CLASS_WEIGHT: tl.constexpr = False,
     ):
         row = tl.program_id(0).to(tl.int64)
         row_ptr = logits_ptr + row * stride
@@ -50,6 +56,8 @@ if triton_available():
         logit_sum = tl.load(logit_sum_ptr + row)
         z_sum_exp = tl.load(z_sum_exp_ptr + row)
         sq_sum_exp = tl.load(sq_sum_exp_ptr + row)
+        if HAS_CLASS_WEIGHT:
+            weighted_sum = tl.load(weighted_sum_ptr + row)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             in_row = cols < n_cols
@@ -57,6 +65,9 @@ if triton_available():
             z = _transform(z, logit_scale, softcap, inv_temperature, HAS_SOFTCAP)
             z_or_zero = tl.where(in_row, z, 0.0)
             logit_sum += tl.sum(z_or_zero, axis=0)
+            if HAS_CLASS_WEIGHT:
+                c = tl.load(class_weight_ptr + vocab_start + cols, mask=in_row, other=0.0)
+                weighted_sum += tl.sum(z_or_zero * c, axis=0)
             z = tl.where(in_row, z, -float("inf"))
             new_max = tl.maximum(running_max, tl.max(z, axis=0))
             rescale = tl.exp(running_max - new_max)
@@ -69,6 +80,8 @@ if triton_available():
         tl.store(max_ptr + row, running_max)
         tl.store(sum_exp_ptr + row, sum_exp)
         tl.store(logit_sum_ptr + row, logit_sum)
+        if HAS_CLASS_WEIGHT:
+            tl.store(weighted_sum_ptr + row, weighted_sum)
         if DISTRIBUTION:
             tl.store(z_sum_exp_ptr + row, z_sum_exp)
             tl.store(sq_sum_exp_ptr + row, sq_sum_exp)
@@ -80,9 +93,10 @@ if triton_available():
 
     @triton.jit
     def _row_grad_kernel(
-        logits_ptr, stride, target_ptr, lse_ptr, a_ptr, b_ptr,
+        logits_ptr, stride, target_ptr, lse_ptr, a_ptr, b_ptr, g_ptr, class_weight_ptr,
         vocab_start, n_cols, vocab, logit_scale, softcap, inv_temperature,
         HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_G: tl.constexpr = False, HAS_CLASS_WEIGHT: tl.constexpr = False,
     ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -99,7 +113,13 @@ if triton_available():
         a = tl.load(a_ptr + row)
         b = tl.load(b_ptr + row)
         is_target = (cols + vocab_start) == tl.load(target_ptr + row)
-        grad = tl.where(is_target, a, 0.0) + b / vocab - (a + b) * p
+        if HAS_CLASS_WEIGHT:
+            c = tl.load(class_weight_ptr + vocab_start + cols, mask=in_row, other=0.0)
+            grad = tl.where(is_target, a, 0.0) + b * c / vocab - (a + b) * p
+        else:
+            grad = tl.where(is_target, a, 0.0) + b / vocab - (a + b) * p
+        if HAS_G:
+            grad += tl.load(g_ptr + row) * p
         grad = grad * inv_temperature
         if HAS_SOFTCAP:
             grad = grad * (1.0 - t * t)
@@ -109,6 +129,17 @@ if triton_available():
 
 _STATS_BLOCK = 4096
 _GRAD_BLOCK = 4096
+_WEIGHTED = {"HAS_CLASS_WEIGHT": True}
+
+
+def _grad_flags(g: torch.Tensor | None, class_weight: torch.Tensor | None) -> dict:
+    """The constexpr flags of the options that are on (none: the plain kernel's launch)."""
+    flags = {}
+    if g is not None:
+        flags["HAS_G"] = True
+    if class_weight is not None:
+        flags["HAS_CLASS_WEIGHT"] = True
+    return flags
 
 
 def _torch_transform(raw: torch.Tensor, logit_scale: float, softcap: float | None, temperature: float):
@@ -122,11 +153,13 @@ class RowStats:
     """Running softmax statistics of ``M`` rows, each ``(M,)`` fp32, folded one vocabulary slice at a time.
 
     With ``distribution=True`` it also folds ``sum_v exp(z_v - max) z_v`` and ``sum_v exp(2 (z_v - max))``
-    for the entropy and ``log sum_v p_v^2`` (metrics; no gradient flows through them).
+    for the entropy and ``log sum_v p_v^2`` (metrics; no gradient flows through them). With
+    ``weighted=True``, ``weighted_logit_sum`` folds ``sum_v c_v z_v`` (``class_weight`` of the fold).
     """
 
-    def __init__(self, rows: int, device: torch.device, *, distribution: bool = False) -> None:
+    def __init__(self, rows: int, device: torch.device, *, distribution: bool = False, weighted: bool = False) -> None:
         self.distribution = distribution
+        self.weighted_logit_sum = torch.zeros(rows, device=device) if weighted else None
         self.running_max = torch.full((rows,), float("-inf"), device=device)
         self.sum_exp = torch.zeros(rows, device=device)
         self.target_logit = torch.zeros(rows, device=device)
@@ -153,14 +186,17 @@ class RowStats:
 
 def fold_row_stats_(
     stats: RowStats, logits: torch.Tensor, target: torch.Tensor, vocab_start: int, *, logit_scale: float,
-    softcap: float | None, temperature: float, triton_path: bool,
+    softcap: float | None, temperature: float, triton_path: bool, class_weight: torch.Tensor | None = None,
 ) -> None:
     """Fold the logits ``(M, Vc)`` of vocabulary ids ``[vocab_start, vocab_start + Vc)`` into ``stats``.
 
     ``target (M,)`` holds vocabulary ids in ``[0, V)``; a row's target logit is taken from the slice
-    that contains it.
+    that contains it. ``class_weight``: ``(V,)`` fp32 (all classes), folded into
+    ``stats.weighted_logit_sum`` (the stats must be built with ``weighted=True``).
     """
     rows, n_cols = logits.shape
+    if (class_weight is None) != (stats.weighted_logit_sum is None):
+        raise ValueError("class_weight must be given exactly when the RowStats were built with weighted=True")
     if not triton_path:
         z = _torch_transform(logits, logit_scale, softcap, temperature)
         new_max = torch.maximum(stats.running_max, z.amax(1))
@@ -172,6 +208,8 @@ def fold_row_stats_(
             stats.sq_sum_exp.mul_(rescale * rescale).add_((e * e).sum(1))
         stats.running_max.copy_(new_max)
         stats.logit_sum.add_(z.sum(1))
+        if class_weight is not None:
+            stats.weighted_logit_sum.add_(z @ class_weight[vocab_start : vocab_start + n_cols])
         local = target - vocab_start
         inside = (local >= 0) & (local < n_cols)
         picked = z.gather(1, local.clamp(0, n_cols - 1)[:, None]).squeeze(1)
@@ -180,21 +218,26 @@ def fold_row_stats_(
     _row_stats_kernel[(rows,)](
         logits, logits.stride(0), target, stats.running_max, stats.sum_exp, stats.target_logit, stats.logit_sum,
         stats.z_sum_exp, stats.sq_sum_exp,
+        # unused pointers when off (the constexpr flag removes their loads)
+        stats.logit_sum if class_weight is None else stats.weighted_logit_sum,
+        stats.logit_sum if class_weight is None else class_weight,
         vocab_start, n_cols, float(logit_scale), float(softcap or 1.0), 1.0 / temperature,
         HAS_SOFTCAP=softcap is not None, DISTRIBUTION=stats.distribution,
-        BLOCK=min(_STATS_BLOCK, triton.next_power_of_2(n_cols)),
+        BLOCK=min(_STATS_BLOCK, triton.next_power_of_2(n_cols)), **({} if class_weight is None else _WEIGHTED),
     )
 
 
 def row_grad_(
     logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
     vocab_start: int, vocab: int, logit_scale: float, softcap: float | None, temperature: float, triton_path: bool,
+    g: torch.Tensor | None = None, class_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Overwrite ``logits (M, Vc)`` with the gradient of ``a * log p[target] + b * mean_v log p`` per row.
 
     The columns are vocabulary ids ``[vocab_start, vocab_start + Vc)`` of a vocabulary of ``vocab``;
-    ``lse``, ``a`` and ``b`` are ``(M,)`` fp32. Returns ``logits``, now holding the gradient with
-    respect to the raw (untransformed) logits, in the logits' dtype.
+    ``lse``, ``a`` and ``b`` are ``(M,)`` fp32. Options: ``g (M,)`` fp32 adds ``g_i * p_iv``;
+    ``class_weight (V,)`` fp32 turns the ``b_i / V`` term into ``b_i * c_v / V``. Returns ``logits``,
+    now holding the gradient with respect to the raw (untransformed) logits, in the logits' dtype.
     """
     rows, n_cols = logits.shape
     if not triton_path:
@@ -202,7 +245,12 @@ def row_grad_(
         tanh = torch.tanh(raw / softcap) if softcap is not None else None
         z = (softcap * tanh if tanh is not None else raw) / temperature
         p = torch.exp(z - lse[:, None])
-        grad = (b / vocab)[:, None] - (a + b)[:, None] * p
+        if class_weight is None:
+            grad = (b / vocab)[:, None] - (a + b)[:, None] * p
+        else:
+            grad = (b / vocab)[:, None] * class_weight[vocab_start : vocab_start + n_cols] - (a + b)[:, None] * p
+        if g is not None:
+            grad += g[:, None] * p
         local = target - vocab_start
         inside = (local >= 0) & (local < n_cols)
         grad.scatter_add_(1, local.clamp(0, n_cols - 1)[:, None], torch.where(inside, a, 0.0)[:, None])
@@ -214,7 +262,8 @@ def row_grad_(
     block = min(_GRAD_BLOCK, triton.next_power_of_2(n_cols))
     _row_grad_kernel[(rows, math.ceil(n_cols / block))](
         logits, logits.stride(0), target, lse, a, b,
+        lse if g is None else g, lse if class_weight is None else class_weight,  # unused pointers when off
         vocab_start, n_cols, vocab, float(logit_scale), float(softcap or 1.0), 1.0 / temperature,
-        HAS_SOFTCAP=softcap is not None, BLOCK=block,
+        HAS_SOFTCAP=softcap is not None, BLOCK=block, **_grad_flags(g, class_weight),
     )
     return logits

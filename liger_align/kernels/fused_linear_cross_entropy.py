@@ -20,15 +20,19 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_choice, check_int, check_num_items, check_real
+from ._cross_entropy_options import (
+    CrossEntropyOutput, CrossEntropyTerms, check_ce_weight, check_flag, check_lse_square_scale,
+)
 from ._dispatch import use_triton
 from ._linear_chunks import (
     addmm_fp32_, check_linear_inputs, chunk_rows, compute_dtype, mm_into_, project, valid_token_index,
 )
-from ._row_softmax import RowStats, fold_row_stats_, row_grad_
+from ._row_softmax import fold_row_stats_, row_grad_
 from .linear_logprobs import LogitOptions, linear_token_objective
 
 REDUCTIONS = ("mean", "sum", "none")
 STRATEGIES = ("auto", "grad_in_forward", "recompute")
+__all__ = ["CrossEntropyOutput", "FusedLinearCrossEntropyFunction", "TokenChunkGrads", "fused_linear_cross_entropy"]
 
 
 class TokenChunkGrads:
@@ -75,17 +79,19 @@ class TokenChunkGrads:
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
-    """Scalar ``sum_i CE_i / denominator`` with gradients computed in the forward pass.
+    """Scalar ``sum_i loss_i / denominator`` with gradients computed in the forward pass.
 
-    ``CE_i = lse_i - (1 - eps) * z_i[target_i] - eps * mean_v z_iv`` (label smoothing ``eps``);
-    ``denominator`` is a 0-d fp32 tensor (the valid-token count, ``num_items_in_batch`` or 1).
-    Also returns, without gradient, ``is_top1 (N,)`` bool from the same row pass (False where ignored).
+    ``loss_i``: see :mod:`._cross_entropy_options` (``CE_i = lse_i - (1 - eps) * z_i[target_i] - eps *
+    mean_v z_iv`` without class weights and z-loss); ``denominator`` is a 0-d fp32 tensor (the valid
+    tokens' count or weight sum, ``num_items_in_batch`` or 1). Also returns, without gradient,
+    ``is_top1 (N,)`` bool from the same row pass (False where ignored), the z-loss part ``sum_i s lse_i^2
+    / denominator`` (None unless ``terms.want_z``) and the token accuracy (None unless ``want_accuracy``).
     """
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, target, denominator, opts: LogitOptions, label_smoothing: float,
-        wanted: tuple[bool, bool, bool], deferred_num_items: torch.Tensor | None,
+        ctx, hidden, weight, bias, target, denominator, opts: LogitOptions, terms: CrossEntropyTerms,
+        wanted: tuple[bool, bool, bool], deferred_num_items: torch.Tensor | None, want_accuracy: bool = False,
     ):
         triton_path = use_triton(hidden, weight, impl=opts.impl)
         dtype = compute_dtype(hidden, weight)
@@ -101,6 +107,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         grads = TokenChunkGrads(hidden, weight, bias, needs, n_chunks=n_chunks)
         inv_denominator = 1.0 / denominator.to(device=hidden.device, dtype=torch.float32)
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        z_total = torch.zeros_like(total) if terms.want_z else None
         is_top1 = torch.zeros(target.shape[0], device=hidden.device, dtype=torch.bool)
         buffer = torch.empty((per_chunk, vocab), device=hidden.device, dtype=dtype) if rows_all.numel() else None
         any_grad = any(needs)
@@ -109,27 +116,31 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             h_chunk = hidden.index_select(0, rows).to(dtype)
             chunk_target = target.index_select(0, rows)
             logits = project(h_chunk, w, b, buffer[: rows.shape[0]])
-            stats = RowStats(rows.shape[0], hidden.device)
-            fold_row_stats_(stats, logits, chunk_target, 0, **opts.row_kwargs(triton_path))
+            stats = terms.row_stats(rows.shape[0], hidden.device)
+            fold_row_stats_(stats, logits, chunk_target, 0, **opts.row_kwargs(triton_path), **terms.fold_kwargs())
             lse = stats.lse()
             is_top1.index_copy_(0, rows, stats.is_top1())
-            smoothed = label_smoothing * stats.logit_sum / vocab
-            total += (lse - (1.0 - label_smoothing) * stats.target_logit - smoothed).sum()
+            total += terms.value(stats, lse, chunk_target, vocab).sum()
+            if z_total is not None:
+                z_total += lse.square().sum()
             if any_grad:
-                a = (-(1.0 - label_smoothing) * inv_denominator).expand(rows.shape[0]).contiguous()
-                b_coef = (-label_smoothing * inv_denominator).expand(rows.shape[0]).contiguous()
+                a, b_coef, options = terms.grad_coefficients(chunk_target, lse, inv_denominator)
                 row_grad_(
-                    logits, chunk_target, lse, a, b_coef, vocab_start=0, vocab=vocab, **opts.row_kwargs(triton_path)
+                    logits, chunk_target, lse, a, b_coef, vocab_start=0, vocab=vocab, **opts.row_kwargs(triton_path),
+                    **options,
                 )
                 grads.add_chunk(logits, h_chunk, rows, w)
         grad_hidden, grad_weight, grad_bias = grads.as_inputs(weight, bias)
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_hidden, grad_weight, grad_bias)))
         ctx.has_grad = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
-        ctx.mark_non_differentiable(is_top1)
-        return total * inv_denominator, is_top1
+        if z_total is not None:
+            z_total = z_total * (terms.z_scale * inv_denominator)
+        accuracy = is_top1.sum() / max(rows_all.shape[0], 1) if want_accuracy else None
+        ctx.mark_non_differentiable(*(t for t in (is_top1, z_total, accuracy) if t is not None))
+        return total * inv_denominator, is_top1, z_total, accuracy
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_top1):
+    def backward(ctx, grad_loss, *_grad_metrics):
         # The stored gradients are scaled in place (no second copy of grad-weight), so they serve one
         # backward only; a second one (retain_graph=True) would be silently wrong.
         if getattr(ctx, "consumed", False):
@@ -140,7 +151,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         ctx.consumed = True
         stored = [g if has else None for g, has in zip(ctx.saved_tensors, ctx.has_grad)]
         scaled = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in stored]
-        return scaled[0], scaled[1], scaled[2], None, None, None, None, None, None
+        return scaled[0], scaled[1], scaled[2], None, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -152,6 +163,8 @@ def fused_linear_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
+    ce_weight: torch.Tensor | None = None,
+    lse_square_scale: float = 0.0,
     num_items_in_batch: int | torch.Tensor | None = None,
     softcap: float | None = None,
     temperature: float = 1.0,
@@ -161,16 +174,29 @@ def fused_linear_cross_entropy(
     strategy: str = "auto",
     max_grad_buffer_bytes: int | None = None,
     return_top1: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | CrossEntropyOutput:
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``target``, matching ``F.cross_entropy``.
+
+    Per valid token (formula in :mod:`._cross_entropy_options`), with ``c = ce_weight`` (1 without it):
+    ``loss_i = (1 - eps) c_y (lse_i - z_iy) + (eps / V) sum_v c_v (lse_i - z_iv) + s lse_i^2``.
 
     Args:
         hidden: ``(N, H)`` or ``(B, T, H)``; target ``(N,)`` or ``(B, T)`` (already shifted by the caller).
         weight: ``(V, H)``; bias ``(V,)`` or None.
-        reduction: ``"mean"`` (over valid tokens, or over ``num_items_in_batch`` when given: Hugging
-            Face's convention for exact gradient accumulation), ``"sum"``, or ``"none"`` (per token,
-            0 where ignored, shaped like ``target``).
-        label_smoothing: ``eps`` in ``[0, 1]``, as in ``F.cross_entropy``.
+        reduction: ``"mean"``: ``sum_i loss_i / D`` with ``D`` the number of valid tokens, or with
+            ``ce_weight`` the sum of the valid targets' weights ``sum_i c_{y_i}`` (as ``F.cross_entropy``),
+            or ``num_items_in_batch`` when given (Hugging Face's convention for exact gradient
+            accumulation; it replaces ``D`` as given, weights or not: pass the global sum of the valid
+            targets' weights to get the weighted mean over accumulated micro-batches). ``D = 0`` (all
+            tokens ignored, or all valid targets of weight 0) counts as 1. ``"sum"``; ``"none"`` (per
+            token, 0 where ignored, shaped like ``target``).
+        label_smoothing: ``eps`` in ``[0, 1]``, as in ``F.cross_entropy`` (weighted by ``ce_weight`` too).
+        ce_weight: per-class weights ``(V,)`` float, finite and ``>= 0``, on the weight's device, as
+            ``F.cross_entropy(weight=...)``; no gradient flows to it.
+        lse_square_scale: ``s >= 0``, the z-loss ``s * lse_i^2`` per valid token (PaLM), unweighted by
+            ``ce_weight`` and reduced with the loss's ``D``; included in the loss.
         softcap, temperature, logit_scale, impl: as in :func:`linear_logprobs`.
         chunk_bytes: budget of one logits buffer (default 512 MiB): ``(C, V)`` token chunks with
             ``"grad_in_forward"``, ``(M, Vc)`` vocabulary slices with ``"recompute"``.
@@ -179,11 +205,22 @@ def fused_linear_cross_entropy(
             (default: no limit).
         return_top1: also return ``is_top1`` (bool, shaped like target, False where ignored): whether
             the target is the argmax of its logits, read from the same row pass (no extra product).
+        return_z_loss: also return the z-loss part (reduced as the loss, without gradient).
+        return_token_accuracy: also return the 0-d fraction of valid tokens whose target is the argmax.
+
+    Returns:
+        the loss; ``(loss, is_top1)`` with ``return_top1`` alone; with ``return_z_loss`` or
+        ``return_token_accuracy``, a :class:`CrossEntropyOutput` ``(loss, z_loss, token_accuracy,
+        is_top1)`` whose fields not asked for are None.
 
     A batch whose tokens are all ignored gives 0 and zero gradients (``F.cross_entropy`` gives NaN).
     """
     check_choice("reduction", reduction, REDUCTIONS)
     label_smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    lse_square_scale = check_lse_square_scale(lse_square_scale)
+    for name, flag in (("return_top1", return_top1), ("return_z_loss", return_z_loss),
+                       ("return_token_accuracy", return_token_accuracy)):
+        check_flag(name, flag)
     if num_items_in_batch is not None and reduction != "mean":
         raise ValueError(f"num_items_in_batch applies to reduction='mean' only, got reduction={reduction!r}")
     if isinstance(hidden, torch.Tensor) and isinstance(target, torch.Tensor) and hidden.dim() == 3:
@@ -199,6 +236,7 @@ def fused_linear_cross_entropy(
     if max_grad_buffer_bytes is not None:
         max_grad_buffer_bytes = check_int("max_grad_buffer_bytes", max_grad_buffer_bytes, low=0)
     check_linear_inputs(hidden, weight, target, bias)
+    class_weight = check_ce_weight(ce_weight, weight)
     opts = LogitOptions(ignore_index, temperature, softcap, logit_scale, chunk_bytes, impl)
     use_triton(hidden, weight, impl=opts.impl)  # a path that cannot run is refused here, before any product
     # Which gradients autograd can ask for: none under torch.no_grad() or for inputs that need none.
@@ -214,16 +252,34 @@ def fused_linear_cross_entropy(
         denominator = torch.ones((), device=hidden.device)
     elif num_items_in_batch is not None:
         denominator, deferred = check_num_items(num_items_in_batch, hidden.device)
+    elif class_weight is not None:
+        valid = target != opts.ignore_index
+        picked = class_weight.index_select(0, torch.where(valid, target, 0).clamp(0, weight.shape[0] - 1))
+        denominator = torch.where(valid, picked, 0.0).sum()
+        denominator = torch.where(denominator > 0, denominator, 1.0)
     else:
         denominator = (target != opts.ignore_index).sum().clamp(min=1).float()
+    terms = CrossEntropyTerms(
+        -(1.0 - label_smoothing), -label_smoothing, class_weight, lse_square_scale, return_z_loss,
+        return_top1 or return_token_accuracy,
+    )
+    z_loss = accuracy = None
     if strategy == "recompute":
-        per_token, _, _, _, is_top1 = linear_token_objective(
-            hidden, weight, target, bias, alpha=-(1.0 - label_smoothing), beta=-label_smoothing, opts=opts,
-            distribution=return_top1, num_items=deferred,
+        plain = class_weight is None and not lse_square_scale and not terms.want_top1
+        per_token, _, _, _, is_top1, z_token = linear_token_objective(
+            hidden, weight, target, bias, alpha=terms.alpha, beta=terms.beta, opts=opts, num_items=deferred,
+            terms=None if plain else terms,
         )
         loss = per_token.reshape(out_shape) if reduction == "none" else per_token.sum() / denominator
+        if return_z_loss:
+            z_loss = z_token.reshape(out_shape) if reduction == "none" else z_token.sum() / denominator
+        if return_token_accuracy:
+            accuracy = is_top1.sum() / (target != opts.ignore_index).sum().clamp(min=1)
     else:
-        loss, is_top1 = FusedLinearCrossEntropyFunction.apply(
-            hidden, weight, bias, target.long(), denominator, opts, label_smoothing, wanted, deferred
+        loss, is_top1, z_loss, accuracy = FusedLinearCrossEntropyFunction.apply(
+            hidden, weight, bias, target.long(), denominator, opts, terms, wanted, deferred, return_token_accuracy
         )
+    if return_z_loss or return_token_accuracy:
+        top1 = is_top1.reshape(out_shape) if return_top1 else None
+        return CrossEntropyOutput(loss, z_loss, accuracy, top1)
     return (loss, is_top1.reshape(out_shape)) if return_top1 else loss

@@ -12,7 +12,7 @@ buffer); grad-hidden is summed over slices in an ``(M, H)`` fp32 buffer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -22,6 +22,9 @@ from ._linear_chunks import (
     addmm_fp32_, check_linear_inputs, compute_dtype, mm_into_, project, slice_cols, valid_token_index,
 )
 from ._row_softmax import RowStats, fold_row_stats_, row_grad_
+
+if TYPE_CHECKING:
+    from ._cross_entropy_options import CrossEntropyTerms
 
 
 @dataclass(frozen=True)
@@ -81,14 +84,17 @@ class LinearTokenObjectiveFunction(torch.autograd.Function):
     """Per-token ``alpha * log p[target] + beta * mean_v log p``, shape ``(N,)``, and metrics without gradient.
 
     ``alpha=1, beta=0`` is the target log-prob; ``alpha=-(1-eps), beta=-eps`` is the label-smoothed
-    cross-entropy. Outputs: ``(value, logit_mean, entropy, log_sum_sq_probs, is_top1)``, each ``(N,)``;
-    the last three are empty unless ``distribution`` is True. Backward recomputes the logits slice by slice.
+    cross-entropy. Outputs: ``(value, logit_mean, entropy, log_sum_sq_probs, is_top1, z_loss)``, each
+    ``(N,)``; entropy and log_sum_sq_probs are empty unless ``distribution`` is True, is_top1 unless it is
+    or ``terms.want_top1``, z_loss unless ``terms.want_z``. ``terms`` (the fused cross-entropy's class
+    weights and z-loss, :class:`._cross_entropy_options.CrossEntropyTerms`, whose alpha and beta are
+    these) replaces the value and gradient by its own. Backward recomputes the logits slice by slice.
     """
 
     @staticmethod
     def forward(
         ctx, hidden, weight, bias, target, opts: LogitOptions, alpha: float, beta: float, distribution: bool,
-        num_items: torch.Tensor | None = None,
+        num_items: torch.Tensor | None = None, terms: CrossEntropyTerms | None = None,
     ):
         triton_path = use_triton(hidden, weight, impl=opts.impl)
         dtype = compute_dtype(hidden, weight)
@@ -99,32 +105,43 @@ class LinearTokenObjectiveFunction(torch.autograd.Function):
         metric_rows = hidden.shape[0] if distribution else 0
         entropy = value.new_zeros(metric_rows)
         log_sum_sq = value.new_zeros(metric_rows)
-        is_top1 = torch.zeros(metric_rows, device=hidden.device, dtype=torch.bool)
+        top1 = distribution or (terms is not None and terms.want_top1)
+        is_top1 = torch.zeros(hidden.shape[0] if top1 else 0, device=hidden.device, dtype=torch.bool)
+        z_loss = value.new_zeros(hidden.shape[0] if terms is not None and terms.want_z else 0)
         lse = torch.zeros(n_valid, device=hidden.device, dtype=torch.float32)
         if n_valid:
             w = weight.to(dtype)
             b = None if bias is None else bias.to(dtype)
             h = hidden.index_select(0, rows).to(dtype)
             valid_target = target.index_select(0, rows)
-            stats = RowStats(n_valid, hidden.device, distribution=distribution)
+            stats = RowStats(n_valid, hidden.device, distribution=distribution, weighted=bool(
+                terms is not None and terms.weighted_smoothing))
+            fold_extra = {} if terms is None else terms.fold_kwargs()
             width = slice_cols(n_valid, vocab, dtype, opts.chunk_bytes)
             buffer = torch.empty(n_valid * width, device=hidden.device, dtype=dtype)
             for start, stop in _vocab_slices(vocab, width):
                 out = buffer[: n_valid * (stop - start)].view(n_valid, stop - start)
                 logits = project(h, w[start:stop], None if b is None else b[start:stop], out)
-                fold_row_stats_(stats, logits, valid_target, start, **opts.row_kwargs(triton_path))
+                fold_row_stats_(stats, logits, valid_target, start, **opts.row_kwargs(triton_path), **fold_extra)
             lse = stats.lse()
             z_mean = stats.logit_sum / vocab
-            value.index_copy_(0, rows, alpha * (stats.target_logit - lse) + beta * (z_mean - lse))
+            if terms is None:
+                value.index_copy_(0, rows, alpha * (stats.target_logit - lse) + beta * (z_mean - lse))
+            else:
+                value.index_copy_(0, rows, terms.value(stats, lse, valid_target, vocab))
+                if terms.want_z:
+                    z_loss.index_copy_(0, rows, terms.z_scale * lse * lse)
             logit_mean.index_copy_(0, rows, z_mean)
             if distribution:
                 entropy.index_copy_(0, rows, stats.entropy())
                 log_sum_sq.index_copy_(0, rows, stats.log_sum_sq_probs())
+            if top1:
                 is_top1.index_copy_(0, rows, stats.is_top1())
         ctx.save_for_backward(hidden, weight, bias, target, rows, lse)
         ctx.opts, ctx.alpha, ctx.beta, ctx.dtype, ctx.triton_path = opts, alpha, beta, dtype, triton_path
-        ctx.mark_non_differentiable(logit_mean, entropy, log_sum_sq, is_top1)
-        return value, logit_mean, entropy, log_sum_sq, is_top1
+        ctx.terms = terms
+        ctx.mark_non_differentiable(logit_mean, entropy, log_sum_sq, is_top1, z_loss)
+        return value, logit_mean, entropy, log_sum_sq, is_top1, z_loss
 
     @staticmethod
     def backward(ctx, grad_value, *_grad_metrics):
@@ -136,14 +153,17 @@ class LinearTokenObjectiveFunction(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if need_weight else None
         grad_bias = torch.zeros_like(bias) if need_bias else None
         if grad_value is None or n_valid == 0:
-            return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+            return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
         opts, dtype = ctx.opts, ctx.dtype
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
         h = hidden.index_select(0, rows).to(dtype)
         valid_target = target.index_select(0, rows)
         upstream = grad_value.float().index_select(0, rows)
-        a_coef, b_coef = ctx.alpha * upstream, ctx.beta * upstream
+        if ctx.terms is None:
+            a_coef, b_coef, grad_extra = ctx.alpha * upstream, ctx.beta * upstream, {}
+        else:
+            a_coef, b_coef, grad_extra = ctx.terms.grad_coefficients(valid_target, lse, upstream)
         grad_h = None
         if need_hidden:
             grad_h = torch.zeros(n_valid, hidden.shape[1], device=hidden.device, dtype=torch.float32)
@@ -155,7 +175,7 @@ class LinearTokenObjectiveFunction(torch.autograd.Function):
             logits = project(h, w_slice, None if b is None else b[start:stop], out)
             row_grad_(
                 logits, valid_target, lse, a_coef, b_coef, vocab_start=start, vocab=vocab,
-                **opts.row_kwargs(ctx.triton_path),
+                **opts.row_kwargs(ctx.triton_path), **grad_extra,
             )
             if need_weight:
                 mm_into_(grad_weight[start:stop], logits.t(), h)
@@ -165,27 +185,29 @@ class LinearTokenObjectiveFunction(torch.autograd.Function):
                 addmm_fp32_(grad_h, logits, w_slice)
         if need_hidden:
             grad_hidden.index_copy_(0, rows, grad_h.to(hidden.dtype))
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def linear_token_objective(
     hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None, *,
     alpha: float, beta: float, opts: LogitOptions, distribution: bool = False,
     num_items: torch.Tensor | None = None, names: tuple[str, str, str, str] = ("hidden", "weight", "target", "bias"),
+    terms: CrossEntropyTerms | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Checked entry to :class:`LinearTokenObjectiveFunction`.
 
-    Returns ``(value, logit_mean, entropy, log_sum_sq_probs, is_top1)``, each ``(N,)``; the last three
-    are empty unless ``distribution`` is True. ``num_items``: a 0-d accelerator tensor checked ``> 0``
-    in the op's one host synchronisation (see :func:`._linear_chunks.valid_token_index`); ``names``:
-    the caller's names of the inputs, for the error messages.
+    Returns ``(value, logit_mean, entropy, log_sum_sq_probs, is_top1, z_loss)``, each ``(N,)``; the
+    metrics are empty unless asked for (``distribution``, ``terms``: see the Function). ``num_items``: a
+    0-d accelerator tensor checked ``> 0`` in the op's one host synchronisation (see
+    :func:`._linear_chunks.valid_token_index`); ``names``: the caller's names of the inputs, for the
+    error messages.
     """
     if not isinstance(opts, LogitOptions):
         raise TypeError(f"opts must be a LogitOptions, got {type(opts).__name__}")
     check_linear_inputs(hidden, weight, target, bias, names=names)
     use_triton(hidden, weight, impl=opts.impl)  # a path that cannot run is refused here, before any product
     return LinearTokenObjectiveFunction.apply(
-        hidden, weight, bias, target.long(), opts, float(alpha), float(beta), bool(distribution), num_items
+        hidden, weight, bias, target.long(), opts, float(alpha), float(beta), bool(distribution), num_items, terms
     )
 
 
@@ -224,7 +246,7 @@ def linear_logprobs(
         weight and bias), ``logit_mean`` and, on request, the distribution statistics (no gradient).
     """
     opts = LogitOptions(ignore_index, temperature, softcap, logit_scale, chunk_bytes, impl)
-    logps, logit_mean, entropy, log_sum_sq, is_top1 = linear_token_objective(
+    logps, logit_mean, entropy, log_sum_sq, is_top1, _ = linear_token_objective(
         hidden, weight, target, bias, alpha=1.0, beta=0.0, opts=opts, distribution=distribution_stats
     )
     if not distribution_stats:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels._checks import check_choice, check_real
+from ..kernels._cross_entropy_options import CrossEntropyOutput, check_flag, check_lse_square_scale
 from ..kernels.fused_linear_cross_entropy import REDUCTIONS, fused_linear_cross_entropy
 from ._module import FusedLossModule
 
@@ -14,17 +15,27 @@ class LigerFusedLinearCrossEntropyLoss(FusedLossModule):
 
     ``loss_fn(lin_weight, hidden, target, bias=None, *, num_items_in_batch=None)`` with lin_weight
     ``(V, H)``, hidden ``(N, H)`` or ``(B, T, H)``, target ``(N,)`` or ``(B, T)`` already shifted, bias
-    ``(V,)`` or None. Returns a 0-d loss (``reduction="mean"`` over valid tokens, or over
-    ``num_items_in_batch`` when given; ``"sum"``), or per-token losses shaped like target (``"none"``).
-    See :func:`liger_align.kernels.fused_linear_cross_entropy`.
+    ``(V,)`` or None. Returns a 0-d loss (``reduction="mean"`` over valid tokens, or their weight sum
+    with ``ce_weight``, or over ``num_items_in_batch`` when given; ``"sum"``), or per-token losses shaped
+    like target (``"none"``); with ``return_z_loss``/``return_token_accuracy`` a
+    :class:`~liger_align.kernels.CrossEntropyOutput`. The options, with Liger-Kernel's names:
+    ``ce_weight`` (per-class weights ``(V,)``, a buffer: it follows ``.to(device)``), ``lse_square_scale``
+    (z-loss), ``return_z_loss``, ``return_token_accuracy``, ``label_smoothing``, ``softcap``; see
+    :func:`liger_align.kernels.fused_linear_cross_entropy` for their exact semantics. The first seven
+    arguments come in Liger-Kernel's order; the others are keyword-only.
     """
 
     def __init__(
         self,
+        ce_weight: torch.Tensor | None = None,
         ignore_index: int = -100,
-        reduction: str = "mean",
+        lse_square_scale: float = 0.0,
         label_smoothing: float = 0.0,
+        reduction: str = "mean",
         softcap: float | None = None,
+        return_z_loss: bool = False,
+        *,
+        return_token_accuracy: bool = False,
         temperature: float = 1.0,
         logit_scale: float = 1.0,
         chunk_bytes: int | None = None,
@@ -32,11 +43,21 @@ class LigerFusedLinearCrossEntropyLoss(FusedLossModule):
     ) -> None:
         check_choice("reduction", reduction, REDUCTIONS)
         label_smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
+        lse_square_scale = check_lse_square_scale(lse_square_scale)
+        check_flag("return_z_loss", return_z_loss)
+        check_flag("return_token_accuracy", return_token_accuracy)
+        if ce_weight is not None and (not isinstance(ce_weight, torch.Tensor) or ce_weight.dim() != 1):
+            shape = tuple(ce_weight.shape) if isinstance(ce_weight, torch.Tensor) else type(ce_weight).__name__
+            raise TypeError(f"ce_weight must be a 1-d tensor of shape (V,) or None, got {shape}")
         super().__init__(
-            dict(reduction=reduction, label_smoothing=label_smoothing),
+            dict(
+                reduction=reduction, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+                return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
+            ),
             ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
             chunk_bytes=chunk_bytes, impl=impl,
         )
+        self.register_buffer("ce_weight", None if ce_weight is None else ce_weight.detach().clone())
 
     def forward(
         self,
@@ -46,9 +67,9 @@ class LigerFusedLinearCrossEntropyLoss(FusedLossModule):
         bias: torch.Tensor | None = None,
         *,
         num_items_in_batch: int | torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | CrossEntropyOutput:
         return fused_linear_cross_entropy(
-            hidden, lin_weight, target, bias, num_items_in_batch=num_items_in_batch, **self.config,
-            **self.logit_kwargs,
+            hidden, lin_weight, target, bias, num_items_in_batch=num_items_in_batch, ce_weight=self.ce_weight,
+            **self.config, **self.logit_kwargs,
         )
 
