@@ -15,32 +15,24 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from transformers.models.llama import modeling_llama
 from transformers.models.qwen3 import modeling_qwen3
 
+from _helpers import GEMMA_TYPES as GEMMAS
+from _helpers import SHAPE, VOCAB, assert_same_grads, batch, llama_config, loss_and_grads, perturbed, tiny_gemma
+from _helpers import tiny_llama
 from _reference import rel_err
-from test_gemma_patch import FAMILIES as GEMMAS
-from test_gemma_patch import tiny_gemma
-from test_llama_patch import SHAPE, VOCAB, assert_same_grads, batch, llama_config, loss_and_grads, tiny_llama
 from liger_align.models import apply_liger_kernel, apply_liger_kernel_to_gemma, apply_liger_kernel_to_llama
 from liger_align.models import supported_model_types
 from liger_align.models._layers import gemma_rms_norm_forward, geglu_mlp_forward, rms_norm_forward
 from liger_align.models._layers import swiglu_mlp_forward
 
 
-def _seeded(model: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model.train()
-
-
 def tiny(model_type: str) -> nn.Module:
-    torch.manual_seed(torch.seed() % 2**31)
     if model_type == "llama":
         return tiny_llama()
     if model_type in GEMMAS:
         return tiny_gemma(model_type)
     cls, config_cls = {"qwen2": (Qwen2ForCausalLM, Qwen2Config), "mistral": (MistralForCausalLM, MistralConfig),
                        "qwen3": (Qwen3ForCausalLM, Qwen3Config)}[model_type]
-    return _seeded(cls(config_cls(**SHAPE, attn_implementation="eager")))
+    return perturbed(cls(config_cls(**SHAPE, attn_implementation="eager"))).train()
 
 
 def _liger_warnings(caught) -> list[str]:

@@ -9,9 +9,9 @@ import warnings
 import pytest
 import torch
 
+from _helpers import VOCAB, assert_same_grads, batch, loss_and_grads, tiny_llama
 from _reference import rel_err
 from liger_align.models import _causal_lm, apply_liger_kernel
-from test_llama_patch import VOCAB, assert_same_grads, batch, loss_and_grads, tiny_llama
 
 
 def test_hooked_head_still_fused():

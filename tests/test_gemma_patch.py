@@ -8,51 +8,20 @@ import copy
 
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig
+from transformers import GemmaConfig
 from transformers import GemmaForCausalLM
-from transformers.models.gemma import modeling_gemma
-from transformers.models.gemma2 import modeling_gemma2
-from transformers.models.gemma3 import modeling_gemma3
 
 from conftest import triton_runs_on
 from _reference import rel_err
-from test_llama_patch import VOCAB, assert_same_grads, batch, loss_and_grads
+from _helpers import GEMMA_SOFTCAP as SOFTCAP
+from _helpers import VOCAB, assert_same_grads, batch, gemma_families, loss_and_grads, tiny_gemma
 from liger_align.models import (
-    apply_liger_kernel, apply_liger_kernel_to_gemma, apply_liger_kernel_to_gemma2, apply_liger_kernel_to_gemma3_text,
+    apply_liger_kernel, apply_liger_kernel_to_gemma, apply_liger_kernel_to_gemma2,
 )
 from liger_align.models._causal_lm import causal_lm_forward
 from liger_align.models._layers import gemma_rms_norm_forward, geglu_mlp_forward
 
-SHAPE = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=97, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, max_position_embeddings=256, attn_implementation="eager")
-SOFTCAP = 3.0
-
-# model_type -> (causal LM class, config class, extra config, modeling module, prefix, patch function,
-#                RMSNorms per layer)
-FAMILIES = {
-    "gemma": (GemmaForCausalLM, GemmaConfig,  # both names: the attribute GemmaMLP reads changed across versions
-              {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh"}, modeling_gemma, "Gemma",
-              apply_liger_kernel_to_gemma, 2),
-    "gemma2": (Gemma2ForCausalLM, Gemma2Config,
-               {"final_logit_softcapping": SOFTCAP, "attn_logit_softcapping": 20.0, "query_pre_attn_scalar": 16,
-                "sliding_window": 8},
-               modeling_gemma2, "Gemma2", apply_liger_kernel_to_gemma2, 4),
-    "gemma3_text": (Gemma3ForCausalLM, Gemma3TextConfig, {"query_pre_attn_scalar": 16, "sliding_window": 8},
-                    modeling_gemma3, "Gemma3", apply_liger_kernel_to_gemma3_text, 6),  # 4 + q/k norms
-}
-
-
-def tiny_gemma(model_type: str, seed: int | None = None, **overrides):
-    cls, config_cls, extra, *_ = FAMILIES[model_type]
-    config = config_cls(**{**SHAPE, **extra, **overrides})
-    assert config.head_dim != config.hidden_size // config.num_attention_heads
-    torch.manual_seed(torch.seed() % 2**31 if seed is None else seed)
-    model = cls(config)
-    with torch.no_grad():  # the default init leaves the norms at 0 and the logits flat; make every piece matter
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-        model.model.embed_tokens.weight.mul_(10)  # tied head: logits of a few units, soft-capping active
-    return model.train()
+FAMILIES = gemma_families()
 
 
 @pytest.mark.parametrize("model_type", list(FAMILIES))

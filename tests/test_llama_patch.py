@@ -4,66 +4,20 @@ patched vs unpatched, the fused-loss forward, reverting, idempotence, PEFT, disp
 from __future__ import annotations
 
 import copy
-import time
 import warnings
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config
+from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config
 from transformers import Qwen2ForCausalLM
 from transformers.models.llama import modeling_llama
 
 from conftest import triton_runs_on
+from _helpers import SHAPE, VOCAB, assert_same_grads, batch, llama_config, loss_and_grads, tiny_llama
 from _reference import rel_err
 from liger_align.models import apply_liger_kernel, apply_liger_kernel_to_llama
 from liger_align.models._causal_lm import causal_lm_forward
 from liger_align.models._layers import rms_norm_forward, swiglu_mlp_forward
-
-VOCAB = 1003
-SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-LLAMA3_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 64}
-
-
-def llama_config(**overrides) -> LlamaConfig:
-    return LlamaConfig(**SHAPE, tie_word_embeddings=True, rope_scaling=dict(LLAMA3_SCALING), rope_theta=500000.0,
-                       attn_implementation="eager", **overrides)
-
-
-def tiny_llama(seed: int | None = None, **overrides) -> LlamaForCausalLM:
-    torch.manual_seed(torch.seed() % 2**31 if seed is None else seed)
-    model = LlamaForCausalLM(llama_config(**overrides))
-    with torch.no_grad():  # the default init has tiny weights; make the layers matter
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model
-
-
-def batch(batch_size: int = 2, seq: int = 37, *, seed: int | None = None):
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31 if seed is None else seed)
-    ids = torch.randint(0, VOCAB, (batch_size, seq), generator=gen)
-    labels = ids.clone()
-    labels[0, :7] = -100  # a prompt
-    labels[-1, -5:] = -100  # padding
-    return ids, labels
-
-
-def grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def loss_and_grads(model, ids, labels, **kwargs):
-    model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids, labels=labels, **kwargs)
-    out.loss.backward()
-    return out, grads(model)
-
-
-def assert_same_grads(got: dict, want: dict, tol: float) -> None:
-    assert got.keys() == want.keys() and got
-    for name in want:
-        assert rel_err(got[name], want[name]) < tol, name
 
 
 def test_patched_instance_matches_unpatched_loss_and_gradients():
@@ -166,7 +120,6 @@ def test_thirty_step_training_curves_match():
     """Convergence: AdamW on a fixed batch, same seed; the patched curve tracks the unpatched one."""
     ids, labels = batch(4, 33, seed=1)
     curves = []
-    start = time.perf_counter()
     for patched in (False, True):
         model = tiny_llama(seed=123).train()
         handle = apply_liger_kernel_to_llama(model=model) if patched else None
@@ -184,7 +137,6 @@ def test_thirty_step_training_curves_match():
     plain, liger = curves
     assert plain[-1] < 0.7 * plain[0]  # it learns
     assert ((plain - liger).abs() / plain).max() < 2e-3
-    assert time.perf_counter() - start < 60
 
 
 def test_class_patch_revert_and_patch_again():
@@ -272,7 +224,6 @@ def test_peft_lora_model():
 
 def _tiny(cls, config_cls, **extra):
     config = config_cls(**SHAPE, attn_implementation="eager", **extra)
-    torch.manual_seed(torch.seed() % 2**31)
     return cls(config).train()
 
 
