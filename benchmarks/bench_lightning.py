@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +36,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import _runner  # noqa: E402
+from _models import model_config as shape_config  # noqa: E402
+from _workers import run_worker, worker_env  # noqa: E402
+
 EXAMPLE = ROOT / "examples" / "lightning" / "training.py"
 SHAPES = ("llama-3.2-1b", "qwen2-0.5b")
 ARMS = ("none", "liger")
@@ -50,26 +53,10 @@ SPECIAL = {"llama-3.2-1b": {"letters": [362, 426, 356, 423], "eos": 128001},
 
 
 def model_config(shape: str, smoke: bool) -> Any:
-    """The shape's config (real vocabulary); ``smoke``: 2 layers of hidden 64."""
-    from transformers import LlamaConfig, Qwen2Config
-
-    if shape == "llama-3.2-1b":
-        hidden, inter, layers, heads, kv = (64, 128, 2, 4, 2) if smoke else (2048, 8192, 16, 32, 8)
-        return LlamaConfig(
-            vocab_size=128256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-            num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads, max_position_embeddings=131072,
-            rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
-            rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                          "original_max_position_embeddings": 8192},
-            bos_token_id=128000, eos_token_id=128001, pad_token_id=128001,
-        )
-    hidden, inter, layers, heads, kv = (64, 128, 2, 4, 2) if smoke else (896, 4864, 24, 14, 2)
-    return Qwen2Config(
-        vocab_size=151936, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=32768, rms_norm_eps=1e-6,
-        rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False,
-        bos_token_id=151643, eos_token_id=151643, pad_token_id=151643,
-    )
+    """The shape's config (``_models``, real vocabulary, the real special-token ids); ``smoke``: 2 layers of 64."""
+    eos = SPECIAL[shape]["eos"]
+    return shape_config(shape, smoke=smoke, bos_token_id=128000 if shape == "llama-3.2-1b" else eos,
+                        eos_token_id=eos, pad_token_id=eos)
 
 
 def init_weights(model: Any, seed: int, std: float) -> Any:
@@ -187,9 +174,6 @@ def free_port() -> int:
 
 def run_all(opts: argparse.Namespace) -> list[dict[str, Any]]:
     tmp = Path(tempfile.mkdtemp(prefix="bench_lightning_runs_"))
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
-    env.pop("TRITON_INTERPRET", None)
     began = time.time()
     results = []
     for shape in opts.shapes:
@@ -201,28 +185,20 @@ def run_all(opts: argparse.Namespace) -> list[dict[str, Any]]:
                     results.append({**base, "status": "skipped", "reason": f"time budget ({opts.budget_s} s) spent"})
                     print(f"[{shape}/{strategy}/{arm}] skipped: time budget", flush=True)
                     continue
-                out = tmp / f"{shape}-{strategy}-{arm}.json"
-                cmd = [sys.executable, __file__, "--worker", "--shape", shape, "--strategy", strategy, "--arm", arm,
-                       "--worker-out", str(out), "--steps", str(opts.steps), "--warmup", str(opts.warmup),
-                       "--batch", str(opts.batch), "--seq-len", str(opts.seq_len), "--lr", str(opts.lr)]
-                cmd += (["--smoke"] if opts.smoke else []) + ([] if opts.grad_ckpt else ["--no-grad-ckpt"])
-                run_env = dict(env)
-                if strategy == "deepspeed":  # one process on one device: the distributed env DeepSpeed reads
-                    run_env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                                   LOCAL_RANK="0")
-                t0 = time.time()
-                try:
-                    proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True,
-                                          timeout=max(1, min(opts.timeout, left)))
-                    if proc.returncode == 0 and out.exists():
-                        res = json.loads(out.read_text())
-                    else:
-                        tail = (proc.stdout[-1000:] + proc.stderr[-3000:]).strip()
-                        res = {**base, "status": "failed", "reason": tail.splitlines()[-1] if tail else "no output"}
-                        print(f"[{shape}/{strategy}/{arm}] FAILED:\n{tail}", file=sys.stderr)
-                except subprocess.TimeoutExpired:
-                    res = {**base, "status": "failed", "reason": f"timeout after {min(opts.timeout, left):.0f} s"}
-                res["wall_s"] = time.time() - t0
+                args = ["--shape", shape, "--strategy", strategy, "--arm", arm, "--steps", str(opts.steps),
+                        "--warmup", str(opts.warmup), "--batch", str(opts.batch), "--seq-len", str(opts.seq_len),
+                        "--lr", str(opts.lr)]
+                args += (["--smoke"] if opts.smoke else []) + ([] if opts.grad_ckpt else ["--no-grad-ckpt"])
+                # DeepSpeed on one process and one device still reads the distributed environment
+                dist = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                            LOCAL_RANK="0") if strategy == "deepspeed" else {}
+                res, failure, wall = run_worker(__file__, args, tmp / f"{shape}-{strategy}-{arm}.json",
+                                                timeout=min(opts.timeout, left),
+                                                env=worker_env(drop=("TRITON_INTERPRET",), **dist))
+                if failure:
+                    res = {**base, "status": "failed", "reason": failure.splitlines()[-1]}
+                    print(f"[{shape}/{strategy}/{arm}] FAILED:\n{failure}", file=sys.stderr)
+                res["wall_s"] = wall
                 results.append(res)
                 brief = {k: v for k, v in res.items() if k not in ("losses", "versions")}
                 print(f"[{shape}/{strategy}/{arm}] {json.dumps(brief)}", flush=True)
@@ -269,42 +245,14 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def plot(results: list[dict[str, Any]], path: Path) -> Path | None:
     """Two panels (peak GiB, tokens/s), bars per arm for each (shape, strategy), liger/none ratios on top."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no PNG", file=sys.stderr)
-        return None
     ok = [r for r in results if r.get("status") == "ok"]
-    groups = list(dict.fromkeys((r["shape"], r["strategy"]) for r in ok))
-    by = {(r["shape"], r["strategy"], r["arm"]): r for r in ok}
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(groups) + 4), 4.2))
-    width = 0.38
-    for ax, key, label, ratio in ((axes[0], "peak_allocated_gib", "peak memory (GiB)", "peak_x_none"),
-                                  (axes[1], "tokens_per_s", "tokens/s", "tokens_per_s_x_none")):
-        for i, (arm, color) in enumerate((("none", "#9e9e9e"), ("liger", "#2e7d32"))):
-            xs = [j + (i - 0.5) * width for j in range(len(groups))]
-            ys = [by.get((*g, arm), {}).get(key, 0.0) for g in groups]
-            bars = ax.bar(xs, ys, width, color=color, label="unpatched" if arm == "none" else "apply_liger_kernel")
-            for bar, g in zip(bars, groups):
-                r = by.get((*g, arm), {})
-                if ratio in r:
-                    ax.annotate(f"{r[ratio]:.2f}x", (bar.get_x() + width / 2, bar.get_height()), ha="center",
-                                va="bottom", fontsize=7)
-        ax.set_xticks(range(len(groups)), [f"{s}\n{st}" for s, st in groups], fontsize=7)
-        ax.set_ylabel(label)
-        ax.legend(fontsize=7, loc="lower right")
     device = ok[0].get("device", "") if ok else ""
     b, t, precision = (ok[0]["batch"], ok[0]["seq_len"], ok[0]["precision"]) if ok else ("?", "?", "?")
-    fig.suptitle(f"Lightning, one device ({device}), {b} x {t} tokens/step, answer+EOS targets, {precision}",
-                 fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _runner.plot(path, ok, group=["shape", "strategy"], method="arm", ref_line=None,
+                        values=[("peak_allocated_gib", "peak memory (GiB)"), ("tokens_per_s", "tokens/s")],
+                        annotate={"peak_allocated_gib": "peak_x_none", "tokens_per_s": "tokens_per_s_x_none"},
+                        title=f"Lightning, one device ({device}), {b} x {t} tokens/step, answer+EOS targets, "
+                              f"{precision}; arms: none = unpatched, liger = apply_liger_kernel")
 
 
 def main() -> None:
@@ -340,14 +288,12 @@ def main() -> None:
                                             else ROOT / "benchmarks" / "results"))
     began = time.time()
     results = run_all(opts)
-    meta = {"what": "examples/lightning MMLUModule, one device, with and without apply_liger_kernel",
-            "shapes": opts.shapes, "strategies": opts.strategies, "steps": opts.steps, "warmup": opts.warmup,
-            "batch": opts.batch, "seq_len": opts.seq_len, "precision": "32-true" if opts.smoke else "bf16-mixed",
-            "activation_checkpointing": opts.grad_ckpt, "targets": "answer letter + EOS per row",
-            "smoke": opts.smoke, "wall_s": time.time() - began}
-    results_dir.mkdir(parents=True, exist_ok=True)
-    json_path = results_dir / "bench_lightning.json"
-    json_path.write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
+    meta = _runner.run_meta(
+        what="examples/lightning MMLUModule, one device, with and without apply_liger_kernel", shapes=opts.shapes,
+        strategies=opts.strategies, steps=opts.steps, warmup=opts.warmup, batch=opts.batch, seq_len=opts.seq_len,
+        precision="32-true" if opts.smoke else "bf16-mixed", activation_checkpointing=opts.grad_ckpt,
+        targets="answer letter + EOS per row", smoke=opts.smoke, wall_s=time.time() - began)
+    json_path = _runner.save("bench_lightning", results, meta, results_dir=results_dir)
     png = plot(results, results_dir / "bench_lightning.png")
     print(table(results))
     print(f"wrote {json_path}" + (f" and {png}" if png else "") + f" in {meta['wall_s']:.0f} s")

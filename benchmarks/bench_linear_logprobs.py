@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _runner  # noqa: E402
+
 from liger_align.kernels import fused_linear_cross_entropy, linear_logprobs  # noqa: E402
 
 VOCAB = 128256
@@ -71,8 +72,8 @@ def cross_entropy_methods(hidden, weight, target, chunk_mib=()) -> dict[str, Cal
     }
     for mib in chunk_mib:
         for strategy in ("grad_in_forward", "recompute"):
-            methods[f"liger_align_{strategy}[{mib}MiB]"] = lambda mib=mib, strategy=strategy: fused_linear_cross_entropy(
-                hidden, weight, target, strategy=strategy, chunk_bytes=mib * 2**20
+            methods[f"liger_align_{strategy}[{mib}MiB]"] = lambda mib=mib, s=strategy: fused_linear_cross_entropy(
+                hidden, weight, target, strategy=s, chunk_bytes=mib * 2**20
             ).backward()
     methods["naive_torch"] = lambda: F.cross_entropy((hidden @ weight.t()).float(), target).backward()
     flce = _runner.optional("liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss")
@@ -94,7 +95,7 @@ OPS = {"logprobs": logprob_methods, "cross_entropy": cross_entropy_methods}
 
 
 def make_setup(chunk_mib=(), vocab: int = VOCAB, dtype: torch.dtype = torch.bfloat16):
-    """``setup({"op", "shape", "rows", "seq", "hidden"}) -> Case``; one shape's inputs and floor are reused by its ops."""
+    """``setup({"op", "shape", "rows", "seq", "hidden"}) -> Case``; a shape's inputs and floor serve both ops."""
     cache: dict[str, Any] = {}
 
     def setup(shape: dict) -> _runner.Case:

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import _runner  # noqa: E402
+from _models import model_config  # noqa: E402
 
 from liger_align.kernels import fused_linear_cross_entropy  # noqa: E402
 from liger_align.losses.medusa import fused_linear_medusa_loss, tensor_head  # noqa: E402
@@ -157,17 +158,9 @@ def run_loss(smoke: bool) -> list[dict]:
 
 
 def llama_1b(smoke: bool) -> Any:
-    from transformers import LlamaConfig
-
-    hidden, inter, layers, heads, kv, vocab = (64, 128, 2, 4, 2, 1000) if smoke else (2048, 8192, 16, 32, 8, VOCAB)
-    return LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads, hidden_act="silu",
-        max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
+    """Llama-3.2-1B's shape (``_models``); ``smoke``: 2 layers of hidden 64, vocabulary 1000."""
+    return model_config("llama-3.2-1b", smoke=smoke, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                        **({"vocab_size": 1000} if smoke else {}))
 
 
 def train_steps(model, impl: str, stage: int, batch: int, length: int, steps: int, warmup: int) -> dict:

@@ -34,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import _runner  # noqa: E402
+from _models import model_config  # noqa: E402
+
 from liger_align.kernels.rms_norm import rms_norm  # noqa: E402
 from liger_align.kernels.rope import rope  # noqa: E402
 from liger_align.kernels.swiglu import swiglu  # noqa: E402
@@ -179,7 +181,8 @@ def bench_kernels(args, bandwidth, liger) -> list[dict]:
     shapes = [{"kernel": k, "size": s, "tokens": t} for s in SIZES for t in args.tokens
               for k in ("rms_norm", "rope", "swiglu")]
     rows = _runner.run(shapes, setup, cuda_graph=True, rep_ms=100, warmup_ms=25,
-                       ratios={"vs_transformers": ("transformers", "time"), "vs_liger_kernel": ("liger_kernel", "time")})
+                       ratios={"vs_transformers": ("transformers", "time"),
+                               "vs_liger_kernel": ("liger_kernel", "time")})
     for row in rows:
         best = row["graph_ms"] if isinstance(row.get("graph_ms"), float) else row.get("ms")
         row["pct_floor"] = 100 * row["floor_ms"] / best if isinstance(best, float) else None
@@ -193,17 +196,11 @@ def bench_kernels(args, bandwidth, liger) -> list[dict]:
 
 
 def llama_1b(device: str, smoke: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Llama-3.2-1B's shape (``_models``, SDPA attention), bf16; ``smoke``: 2 layers of hidden 64, V=1003."""
+    from transformers import LlamaForCausalLM
 
-    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
-    shape = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                 num_attention_heads=32, num_key_value_heads=8, head_dim=64)
-    if smoke:
-        shape = dict(vocab_size=1003, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    config = LlamaConfig(**shape, tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=scaling,
-                         max_position_embeddings=131072, rms_norm_eps=1e-5, attn_implementation="sdpa")
+    extra = {"vocab_size": 1003, "intermediate_size": 176} if smoke else {}
+    config = model_config("llama-3.2-1b", smoke=smoke, attn_implementation="sdpa", **extra)
     with torch.device(device):
         model = LlamaForCausalLM(config)
     return model.to(torch.bfloat16).train()
@@ -239,7 +236,6 @@ def bench_model(args) -> list[dict]:
                 handle.revert()
         for row in rows[-2:]:
             row["vs_transformers"] = row["ms"] / rows[-2]["ms"]
-    del model
     return rows
 
 

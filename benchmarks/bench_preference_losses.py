@@ -30,9 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _runner  # noqa: E402
+
 from liger_align.losses import (  # noqa: E402
-    LigerFusedLinearCPOLoss, LigerFusedLinearDPOLoss, LigerFusedLinearKTOLoss, LigerFusedLinearORPOLoss,
-    LigerFusedLinearSimPOLoss, cpo_objective, dpo_objective, kto_objective, orpo_objective,
+    LigerFusedLinearCPOLoss,
+    LigerFusedLinearDPOLoss,
+    LigerFusedLinearKTOLoss,
+    LigerFusedLinearORPOLoss,
+    LigerFusedLinearSimPOLoss,
+    cpo_objective,
+    dpo_objective,
+    kto_objective,
+    orpo_objective,
 )
 
 VOCAB = 128256

@@ -20,8 +20,9 @@ reset after warm-up); the figures are the measured steps' median step time, toke
     python benchmarks/bench_sft.py --shapes llama-3.2-1b --batches 16 --arms unpatched ours
     python benchmarks/bench_sft.py --smoke                           # tiny shapes on the CPU, seconds
 
-Writes ``bench_sft.json``, ``bench_sft_throughput.png`` and ``bench_sft_memory.png`` (one panel per shape,
-three bars per batch) under ``--results-dir`` and prints a table with the ratios of the same run.
+Writes ``bench_sft.json`` (``{"meta", "rows"}``, the runs per arm in ``meta["arm_runs"]``; ratios
+``tokens_per_s_x_unpatched`` etc. per row), ``bench_sft_throughput.png`` and ``bench_sft_memory.png`` (one bar per arm
+at each shape and batch) under ``--results-dir`` and prints a table with the ratios of the same run.
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,51 +37,26 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import _runner  # noqa: E402
+from _models import SHAPES as MODEL_SHAPES  # noqa: E402
+from _models import model_config  # noqa: E402
+from _workers import is_oom, run_worker  # noqa: E402
+
 ARMS = ("unpatched", "liger_kernel", "ours", "ours_ce_only", "ours_layers_only")
 # The ablation arms attribute ours' time and memory: the fused loss alone, or the layer kernels alone.
 ABLATIONS = {
     "ours_ce_only": dict(rope=False, rms_norm=False, swiglu=False, geglu=False),
     "ours_layers_only": dict(fused_linear_cross_entropy=False),
 }
-GIB = 2**30
-
-# The public configs' sizes (random weights). ``family`` is transformers' model_type.
-SHAPES: dict[str, dict[str, Any]] = {
-    "llama-3.2-1b": {
-        "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
-        "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
-        "hidden_act": "silu", "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-        "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192},
-        "tie_word_embeddings": True,
-    },
-    "qwen2-1.5b": {
-        "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
-        "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2, "head_dim": 128,
-        "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-        "tie_word_embeddings": True, "use_sliding_window": False,
-    },
-    "gemma-2b": {
-        "model_type": "gemma", "vocab_size": 256000, "hidden_size": 2048, "intermediate_size": 16384,
-        "num_hidden_layers": 18, "num_attention_heads": 8, "num_key_value_heads": 1, "head_dim": 256,
-        "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0, "tie_word_embeddings": True,
-    },
-}
-SMOKE_SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "num_key_value_heads": 2, "head_dim": 16}
+# The public configs' sizes (random weights), from ``_models``; ``model_type`` is transformers' family.
+SHAPES: dict[str, dict[str, Any]] = {name: MODEL_SHAPES[name] for name in ("llama-3.2-1b", "qwen2-1.5b", "gemma-2b")}
 
 
 def shape_config(name: str, smoke: bool) -> Any:
     """The transformers config of shape ``name``; ``smoke``: 2 layers of hidden 64 and a vocabulary of ~1000."""
-    from transformers import AutoConfig
-
-    settings = dict(SHAPES[name])
-    model_type = settings.pop("model_type")
-    if smoke:
-        settings.update(SMOKE_SIZES, vocab_size=settings["vocab_size"] // 128 + 7)
-    return AutoConfig.for_model(model_type, bos_token_id=1, eos_token_id=2, pad_token_id=0, **settings)
+    extra = {"vocab_size": SHAPES[name]["vocab_size"] // 128 + 7} if smoke else {}
+    return model_config(name, smoke=smoke, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
 
 
 # ------------------------------------------------------------------------------------------- worker
@@ -146,12 +120,6 @@ def patch(model: Any, arm: str, model_type: str) -> dict[str, Any]:
     return {"patched": f"apply_liger_kernel_to_{model_type}(model=model)", "liger_kernel": version}
 
 
-def _is_oom(error: BaseException) -> bool:
-    import torch
-
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
 def run_batch(model: Any, batch: int, opts: argparse.Namespace, device: str, out_dir: Path) -> dict[str, Any]:
     """One Trainer run at ``batch`` rows per step; the StepMeter's figures (raises on OOM)."""
     import torch
@@ -176,7 +144,8 @@ def run_batch(model: Any, batch: int, opts: argparse.Namespace, device: str, out
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated by --simulate-oom-batch)")
 
         callbacks.append(RaiseOOM())
-    before = torch.cuda.memory_allocated() / GIB if cuda else None  # the weights only, if the last run was freed
+    # the weights only, if the last run was freed
+    before = torch.cuda.memory_allocated() / _runner.GIB if cuda else None
     data = RandomRows(batch * (opts.warmup + opts.steps), opts.seq_len, model.config.vocab_size)
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=callbacks)
     try:
@@ -224,7 +193,7 @@ def worker(opts: argparse.Namespace) -> None:
             try:
                 row.update(run_batch(model, batch, opts, device, Path(opts.worker_out).parent / "run"))
             except Exception as error:  # noqa: BLE001 - recorded; an OOM ends this arm's larger batches
-                row.update(status="OOM" if _is_oom(error) else "error", error=f"{type(error).__name__}: {error}"[:2000])
+                row.update(status="OOM" if is_oom(error) else "error", error=f"{type(error).__name__}: {error}"[:2000])
                 stop = "skipped after OOM" if row["status"] == "OOM" else "skipped after error"
             gc.collect()
             if device == "cuda":
@@ -243,8 +212,6 @@ def run_all(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[s
     import importlib.util
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_sft_"))
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), os.environ.get("PYTHONPATH", "")])}
     arms, rows = [], []
     began_all = time.time()
     for shape in opts.shapes:
@@ -259,26 +226,20 @@ def run_all(opts: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[s
                 arms.append({**base, "error": "liger_kernel is not installed"})
                 rows += [{**base, "batch": b, "status": "skipped"} for b in opts.batches]
                 continue
-            out = tmp / f"{shape}-{arm}.json"
-            cmd = [sys.executable, __file__, "--worker", "--shape", shape, "--arm", arm, "--worker-out", str(out),
-                   "--batches", *map(str, opts.batches), "--warmup", str(opts.warmup), "--steps", str(opts.steps),
-                   "--seq-len", str(opts.seq_len), "--simulate-oom-batch", str(opts.simulate_oom_batch)]
-            began = time.time()
-            try:
-                proc = subprocess.run(cmd + (["--smoke"] if opts.smoke else []), env=env, capture_output=True,
-                                      text=True, timeout=min(opts.timeout, left))
-                failure = None if proc.returncode == 0 else (proc.stdout[-1000:] + proc.stderr[-3000:]).strip()
-            except subprocess.TimeoutExpired:
-                failure = f"timed out after {min(opts.timeout, left):.0f} s"
-            done = json.loads(out.read_text()) if out.exists() else {"arm": dict(base), "rows": []}
+            args = ["--shape", shape, "--arm", arm, "--batches", *map(str, opts.batches), "--warmup",
+                    str(opts.warmup), "--steps", str(opts.steps), "--seq-len", str(opts.seq_len),
+                    "--simulate-oom-batch", str(opts.simulate_oom_batch)] + (["--smoke"] if opts.smoke else [])
+            done, failure, wall = run_worker(__file__, args, tmp / f"{shape}-{arm}.json",
+                                             timeout=min(opts.timeout, left))
+            done = done or {"arm": dict(base), "rows": []}
             measured = {r["batch"] for r in done["rows"]}
             done["rows"] += [{**base, "batch": b, "status": "crashed" if failure else "missing"}
                              for b in opts.batches if b not in measured]
             if failure:
                 done["arm"]["crash"] = failure
                 print(f"[{shape}/{arm}] FAILED:\n{failure}", file=sys.stderr)
-            done["arm"]["wall_s"] = time.time() - began
-            print(f"[{shape}/{arm}] {done['arm']['wall_s']:.0f} s: " + ", ".join(
+            done["arm"]["wall_s"] = wall
+            print(f"[{shape}/{arm}] {wall:.0f} s: " + ", ".join(
                 f"{r['batch']}={r['status']}" for r in done["rows"]), flush=True)
             arms.append(done["arm"])
             rows += done["rows"]
@@ -289,97 +250,54 @@ def _get(rows: list[dict[str, Any]], shape: str, arm: str, batch: int) -> dict[s
     return next((r for r in rows if (r["shape"], r["arm"], r["batch"]) == (shape, arm, batch)), {})
 
 
-def _ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> str:
-    return f"{a[key] / b[key]:.2f}" if a.get("status") == b.get("status") == "ok" and b.get(key) else "-"
-
-
 def largest_fit(rows: list[dict[str, Any]], shape: str, arm: str) -> int | None:
     fits = [r["batch"] for r in rows if (r["shape"], r["arm"], r["status"]) == (shape, arm, "ok")]
     return max(fits, default=None)
 
 
-def _arms_in(rows: list[dict[str, Any]]) -> list[str]:
-    """The arms that ran, in ``ARMS`` order."""
+def table(arms: list[dict[str, Any]], rows: list[dict[str, Any]], batches: list[int]) -> None:
+    """Print per (shape, batch, arm): s/step, tokens/s, peak GiB and the ratios to unpatched and Liger-Kernel."""
+    _runner.print_table(rows, ["shape", "batch", "arm", "status", "median_step_s", "tokens_per_s", "peak_allocated_gib",
+                               *RATIOS])
     present = {r["arm"] for r in rows}
-    return [arm for arm in ARMS if arm in present]
-
-
-def table(arms: list[dict[str, Any]], rows: list[dict[str, Any]], batches: list[int]) -> str:
-    """Per shape and batch: each arm's s/step, tokens/s, GiB; ours/Liger and ours/unpatched ratios."""
-    ran = _arms_in(rows)
-    lines = [f"{'shape':13} {'batch':>5}  " + "  ".join(f"{a:>26}" for a in ran)
-             + f"  {'tok/s ours/LK':>13} {'ours/unp':>8} {'mem ours/LK':>11} {'ours/unp':>8}"]
+    ran = [arm for arm in ARMS if arm in present]
     for shape in dict.fromkeys(r["shape"] for r in rows):
-        for batch in batches:
-            cells = []
-            for arm in ran:
-                r = _get(rows, shape, arm, batch)
-                cells.append(f"{r['median_step_s']:.3f}s {r['tokens_per_s']:7.0f}/s {r['peak_allocated_gib']:5.1f}G"
-                             if r.get("status") == "ok" else r.get("status", "-"))
-            ours, lk, unp = (_get(rows, shape, arm, batch) for arm in ("ours", "liger_kernel", "unpatched"))
-            mem = "peak_allocated_gib"
-            lines.append(f"{shape:13} {batch:>5}  " + "  ".join(f"{c:>26}" for c in cells)
-                         + f"  {_ratio(ours, lk, 'tokens_per_s'):>13} {_ratio(ours, unp, 'tokens_per_s'):>8}"
-                         + f" {_ratio(ours, lk, mem):>11} {_ratio(ours, unp, mem):>8}")
         fits = {arm: largest_fit(rows, shape, arm) for arm in ran}
         top = max(batches)
         text = ", ".join(f"{arm} {'none' if b is None else (f'>={b}' if b == top else b)}" for arm, b in fits.items())
         ratio = f"{fits['ours'] / fits['unpatched']:.2f}" if fits.get("ours") and fits.get("unpatched") else "-"
-        lines.append(f"{shape:13} largest batch that fits: {text}; ours/unpatched {ratio}"
-                     + (" (lower bound: the largest batch tried fits)" if fits.get("ours") == top else ""))
+        print(f"{shape:13} largest batch that fits: {text}; ours/unpatched {ratio}"
+              + (" (lower bound: the largest batch tried fits)" if fits.get("ours") == top else ""))
         diffs = [abs(a - b) / abs(b) for batch in batches
                  for a, b in zip(_get(rows, shape, "ours", batch).get("losses", []),
                                  _get(rows, shape, "unpatched", batch).get("losses", []))]
         if diffs:
-            lines.append(f"{shape:13} training loss, ours vs unpatched: max relative difference {max(diffs):.2e}")
+            print(f"{shape:13} training loss, ours vs unpatched: max relative difference {max(diffs):.2e}")
     unsupported = sorted({a["model_type"] for a in arms if a.get("unsupported")})
     if unsupported:
-        lines.append(f"Liger-Kernel has no patch for model types {unsupported}: that arm is skipped there")
+        print(f"Liger-Kernel has no patch for model types {unsupported}: that arm is skipped there")
     for arm in arms:
         if arm.get("error") or arm.get("crash"):
-            lines.append(f"note {arm['shape']}/{arm['arm']}: {arm.get('error') or arm.get('crash')[-300:]}")
-    return "\n".join(lines)
+            print(f"note {arm['shape']}/{arm['arm']}: {arm.get('error') or arm.get('crash')[-300:]}")
+
+
+RATIOS = {f"{key}_x_{arm}": (arm, key) for arm in ("unpatched", "liger_kernel")
+          for key in ("tokens_per_s", "peak_allocated_gib")}
 
 
 def plot(rows: list[dict[str, Any]], results_dir: Path, batches: list[int], meta: dict[str, Any]) -> list[Path]:
-    """Throughput and peak-memory bar charts: one panel per shape, one bar per arm at each batch size."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no PNG", file=sys.stderr)
-        return []
-    shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    colors = {"unpatched": "#9e9e9e", "liger_kernel": "#1565c0", "ours": "#2e7d32", "ours_ce_only": "#81c784",
-              "ours_layers_only": "#c5e1a5"}
-    ran = _arms_in(rows)
+    """Throughput and peak-memory bar charts: one group per (shape, batch), one bar per arm; OOM marked."""
+    shown = [r if r.get("status") == "ok" else
+             dict(r, tokens_per_s=r.get("status"), peak_allocated_gib=r.get("status")) for r in rows
+             if r["batch"] in batches]
     paths = []
     for key, label, name in (("tokens_per_s", "non-padding tokens/s", "throughput"),
                              ("peak_allocated_gib", "peak allocated GiB", "memory")):
-        fig, axes = plt.subplots(1, len(shapes), figsize=(4.6 * len(shapes), 3.8), squeeze=False)
-        for ax, shape in zip(axes[0], shapes):
-            width = 0.8 / len(ran)
-            for i, arm in enumerate(ran):
-                for j, batch in enumerate(batches):
-                    r = _get(rows, shape, arm, batch)
-                    x = j + (i - (len(ran) - 1) / 2) * width
-                    if r.get("status") == "ok":
-                        ax.bar(x, r[key], width, color=colors[arm], label=arm if j == 0 else None)
-                    elif r.get("status") == "OOM":
-                        ax.text(x, 0, "OOM", rotation=90, ha="center", va="bottom", fontsize=7, color=colors[arm])
-            ax.set_xticks(range(len(batches)), [str(b) for b in batches])
-            ax.set_xlabel("per-device batch (rows of %d tokens)" % meta["seq_len"])
-            ax.set_title(shape, fontsize=10)
-            ax.set_ylabel(label)
-        axes[0][0].legend(fontsize=8)
-        fig.suptitle(f"HF Trainer SFT, bf16, AdamW, grad. checkpointing, {meta.get('device', '')}", fontsize=10)
-        fig.tight_layout()
-        path = results_dir / f"bench_sft_{name}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
+        path = _runner.plot(results_dir / f"bench_sft_{name}.png", shown, group=["shape", "batch"], method="arm",
+                            values=[(key, label)], annotate={key: f"{key}_x_unpatched"}, ref_line=None,
+                            title=f"HF Trainer SFT, T={meta['seq_len']}, bf16, AdamW, grad. checkpointing, "
+                                  f"{meta.get('gpu', '')}; x = per-device batch")
+        paths += [path] if path else []
     return paths
 
 
@@ -416,15 +334,16 @@ def main() -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     began = time.time()
     arms, rows = run_all(opts)
-    device = next((a["device"] for a in arms if a.get("device")), "")
-    meta = {k: getattr(opts, k) for k in ("shapes", "arms", "batches", "warmup", "steps", "seq_len", "smoke")}
-    meta.update(device=device, wall_s=time.time() - began, shapes_config=SHAPES)
-    path = results_dir / "bench_sft.json"
-    path.write_text(json.dumps({"meta": meta, "arms": arms, "rows": rows}, indent=1))
+    meta = _runner.run_meta(**{k: getattr(opts, k) for k in ("shapes", "arms", "batches", "warmup", "steps",
+                                                              "seq_len", "smoke")})
+    meta.update(device=next((a["device"] for a in arms if a.get("device")), ""), wall_s=time.time() - began,
+                shapes_config=SHAPES, arm_runs=arms)
+    _runner.add_ratios(rows, keys=["shape", "batch"], ratios=RATIOS, method="arm")
+    path = _runner.save("bench_sft", rows, meta, results_dir=results_dir)
     print(f"wrote {path}")
     for png in plot(rows, results_dir, opts.batches, meta):
         print(f"wrote {png}")
-    print(table(arms, rows, opts.batches))
+    table(arms, rows, opts.batches)
     print(f"total wall time {meta['wall_s']:.0f} s")
 
 

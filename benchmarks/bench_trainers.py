@@ -11,17 +11,16 @@ memory is its own; after ``--warmup`` steps (Triton compilation, allocator growt
     python benchmarks/bench_trainers.py --only orpo simpo    # a subset
     python benchmarks/bench_trainers.py --plot-only a/bench_trainers.json b/bench_trainers.json  # merge, redraw
 
-Writes ``bench_trainers.json`` (``{"meta", "rows"}``, ``benchmarks/_runner.py``) and the PNG bar charts ``bench_trainers_throughput.png`` and
-``bench_trainers_memory.png`` under ``--results-dir`` (default ``benchmarks/results``); prints the
-table last. Every figure in the table is also given as a ratio to TRL's in the same run.
+Writes ``bench_trainers.json`` (``{"meta", "rows"}``, ``benchmarks/_runner.py``) and the PNG bar charts
+``bench_trainers_throughput.png`` and ``bench_trainers_memory.png`` under ``--results-dir`` (default
+``benchmarks/results``); prints the table last. Every figure in the table is also given as a ratio to TRL's
+in the same run (``throughput_x_trl``, ``memory_x_trl``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +30,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import _runner  # noqa: E402
+from _models import model_config  # noqa: E402
+from _workers import run_worker  # noqa: E402
 
 ALGOS = ("orpo", "simpo", "dpo", "kto")
 # Per sequence: BOS + a quarter of max_length of prompt words, then completion words truncated at max_length.
@@ -40,22 +41,12 @@ ALGOS = ("orpo", "simpo", "dpo", "kto")
 
 
 def llama_1b_config(vocab_size: int = 128256, smoke: bool = False) -> Any:
-    """Llama-3.2-1B's shape (16 layers, hidden 2048, 32 heads / 8 kv heads, SwiGLU 8192, tied head).
+    """Llama-3.2-1B's shape (``_models``: 16 layers, hidden 2048, 32 / 8 heads, SwiGLU 8192, tied head).
 
     ``smoke``: 2 layers of hidden 64 (same vocabulary), to check the script on a CPU.
     """
-    from transformers import LlamaConfig
-
-    hidden, inter, layers, heads, kv = (64, 128, 2, 4, 2) if smoke else (2048, 8192, 16, 32, 8)
-    return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads, hidden_act="silu",
-        max_position_embeddings=131072, rms_norm_eps=1e-5,
-        rope_theta=500000.0, tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
+    return model_config("llama-3.2-1b", smoke=smoke, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2,
+                        pad_token_id=0)
 
 
 def synthetic_pairs(tokenizer: Any, rows: int, seq_len: int, seed: int = 0) -> dict[str, list[str]]:
@@ -110,23 +101,27 @@ def build_trainer(
     )
     rows = pairs
     if algo == "orpo":
-        from trl.experimental.orpo import ORPOConfig as Config, ORPOTrainer as Trainer
+        from trl.experimental.orpo import ORPOConfig as Config
+        from trl.experimental.orpo import ORPOTrainer as Trainer
 
         from liger_align.trainers import LigerORPOTrainer as Liger
         args = Config(per_device_train_batch_size=pairs, **common)
     elif algo == "simpo":
-        from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Trainer
+        from trl.experimental.cpo import CPOConfig as Config
+        from trl.experimental.cpo import CPOTrainer as Trainer
 
         from liger_align.trainers import LigerCPOTrainer as Liger
         args = Config(per_device_train_batch_size=pairs, loss_type="simpo", cpo_alpha=0.0,
                       **common)
     elif algo == "dpo":
-        from trl import DPOConfig as Config, DPOTrainer as Trainer
+        from trl import DPOConfig as Config
+        from trl import DPOTrainer as Trainer
 
         from liger_align.trainers import LigerDPOTrainer as Liger
         args = Config(per_device_train_batch_size=pairs, **common)
     else:
-        from trl import KTOConfig as Config, KTOTrainer as Trainer
+        from trl import KTOConfig as Config
+        from trl import KTOTrainer as Trainer
 
         from liger_align.trainers import LigerKTOTrainer as Liger
         sys.path.insert(0, str(ROOT / "examples" / "alignment"))
@@ -193,24 +188,15 @@ def worker(opts: argparse.Namespace) -> None:
 def run_all(opts: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     tmp = Path(tempfile.mkdtemp(prefix="bench_trainers_"))  # per-run JSON and trainer output, not results
-    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     for algo in opts.only:
         for impl in ("trl", "liger"):
-            out = tmp / f"{algo}-{impl}.json"
-            out.unlink(missing_ok=True)
-            cmd = [sys.executable, __file__, "--worker", "--algo", algo, "--impl", impl, "--worker-out", str(out),
-                   "--warmup", str(opts.warmup), "--steps", str(opts.steps), "--pairs", str(opts.pairs),
-                   "--seq-len", str(opts.seq_len)] + (["--smoke"] if opts.smoke else [])
-            began = time.time()
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=opts.timeout)
-            if proc.returncode == 0 and out.exists():
-                res = json.loads(out.read_text())
-            else:
-                tail = (proc.stdout[-1500:] + proc.stderr[-3000:]).strip()
-                res = {"algo": algo, "impl": impl, "error": tail}
-                print(f"[{algo}/{impl}] FAILED:\n{tail}", file=sys.stderr)
-            res["wall_s"] = time.time() - began
+            args = ["--algo", algo, "--impl", impl, "--warmup", str(opts.warmup), "--steps", str(opts.steps),
+                    "--pairs", str(opts.pairs), "--seq-len", str(opts.seq_len)] + (["--smoke"] if opts.smoke else [])
+            res, failure, wall = run_worker(__file__, args, tmp / f"{algo}-{impl}.json", timeout=opts.timeout)
+            if failure:
+                res = {"algo": algo, "impl": impl, "error": failure}
+                print(f"[{algo}/{impl}] FAILED:\n{failure}", file=sys.stderr)
+            res["wall_s"] = wall
             print(f"[{algo}/{impl}] {json.dumps({k: v for k, v in res.items() if k not in ('error', 'step_s_all')})}",
                   flush=True)
             results.append(res)

@@ -28,27 +28,29 @@ reported beside it. Ratios are against ``sft/hf`` and ``dpo/trl`` of the same ru
     python benchmarks/bench_vlm.py --only sft        # or: --only dpo
     python benchmarks/bench_vlm.py --smoke           # tiny shapes on the CPU, seconds: checks the script only
 
-Writes ``bench_vlm.json`` and ``bench_vlm.png`` under ``--results-dir`` (default ``benchmarks/results``).
+Writes ``bench_vlm.json`` (``{"meta", "rows"}``, the extrapolated fit in ``meta["largest_fit"]``) and
+``bench_vlm.png`` under ``--results-dir`` (default ``benchmarks/results``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import _runner  # noqa: E402
+from _workers import is_oom, run_worker  # noqa: E402
+
 VLM_EXAMPLES = ROOT / "examples" / "vlm"
 ARMS = (("sft", "hf"), ("sft", "liger_kernel"), ("sft", "liger_align"), ("dpo", "trl"), ("dpo", "liger_align"))
 BASELINE = {"sft": "hf", "dpo": "trl"}
-GIB = 2**30
+GIB = _runner.GIB
 
 
 # ------------------------------------------------------------------------------------------- worker
@@ -219,8 +221,6 @@ def peer_available() -> bool:
 
 def run_all(opts: argparse.Namespace) -> list[dict[str, Any]]:
     tmp = Path(tempfile.mkdtemp(prefix="bench_vlm_"))
-    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     plan = [(task, impl, opts.batch) for task, impl in ARMS if task in opts.only]
     if opts.big_batch and "sft" in opts.only:
         plan += [("sft", "hf", opts.big_batch), ("sft", "liger_align", opts.big_batch)]
@@ -230,24 +230,13 @@ def run_all(opts: argparse.Namespace) -> list[dict[str, Any]]:
             results.append({"task": task, "impl": impl, "batch": batch, "skipped": "liger_kernel is not installed"})
             print(f"[{task}/{impl}] skipped: liger_kernel is not installed", flush=True)
             continue
-        out = tmp / f"{task}-{impl}-{batch}.json"
-        cmd = [sys.executable, __file__, "--worker", "--task", task, "--impl", impl, "--batch", str(batch),
-               "--worker-out", str(out), "--warmup", str(opts.warmup), "--steps", str(opts.steps),
-               "--optim", opts.optim]
-        cmd += ["--smoke"] if opts.smoke else []
-        began = time.time()
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=opts.timeout)
-            ok, tail = proc.returncode == 0 and out.exists(), (proc.stdout[-1500:] + proc.stderr[-3000:]).strip()
-        except subprocess.TimeoutExpired as err:
-            ok, tail = False, f"timed out after {opts.timeout} s: {str(err.stdout or '')[-1500:]}"
-        if ok:
-            res = json.loads(out.read_text())
-        else:
-            oom = "OutOfMemoryError" in tail or "CUDA out of memory" in tail
-            res = {"task": task, "impl": impl, "batch": batch, "error": "out of memory" if oom else tail}
-            print(f"[{task}/{impl}/b{batch}] FAILED:\n{tail}", file=sys.stderr, flush=True)
-        res["wall_s"] = time.time() - began
+        args = ["--task", task, "--impl", impl, "--batch", str(batch), "--warmup", str(opts.warmup), "--steps",
+                str(opts.steps), "--optim", opts.optim] + (["--smoke"] if opts.smoke else [])
+        res, failure, wall = run_worker(__file__, args, tmp / f"{task}-{impl}-{batch}.json", timeout=opts.timeout)
+        if failure:
+            res = {"task": task, "impl": impl, "batch": batch, "error": "out of memory" if is_oom(failure) else failure}
+            print(f"[{task}/{impl}/b{batch}] FAILED:\n{failure}", file=sys.stderr, flush=True)
+        res["wall_s"] = wall
         print(f"[{task}/{impl}/b{batch}] " + json.dumps({k: v for k, v in res.items() if k not in (
             "error", "step_s_all", "losses", "input_shapes")}), flush=True)
         results.append(res)
@@ -256,13 +245,9 @@ def run_all(opts: argparse.Namespace) -> list[dict[str, Any]]:
 
 def add_ratios(results: list[dict[str, Any]]) -> None:
     """``throughput_x`` and ``memory_x`` against the task's baseline at the same batch (same run)."""
-    by = {(r["task"], r["impl"], r["batch"]): r for r in results if "step_s" in r}
-    for r in results:
-        base = by.get((r["task"], BASELINE[r["task"]], r["batch"]))
-        if "step_s" not in r or base is None:
-            continue
-        r["throughput_x"] = r["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else None
-        r["memory_x"] = r["peak_gib"] / base["peak_gib"] if base["peak_gib"] else None
+    for task, base in BASELINE.items():
+        _runner.add_ratios([r for r in results if r["task"] == task and "step_s" in r], keys=["batch"], method="impl",
+                           ratios={"throughput_x": (base, "tokens_per_s"), "memory_x": (base, "peak_gib")})
 
 
 def largest_fit(results: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -309,37 +294,12 @@ def table(results: list[dict[str, Any]], fit: dict[str, Any] | None) -> str:
 
 def plot(results: list[dict[str, Any]], results_dir: Path) -> Path | None:
     """Two panels (throughput and peak memory relative to the baseline), one bar per arm; None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no PNG", file=sys.stderr)
-        return None
     ok = [r for r in results if r.get("throughput_x") is not None]
-    labels = [f"{r['task']}/{r['impl']}\nbatch {r['batch']}" for r in ok]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(ok)), 4))
-    for ax, key, title in ((axes[0], "throughput_x", "tokens/s vs baseline"), (axes[1], "memory_x",
-                                                                              "peak memory vs baseline")):
-        colors = ["#9e9e9e" if r["impl"] in BASELINE.values() else "#2e7d32" if r["impl"] == "liger_align"
-                  else "#1565c0" for r in ok]
-        bars = ax.bar(range(len(ok)), [r[key] or 0.0 for r in ok], color=colors)
-        for bar, r in zip(bars, ok):
-            if r[key] is None:
-                continue
-            ax.annotate(f"{r[key]:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                        va="bottom", fontsize=7)
-        ax.axhline(1.0, color="k", lw=0.8, ls="--")
-        ax.set_xticks(range(len(ok)), labels, fontsize=7)
-        ax.set_title(title, fontsize=9)
     device = ok[0]["device"] if ok else "GPU"
-    fig.suptitle(f"Qwen2-VL-2B shape, bf16, grad. checkpointing, 514 tokens/row (256 visual), {device}", fontsize=9)
-    fig.tight_layout()
-    path = results_dir / "bench_vlm.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _runner.plot(results_dir / "bench_vlm.png", ok, group=["task", "batch"], method="impl",
+                        values=[("throughput_x", "tokens/s vs baseline"), ("memory_x", "peak memory vs baseline")],
+                        annotate={"throughput_x": "throughput_x", "memory_x": "memory_x"},
+                        title=f"Qwen2-VL-2B shape, bf16, grad. checkpointing, 514 tokens/row (256 visual), {device}")
 
 
 def main() -> None:
@@ -369,9 +329,9 @@ def main() -> None:
     results = run_all(opts)
     add_ratios(results)
     fit = largest_fit(results)
-    meta = {k: getattr(opts, k) for k in ("batch", "big_batch", "warmup", "steps", "optim", "smoke")}
-    (results_dir / "bench_vlm.json").write_text(json.dumps({"config": meta, "results": results,
-                                                             "largest_fit": fit}, indent=1))
+    meta = _runner.run_meta(**{k: getattr(opts, k) for k in ("batch", "big_batch", "warmup", "steps", "optim",
+                                                              "smoke")}, largest_fit=fit)
+    print(f"wrote {_runner.save('bench_vlm', results, meta, results_dir=results_dir)}")
     path = plot(results, results_dir)
     if path:
         print(f"wrote {path}")

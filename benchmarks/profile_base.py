@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_linear_logprobs import make_inputs  # noqa: E402
+
 from liger_align.kernels import fused_linear_cross_entropy, linear_logprobs  # noqa: E402
 
 
