@@ -63,8 +63,28 @@ def split_pairs(stats: SequenceStats) -> Halves:
     return Halves(first, second)
 
 
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` as a Python ``bool``; ``TypeError`` naming ``name`` for anything else (``1``, ``"yes"``, a tensor)."""
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
+
+
+def sequence_logps(stats: SequenceStats, average: bool) -> torch.Tensor:
+    """Per-sequence log-probs ``(R,)``: the sum over each row's valid tokens, or with ``average`` their mean.
+
+    The one place the preference losses form them from :class:`SequenceStats` (their ``average_log_prob``).
+    An all-masked row gives 0 either way, with zero gradient.
+    """
+    return stats.mean_logps() if average else stats.sum_logps
+
+
 def logits_mean(stats: SequenceStats) -> torch.Tensor:
-    """Mean logit over every valid token of the rows in ``stats`` (0-d, detached); 0 when there is none."""
+    """Mean logit over every valid token of the rows in ``stats`` (0-d, detached); 0 when there is none.
+
+    By design this averages over valid (non-ignored) tokens only; Liger-Kernel's ``*_logits_mean``
+    averages over every position, prompt and padding included.
+    """
     return (stats.logit_sum.sum() / stats.n_tokens.sum().clamp(min=1)).detach()
 
 

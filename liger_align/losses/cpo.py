@@ -9,6 +9,11 @@ As TRL 1.16's ``CPOTrainer``: with ``u = logp_c - logp_r`` (or, for AlphaPO with
 - ``alphapo`` (AlphaPO, arXiv:2501.03884): ``simpo`` with ``cpo_alpha = 0`` (set ``alpha`` too).
 
 ``loss = mean_b loss_b + cpo_alpha * NLL(chosen)``, the NLL averaged over the chosen completion tokens.
+
+``average_log_prob`` (Liger-Kernel's option) chooses the per-sequence log-probs: None (the default) keeps
+TRL's convention above (averages for ``ipo``/``simpo``/``alphapo``, sums for ``sigmoid``/``hinge``); True
+averages and False sums for every loss type. SimPO's own entry points default to True (False sums).
+The NLL term is a token average either way.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch.nn.functional as F
 
 from ..kernels._checks import check_non_negative, check_positive, check_real
 from ._module import FusedLossModule
-from ._paired import check_choice, logit_options, logits_mean, split_pairs, token_mean_nll
+from ._paired import check_choice, check_flag, logit_options, logits_mean, sequence_logps, split_pairs, token_mean_nll
 from ._sequences import check_rows, sequence_stats
 
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
@@ -52,8 +57,14 @@ def check_cpo_config(
     )
 
 
-def cpo_averages_logps(loss_type: str) -> bool:
-    """Whether ``loss_type`` reads per-token average log-probs (``ipo``, ``simpo``) rather than sums."""
+def cpo_averages_logps(loss_type: str, average_log_prob: bool | None = None) -> bool:
+    """Whether the loss reads per-token average log-probs rather than sums.
+
+    ``average_log_prob``: True or False decides; None (``ValueError``/``TypeError`` for anything else) takes
+    ``loss_type``'s TRL convention: averages for ``ipo`` and ``simpo`` (``alphapo``), sums otherwise.
+    """
+    if average_log_prob is not None:
+        return check_flag("average_log_prob", average_log_prob)
     return loss_type in ("ipo", "simpo", "alphapo")
 
 
@@ -124,6 +135,7 @@ def fused_linear_cpo_loss(
     label_smoothing: float = 0.0,
     simpo_gamma: float = 0.5,
     alpha: float = 0.0,
+    average_log_prob: bool | None = None,
     ignore_index: int = -100,
     temperature: float = 1.0,
     softcap: float | None = None,
@@ -137,28 +149,28 @@ def fused_linear_cpo_loss(
         lin_weight: ``(V, H)``; bias ``(V,)`` or None.
         hidden: ``(2B, T, H)``, B chosen rows then B rejected rows; target ``(2B, T)`` already shifted.
         beta, loss_type, cpo_alpha, label_smoothing, simpo_gamma, alpha: see :func:`cpo_objective`.
+        average_log_prob: None (the loss type's TRL convention), True (averages) or False (sums); see
+            :func:`cpo_averages_logps`.
         ignore_index, temperature, softcap, logit_scale, chunk_bytes, impl: see :class:`LogitOptions`.
 
     Returns:
         ``(loss, out)``: 0-d fp32 loss and detached metrics ``chosen_logps``, ``rejected_logps`` ``(B,)``
-        (averaged or summed as the loss type reads them), ``chosen_logits_mean``,
-        ``rejected_logits_mean`` and those of :func:`cpo_objective`.
+        (averaged or summed as the loss reads them), ``chosen_logits_mean``, ``rejected_logits_mean``
+        (over valid tokens only, by design; Liger-Kernel's average every position) and those of
+        :func:`cpo_objective`.
     """
     check_rows(hidden, target, lin_weight, paired=True)
     config = check_cpo_config(
         beta=beta, loss_type=loss_type, cpo_alpha=cpo_alpha, label_smoothing=label_smoothing,
         simpo_gamma=simpo_gamma, alpha=alpha,
     )
-    loss_type = config["loss_type"]
+    average = cpo_averages_logps(config["loss_type"], average_log_prob)
     opts = logit_options(
         ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
         chunk_bytes=chunk_bytes, impl=impl,
     )
     policy = split_pairs(sequence_stats(hidden, lin_weight, target, bias, opts))
-    if cpo_averages_logps(loss_type):
-        chosen_logps, rejected_logps = policy.chosen.mean_logps(), policy.rejected.mean_logps()
-    else:
-        chosen_logps, rejected_logps = policy.chosen.sum_logps, policy.rejected.sum_logps
+    chosen_logps, rejected_logps = sequence_logps(policy.chosen, average), sequence_logps(policy.rejected, average)
     loss, metrics = cpo_objective(chosen_logps, rejected_logps, token_mean_nll(policy.chosen), **config)
     out = {
         "chosen_logps": chosen_logps.detach(),
@@ -179,6 +191,7 @@ def fused_linear_simpo_loss(
     beta: float = 2.0,
     gamma: float = 0.5,
     label_smoothing: float = 0.0,
+    average_log_prob: bool = True,
     ignore_index: int = -100,
     temperature: float = 1.0,
     softcap: float | None = None,
@@ -189,12 +202,13 @@ def fused_linear_simpo_loss(
     """SimPO (Meng et al., 2024): ``-log sigmoid(beta (avg_logp_c - avg_logp_r) - gamma)``, no reference, no NLL.
 
     The same as :func:`fused_linear_cpo_loss` with ``loss_type="simpo"``, ``cpo_alpha=0`` and
-    ``simpo_gamma=gamma``; shapes and outputs as there.
+    ``simpo_gamma=gamma``; shapes and outputs as there. ``average_log_prob=False`` uses summed log-probs.
     """
     return fused_linear_cpo_loss(
         lin_weight, hidden, target, bias, beta=beta, loss_type="simpo", cpo_alpha=0.0,
-        label_smoothing=label_smoothing, simpo_gamma=gamma, ignore_index=ignore_index, temperature=temperature,
-        softcap=softcap, logit_scale=logit_scale, chunk_bytes=chunk_bytes, impl=impl,
+        label_smoothing=label_smoothing, simpo_gamma=gamma,
+        average_log_prob=check_flag("average_log_prob", average_log_prob), ignore_index=ignore_index,
+        temperature=temperature, softcap=softcap, logit_scale=logit_scale, chunk_bytes=chunk_bytes, impl=impl,
     )
 
 
@@ -213,6 +227,7 @@ class LigerFusedLinearCPOLoss(FusedLossModule):
         simpo_gamma: float = 0.5,
         alpha: float = 0.0,
         *,
+        average_log_prob: bool | None = None,
         ignore_index: int = -100,
         temperature: float = 1.0,
         softcap: float | None = None,
@@ -220,11 +235,13 @@ class LigerFusedLinearCPOLoss(FusedLossModule):
         chunk_bytes: int | None = None,
         impl: str | None = None,
     ) -> None:
+        config = check_cpo_config(
+            beta=beta, loss_type=loss_type, cpo_alpha=cpo_alpha, label_smoothing=label_smoothing,
+            simpo_gamma=simpo_gamma, alpha=alpha,
+        )
+        cpo_averages_logps(config["loss_type"], average_log_prob)  # checked here, at construction
         super().__init__(
-            check_cpo_config(
-                beta=beta, loss_type=loss_type, cpo_alpha=cpo_alpha, label_smoothing=label_smoothing,
-                simpo_gamma=simpo_gamma, alpha=alpha,
-            ),
+            dict(config, average_log_prob=average_log_prob),
             ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
             chunk_bytes=chunk_bytes, impl=impl,
         )
@@ -247,6 +264,7 @@ class LigerFusedLinearSimPOLoss(FusedLossModule):
         gamma: float = 0.5,
         label_smoothing: float = 0.0,
         *,
+        average_log_prob: bool = True,
         ignore_index: int = -100,
         temperature: float = 1.0,
         softcap: float | None = None,
@@ -258,7 +276,10 @@ class LigerFusedLinearSimPOLoss(FusedLossModule):
             beta=beta, loss_type="simpo", cpo_alpha=0.0, label_smoothing=label_smoothing, simpo_gamma=gamma, alpha=0.0
         )
         super().__init__(
-            dict(beta=config["beta"], gamma=config["simpo_gamma"], label_smoothing=config["label_smoothing"]),
+            dict(
+                beta=config["beta"], gamma=config["simpo_gamma"], label_smoothing=config["label_smoothing"],
+                average_log_prob=check_flag("average_log_prob", average_log_prob),
+            ),
             ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
             chunk_bytes=chunk_bytes, impl=impl,
         )

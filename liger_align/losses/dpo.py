@@ -10,27 +10,26 @@ With ``s_c = logp_c - ref_logp_c`` and ``s_r`` likewise (mapped through the f-di
 - ``exo_pair`` (EXO), ``nca_pair`` (NCA), ``robust`` (rDPO), ``bco_pair`` (BCO), ``sppo_hard`` (SPPO),
   ``aot`` / ``aot_unpaired`` (AOT), ``apo_zero`` / ``apo_down`` (APO), ``discopop`` (DiscoPOP),
   ``sigmoid_norm`` (DPO on per-token averages), ``sft`` (NLL of the chosen tokens).
+
+``average_log_prob=True`` (Liger-Kernel's option) makes every sequence log-prob, policy and reference,
+the average over its valid tokens instead of the sum; ``ipo`` and ``sigmoid_norm``, which already read
+averages, then do not divide again (the same loss under ``reverse_kl``; under another f-divergence the
+average is taken before ``f`` instead of after), and ``sft`` stays the NLL averaged over chosen tokens.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..kernels._checks import as_real, check_positive, check_real, check_weights
+from ._dpo_objectives import _F_DIVERGENCE_LOSS_TYPES, DPO_LOSS_TYPES, F_DIVERGENCES, f_scores, one_dpo_loss
 from ._module import FusedLossModule
-from ._paired import check_choice, check_vector, logit_options, logits_mean, reference_logps, split_pairs
-from ._sequences import check_rows, sequence_stats
-
-DPO_LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
-    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+from ._paired import (
+    check_choice, check_flag, check_vector, logit_options, logits_mean, reference_logps, sequence_logps, split_pairs,
 )
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-_F_DIVERGENCE_LOSS_TYPES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+from ._sequences import check_rows, sequence_stats
 
 
 def check_dpo_config(
@@ -88,62 +87,6 @@ def needs_reference(loss_types: Sequence[str]) -> bool:
     return any(name != "sft" for name in loss_types)
 
 
-def _f_scores(logratios: torch.Tensor, f_divergence_type: str, alpha: float) -> torch.Tensor:
-    """``f'(pi / pi_ref)`` of the f-DPO paper (Wang et al., 2023) from ``log(pi / pi_ref)``."""
-    if f_divergence_type == "forward_kl":
-        return 1 - torch.exp(-logratios)
-    if f_divergence_type == "js_divergence":
-        return math.log(2) + F.logsigmoid(logratios)
-    if f_divergence_type == "alpha_divergence" and abs(alpha - 1.0) >= 1e-6:
-        return (torch.exp(((alpha - 1.0) * logratios).clamp(max=80.0)) - 1.0) / (alpha - 1.0)
-    return logratios
-
-
-def _one_dpo_loss(
-    name, *, beta, label_smoothing, discopop_tau, c, r, ref_c, ref_r, c_ratio, r_ratio, c_score, r_score, n_c, n_r
-):
-    """Per-pair loss ``(B,)`` of one loss type (the symbols of :func:`dpo_objective`)."""
-    delta = c_score - r_score
-    ls = label_smoothing
-    if name == "sigmoid":
-        return -F.logsigmoid(beta * delta)
-    if name == "hinge":
-        return torch.relu(1 - beta * delta)
-    if name == "ipo":
-        return (c_score / n_c.clamp(min=1) - r_score / n_r.clamp(min=1) - 1 / (2 * beta)) ** 2
-    if name == "sigmoid_norm":
-        return -F.logsigmoid(beta * (c_score / n_c.clamp(min=1) - r_score / n_r.clamp(min=1)))
-    if name == "exo_pair":
-        z = beta * delta
-        return torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-ls)) + torch.sigmoid(-z) * (
-            F.logsigmoid(-z) - math.log(ls)
-        )
-    if name == "nca_pair":
-        return -F.logsigmoid(beta * c_ratio) - 0.5 * F.logsigmoid(-beta * c_ratio) - 0.5 * F.logsigmoid(-beta * r_ratio)
-    if name == "robust":
-        z = beta * delta
-        return (-(1 - ls) * F.logsigmoid(z) + ls * F.logsigmoid(-z)) / (1 - 2 * ls)
-    if name == "bco_pair":
-        return -F.logsigmoid(beta * c_ratio) - F.logsigmoid(-beta * r_ratio)
-    if name == "sppo_hard":
-        return (c_ratio - 0.5 / beta) ** 2 + (r_ratio + 0.5 / beta) ** 2
-    if name in ("aot", "aot_unpaired"):
-        if name == "aot":
-            d = torch.sort(c - r).values - torch.sort(ref_c - ref_r).values
-        else:
-            d = torch.sort(c_ratio).values - torch.sort(r_ratio).values
-        return -F.logsigmoid(beta * d) * (1 - ls) - F.logsigmoid(-beta * d) * ls
-    if name == "apo_zero":
-        return 1 - torch.sigmoid(beta * c_ratio) + torch.sigmoid(beta * r_ratio)
-    if name == "apo_down":
-        return torch.sigmoid(beta * c_ratio) + 1 - torch.sigmoid(beta * (c_ratio - r_ratio))
-    if name == "discopop":
-        z = beta * delta
-        mix = torch.sigmoid(z / discopop_tau)
-        return -F.logsigmoid(z) * (1 - mix) + torch.exp(-z) * mix
-    if name == "sft":
-        return (-c.sum() / n_c.sum().clamp(min=1)).expand(c.shape[0])
-    raise ValueError(f"loss_type must be one of {list(DPO_LOSS_TYPES)}, got {name!r}")
 
 
 def dpo_objective(
@@ -161,16 +104,20 @@ def dpo_objective(
     f_alpha_divergence_coef: float = 0.5,
     chosen_n_tokens: torch.Tensor | None = None,
     rejected_n_tokens: torch.Tensor | None = None,
+    average_log_prob: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO-family loss from per-sequence *summed* log-probs, as TRL 1.16's ``DPOTrainer``.
 
     Args:
-        chosen_logps, rejected_logps: ``(B,)`` policy log-probs summed over each completion.
+        chosen_logps, rejected_logps: ``(B,)`` policy log-probs summed over each completion (averaged
+            per token with ``average_log_prob``).
         ref_chosen_logps, ref_rejected_logps: ``(B,)`` the reference's (no gradient; zeros when reference-free).
         beta, loss_type, loss_weights, label_smoothing, discopop_tau, f_divergence_type,
             f_alpha_divergence_coef: as in TRL's ``DPOConfig``.
         chosen_n_tokens, rejected_n_tokens: ``(B,)`` completion lengths, for ``ipo``, ``sigmoid_norm``
             and ``sft`` (default: 1 each).
+        average_log_prob: the log-probs are per-token averages: ``ipo`` and ``sigmoid_norm`` use them
+            as they are, ``sft`` multiplies them back by ``chosen_n_tokens`` (see the module docstring).
 
     Returns:
         ``(loss, metrics)``: 0-d ``sum_k loss_weights[k] * mean_b loss_k``; metrics (detached)
@@ -180,6 +127,7 @@ def dpo_objective(
         loss_type, loss_weights, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type, beta=beta,
         discopop_tau=discopop_tau, f_alpha_divergence_coef=f_alpha_divergence_coef,
     )
+    average_log_prob = check_flag("average_log_prob", average_log_prob)
     beta, label_smoothing = float(as_real("beta", beta)), float(as_real("label_smoothing", label_smoothing))
     discopop_tau = float(as_real("discopop_tau", discopop_tau))
     f_alpha_divergence_coef = float(as_real("f_alpha_divergence_coef", f_alpha_divergence_coef))
@@ -189,15 +137,16 @@ def dpo_objective(
     ones = torch.ones_like(c)
     terms = dict(
         c=c, r=r, ref_c=ref_c, ref_r=ref_r, c_ratio=c_ratio, r_ratio=r_ratio,
-        c_score=_f_scores(c_ratio, f_divergence_type, f_alpha_divergence_coef),
-        r_score=_f_scores(r_ratio, f_divergence_type, f_alpha_divergence_coef),
+        c_score=f_scores(c_ratio, f_divergence_type, f_alpha_divergence_coef),
+        r_score=f_scores(r_ratio, f_divergence_type, f_alpha_divergence_coef),
         n_c=ones if chosen_n_tokens is None else chosen_n_tokens.float(),
         n_r=ones if rejected_n_tokens is None else rejected_n_tokens.float(),
     )
     loss = c.new_zeros(())
     for name, weight in zip(loss_types, weights):
-        per_pair = _one_dpo_loss(
-            name, beta=beta, label_smoothing=label_smoothing, discopop_tau=discopop_tau, **terms
+        per_pair = one_dpo_loss(
+            name, beta=beta, label_smoothing=label_smoothing, discopop_tau=discopop_tau, average=average_log_prob,
+            **terms,
         )
         loss = loss + weight * per_pair.mean()
     metrics = {"chosen_rewards": beta * c_ratio.detach(), "rejected_rewards": beta * r_ratio.detach()}
@@ -223,6 +172,7 @@ def fused_linear_dpo_loss(
     f_divergence_type: str = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
     reference_free: bool = False,
+    average_log_prob: bool = False,
     ignore_index: int = -100,
     temperature: float = 1.0,
     softcap: float | None = None,
@@ -237,9 +187,12 @@ def fused_linear_dpo_loss(
         hidden: ``(2B, T, H)``, B chosen rows then B rejected rows; target ``(2B, T)`` already shifted.
         ref_hidden: ``(2B, T, H_ref)`` reference hidden states, projected without gradient through
             ``ref_weight (V, H_ref)`` and ``ref_bias`` (default: ``lin_weight`` and ``bias``).
-        ref_chosen_logps, ref_rejected_logps: ``(B,)`` precomputed summed reference log-probs, instead.
+        ref_chosen_logps, ref_rejected_logps: ``(B,)`` precomputed reference log-probs, instead (used as
+            given: sums, or per-token averages when ``average_log_prob``).
         reference_free: with no reference given, use 0 for the reference log-probs; otherwise a loss
             type that reads the reference (all but ``sft``) raises ``ValueError``.
+        average_log_prob: per-token average log-probs (policy and ``ref_hidden``'s) instead of sums;
+            see the module docstring. Default False, TRL's sums.
         beta, loss_type, loss_weights, label_smoothing, discopop_tau, f_divergence_type,
             f_alpha_divergence_coef: see :func:`dpo_objective`.
         ignore_index, temperature, softcap, logit_scale, chunk_bytes, impl: see :class:`LogitOptions`.
@@ -247,9 +200,11 @@ def fused_linear_dpo_loss(
     Returns:
         ``(loss, out)``: 0-d fp32 loss and detached metrics ``chosen_logps``, ``rejected_logps``,
         ``ref_chosen_logps``, ``ref_rejected_logps``, ``chosen_rewards``, ``rejected_rewards`` ``(B,)``,
-        ``chosen_logits_mean`` and ``rejected_logits_mean`` (over completion tokens).
+        ``chosen_logits_mean`` and ``rejected_logits_mean`` (over completion tokens only, by design;
+        Liger-Kernel's average every position).
     """
     check_rows(hidden, target, lin_weight, paired=True)
+    average_log_prob = check_flag("average_log_prob", average_log_prob)
     loss_types, weights = check_dpo_config(
         loss_type, loss_weights, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type, beta=beta,
         discopop_tau=discopop_tau, f_alpha_divergence_coef=f_alpha_divergence_coef,
@@ -268,7 +223,8 @@ def fused_linear_dpo_loss(
         policy_weight=lin_weight, policy_bias=bias,
     )
     if ref_stats is not None:
-        ref_c, ref_r = ref_stats.sum_logps[:half], ref_stats.sum_logps[half:]
+        ref_logps = sequence_logps(ref_stats, average_log_prob)
+        ref_c, ref_r = ref_logps[:half], ref_logps[half:]
     elif ref_chosen_logps is not None:
         ref_c = check_vector("ref_chosen_logps", ref_chosen_logps, half).to(hidden.device)
         ref_r = check_vector("ref_rejected_logps", ref_rejected_logps, half).to(hidden.device)
@@ -280,16 +236,19 @@ def fused_linear_dpo_loss(
             "ref_chosen_logps and ref_rejected_logps, or set reference_free=True"
         )
     policy = split_pairs(sequence_stats(hidden, lin_weight, target, bias, opts))
+    chosen_logps = sequence_logps(policy.chosen, average_log_prob)
+    rejected_logps = sequence_logps(policy.rejected, average_log_prob)
     loss, metrics = dpo_objective(
-        policy.chosen.sum_logps, policy.rejected.sum_logps, ref_c, ref_r,
+        chosen_logps, rejected_logps, ref_c, ref_r,
         beta=beta, loss_type=loss_types, loss_weights=weights, label_smoothing=label_smoothing,
         discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
         f_alpha_divergence_coef=f_alpha_divergence_coef,
         chosen_n_tokens=policy.chosen.n_tokens, rejected_n_tokens=policy.rejected.n_tokens,
+        average_log_prob=average_log_prob,
     )
     out = {
-        "chosen_logps": policy.chosen.sum_logps.detach(),
-        "rejected_logps": policy.rejected.sum_logps.detach(),
+        "chosen_logps": chosen_logps.detach(),
+        "rejected_logps": rejected_logps.detach(),
         "ref_chosen_logps": ref_c.detach(),
         "ref_rejected_logps": ref_r.detach(),
         "chosen_logits_mean": logits_mean(policy.chosen),
@@ -317,6 +276,7 @@ class LigerFusedLinearDPOLoss(FusedLossModule):
         f_divergence_type: str = "reverse_kl",
         f_alpha_divergence_coef: float = 0.5,
         reference_free: bool = False,
+        average_log_prob: bool = False,
         ignore_index: int = -100,
         temperature: float = 1.0,
         softcap: float | None = None,
@@ -330,10 +290,11 @@ class LigerFusedLinearDPOLoss(FusedLossModule):
         )
         super().__init__(
             dict(
-            beta=beta, loss_type=loss_types, loss_weights=weights, label_smoothing=label_smoothing,
-            discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
-            f_alpha_divergence_coef=f_alpha_divergence_coef, reference_free=reference_free,
-        ),
+                beta=beta, loss_type=loss_types, loss_weights=weights, label_smoothing=label_smoothing,
+                discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
+                f_alpha_divergence_coef=f_alpha_divergence_coef, reference_free=reference_free,
+                average_log_prob=check_flag("average_log_prob", average_log_prob),
+            ),
             ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
             chunk_bytes=chunk_bytes, impl=impl,
         )

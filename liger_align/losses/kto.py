@@ -8,6 +8,11 @@ Unpaired: each row is a desirable or an undesirable completion. As TRL 1.16's ``
   ``sigmoid(beta rho)`` (no KL term);
 
 weighted by ``desirable_weight`` / ``undesirable_weight`` and averaged over all rows.
+
+``average_log_prob=True`` (Liger-Kernel's option; default False, TRL's sums) makes every sequence
+log-prob the average over its valid tokens: the policy's and ``ref_hidden``'s, and the KL rows' (policy
+and ``ref_kl_hidden``). Precomputed ``ref_logps``, ``ref_kl_logps`` and ``kl`` are used as given.
+A precomputed ``kl`` is clamped at 0 as TRL does (Liger-Kernel uses it unclamped).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 from ..kernels._checks import check_non_negative, check_positive, check_real
 from ..kernels.linear_logprobs import LogitOptions
 from ._module import FusedLossModule
-from ._paired import check_choice, check_vector, logit_options, logits_mean, reference_logps
+from ._paired import check_choice, check_flag, check_vector, logit_options, logits_mean, reference_logps, sequence_logps
 from ._sequences import SequenceStats, check_rows, sequence_stats
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
@@ -76,8 +81,8 @@ def kto_objective(
     Args:
         logps, ref_logps: ``(R,)`` policy and reference (no gradient) completion log-probs.
         preference_labels: ``(R,)`` bool (or 0/1): True for a desirable completion.
-        kl: the KL estimate ``z`` (0-d or float, used without gradient, clamped at 0 as TRL does);
-            None means 0. Unused by ``apo_zero_unpaired``.
+        kl: the KL estimate ``z`` (0-d or float, used without gradient, clamped at 0 as TRL does, by
+            design unlike Liger-Kernel, which uses it unclamped); None means 0. Unused by ``apo_zero_unpaired``.
         beta, desirable_weight, undesirable_weight, loss_type: as in TRL's ``KTOConfig``.
 
     Returns:
@@ -115,21 +120,26 @@ def kl_estimate(
     ref_weight: torch.Tensor | None,
     ref_bias: torch.Tensor | None,
     reference_free: bool,
+    average_log_prob: bool = False,
 ) -> torch.Tensor:
-    """TRL's KL term ``mean_j (logp(y'_j) - ref_logp(y'_j))`` over mismatched completions, without gradient."""
+    """TRL's KL term ``mean_j (logp(y'_j) - ref_logp(y'_j))`` over mismatched completions, without gradient.
+
+    ``average_log_prob``: per-token average log-probs of the KL rows instead of sums.
+    """
     check_rows(kl_hidden, kl_target, lin_weight, paired=False, names=("kl_hidden", "kl_target"))
     with torch.no_grad():
-        kl_logps = sequence_stats(
+        kl_stats = sequence_stats(
             kl_hidden.detach(), lin_weight.detach(), kl_target, _detach(bias), opts,
             names=("kl_hidden", "lin_weight", "kl_target", "bias"),
-        ).sum_logps
+        )
+        kl_logps = sequence_logps(kl_stats, average_log_prob)
     ref = reference_logps(
         kl_target, opts, ref_hidden=ref_kl_hidden, ref_weight=ref_weight if ref_kl_hidden is not None else None,
         ref_bias=ref_bias if ref_kl_hidden is not None else None, policy_weight=lin_weight, policy_bias=bias,
         names=("ref_kl_hidden", "ref_weight", "kl_target", "ref_bias"),
     )
     if ref is not None:
-        ref_kl = ref.sum_logps
+        ref_kl = sequence_logps(ref, average_log_prob)
     elif ref_kl_logps is not None:
         ref_kl = check_vector("ref_kl_logps", ref_kl_logps, kl_target.shape[0]).to(kl_logps.device)
     elif reference_free:
@@ -164,6 +174,7 @@ def fused_linear_kto_loss(
     undesirable_weight: float = 1.0,
     loss_type: str = "kto",
     reference_free: bool = False,
+    average_log_prob: bool = False,
     ignore_index: int = -100,
     temperature: float = 1.0,
     softcap: float | None = None,
@@ -183,15 +194,18 @@ def fused_linear_kto_loss(
             mismatched completions with ``ref_kl_hidden`` or ``ref_kl_logps (R',)``, estimated as TRL
             does (``mean(logp - ref_logp)``, no gradient). None of these: 0.
         beta, desirable_weight, undesirable_weight, loss_type: see :func:`kto_objective`.
+        average_log_prob: per-token average log-probs instead of sums (see the module docstring).
         ignore_index, temperature, softcap, logit_scale, chunk_bytes, impl: see :class:`LogitOptions`.
 
     Returns:
         ``(loss, out)``: 0-d fp32 loss and detached metrics: ``logps``, ``rewards`` ``(R,)``;
         ``chosen_logps``, ``chosen_rewards`` over desirable rows and ``rejected_logps``,
         ``rejected_rewards`` over undesirable rows (variable length); ``chosen_logits_mean``,
-        ``rejected_logits_mean`` and ``kl`` (0-d).
+        ``rejected_logits_mean`` (over valid tokens only, by design; Liger-Kernel's average every
+        position) and ``kl`` (0-d, clamped at 0).
     """
     check_rows(hidden, target, lin_weight, paired=False)
+    average_log_prob = check_flag("average_log_prob", average_log_prob)
     check_kto_config(
         beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight, loss_type=loss_type
     )
@@ -212,7 +226,7 @@ def fused_linear_kto_loss(
         policy_weight=lin_weight, policy_bias=bias,
     )
     if ref_stats is not None:
-        ref = ref_stats.sum_logps
+        ref = sequence_logps(ref_stats, average_log_prob)
     elif ref_logps is not None:
         ref = check_vector("ref_logps", ref_logps, rows).to(hidden.device)
     elif reference_free:
@@ -228,16 +242,18 @@ def fused_linear_kto_loss(
         kl = kl_estimate(
             lin_weight, bias, opts, kl_hidden=kl_hidden, kl_target=kl_target, ref_kl_hidden=ref_kl_hidden,
             ref_kl_logps=ref_kl_logps, ref_weight=ref_weight, ref_bias=ref_bias, reference_free=reference_free,
+            average_log_prob=average_log_prob,
         )
     else:
         check_kl(kl, hidden.device)
     stats = sequence_stats(hidden, lin_weight, target, bias, opts)
+    policy_logps = sequence_logps(stats, average_log_prob)
     desirable = preference_labels.to(device=hidden.device, dtype=torch.bool)
     loss, metrics = kto_objective(
-        stats.sum_logps, ref, desirable, beta=beta, kl=kl, desirable_weight=desirable_weight,
+        policy_logps, ref, desirable, beta=beta, kl=kl, desirable_weight=desirable_weight,
         undesirable_weight=undesirable_weight, loss_type=loss_type,
     )
-    logps = stats.sum_logps.detach()
+    logps = policy_logps.detach()
     out = {
         "logps": logps,
         "chosen_logps": logps[desirable],
@@ -272,6 +288,7 @@ class LigerFusedLinearKTOLoss(FusedLossModule):
         loss_type: str = "kto",
         *,
         reference_free: bool = False,
+        average_log_prob: bool = False,
         ignore_index: int = -100,
         temperature: float = 1.0,
         softcap: float | None = None,
@@ -283,7 +300,10 @@ class LigerFusedLinearKTOLoss(FusedLossModule):
             beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight, loss_type=loss_type
         )
         super().__init__(
-            dict(config, reference_free=bool(reference_free)),
+            dict(
+                config, reference_free=bool(reference_free),
+                average_log_prob=check_flag("average_log_prob", average_log_prob),
+            ),
             ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
             chunk_bytes=chunk_bytes, impl=impl,
         )

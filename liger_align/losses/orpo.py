@@ -11,6 +11,9 @@ form gives an infinite log-odds, a NaN loss and NaN gradients there. Here the ar
 realistic mean log-prob: ``p < 0.999999``) the value is TRL's to fp32 rounding; above it each odds
 is capped at ``1e6`` (a log-odds of at most about 13.8 in magnitude) and only the ``c - r`` term
 carries gradient, so loss and gradients stay finite.
+
+``compute_nll_loss=False`` (Liger-Kernel's option) drops the NLL term: ``loss = -beta * mean_b log
+sigmoid(log_odds_b)``; the ``nll_loss`` metric is still reported.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 
 from ..kernels._checks import check_non_negative
 from ._module import FusedLossModule
-from ._paired import logit_options, logits_mean, split_pairs
+from ._paired import check_flag, logit_options, logits_mean, sequence_logps, split_pairs
 from ._sequences import check_rows, sequence_stats
 
 
@@ -51,6 +54,7 @@ def orpo_objective(
     *,
     beta: float,
     pair_mask: torch.Tensor | None = None,
+    compute_nll_loss: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ORPO's loss from per-sequence average log-probs.
 
@@ -60,13 +64,16 @@ def orpo_objective(
         beta: weight ``lambda`` of the odds-ratio term.
         pair_mask: ``(B,)`` bool; pairs marked False (a row with no valid token) add 0 to the loss
             and get no gradient instead of an infinite log-odds.
+        compute_nll_loss: False leaves ``nll_loss`` out of the loss (it stays in the metrics).
 
     Returns:
-        ``(loss, metrics)``: 0-d ``loss = nll_loss - beta * mean_b log sigmoid(log_odds_b)``; metrics
+        ``(loss, metrics)``: 0-d ``loss = nll_loss - beta * mean_b log sigmoid(log_odds_b)`` (without
+        ``nll_loss`` when ``compute_nll_loss`` is False); metrics
         (detached) ``nll_loss``, ``log_odds_ratio`` (mean log sigmoid), ``log_odds_chosen`` (mean
         log-odds), ``chosen_rewards`` and ``rejected_rewards`` ``(B,) = beta * logps``.
     """
     beta = check_orpo_config(beta)
+    compute_nll_loss = check_flag("compute_nll_loss", compute_nll_loss)
     chosen, rejected = chosen_logps.float(), rejected_logps.float()
     if pair_mask is not None:
         chosen = torch.where(pair_mask, chosen, torch.full_like(chosen, -1.0))
@@ -76,7 +83,7 @@ def orpo_objective(
     if pair_mask is not None:
         ratio = torch.where(pair_mask, ratio, torch.zeros_like(ratio))
         log_odds = torch.where(pair_mask, log_odds, torch.zeros_like(log_odds))
-    loss = nll_loss - beta * ratio.mean()
+    loss = (nll_loss if compute_nll_loss else 0.0) - beta * ratio.mean()
     metrics = {
         "nll_loss": nll_loss.detach(),
         "log_odds_ratio": ratio.mean().detach(),
@@ -95,6 +102,7 @@ def fused_linear_orpo_loss(
     *,
     nll_target: torch.Tensor | None = None,
     beta: float = 0.1,
+    compute_nll_loss: bool = True,
     ignore_index: int = -100,
     temperature: float = 1.0,
     softcap: float | None = None,
@@ -111,15 +119,18 @@ def fused_linear_orpo_loss(
         nll_target: ``(B, T)`` (or ``(2B, T)``, of which the chosen half is used) targets of the NLL
             term; TRL's trainer uses prompt + completion there. Default: the chosen half of ``target``.
         beta: weight of the odds-ratio term.
+        compute_nll_loss: False drops the NLL term from the loss; the ``nll_loss`` metric is still
+            reported (from ``nll_target`` when given, whose extra rows are then computed for it alone).
         ignore_index, temperature, softcap, logit_scale, chunk_bytes, impl: see :class:`LogitOptions`.
 
     Returns:
         ``(loss, out)``: 0-d fp32 loss and detached metrics: ``chosen_logps``, ``rejected_logps``
         ``(B,)`` (average log-probs), ``chosen_logits_mean``, ``rejected_logits_mean`` (over valid
-        tokens) and those of :func:`orpo_objective`.
+        tokens only, by design; Liger-Kernel's average every position) and those of :func:`orpo_objective`.
     """
     check_rows(hidden, target, lin_weight, paired=True)
     beta = check_orpo_config(beta)
+    compute_nll_loss = check_flag("compute_nll_loss", compute_nll_loss)
     opts = logit_options(
         ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
         chunk_bytes=chunk_bytes, impl=impl,
@@ -146,9 +157,11 @@ def fused_linear_orpo_loss(
         nll_sum = sums[:half].sum() + sums[2 * half : 3 * half].sum() - sums[3 * half :].sum()
         nll_count = (nll_target != ignore_index).sum().float()
     nll_loss = -nll_sum / nll_count.clamp(min=1)
-    chosen_logps, rejected_logps = policy.chosen.mean_logps(), policy.rejected.mean_logps()
+    chosen_logps, rejected_logps = sequence_logps(policy.chosen, True), sequence_logps(policy.rejected, True)
     pair_mask = (policy.chosen.n_tokens > 0) & (policy.rejected.n_tokens > 0)
-    loss, metrics = orpo_objective(chosen_logps, rejected_logps, nll_loss, beta=beta, pair_mask=pair_mask)
+    loss, metrics = orpo_objective(
+        chosen_logps, rejected_logps, nll_loss, beta=beta, pair_mask=pair_mask, compute_nll_loss=compute_nll_loss
+    )
     out = {
         "chosen_logps": chosen_logps.detach(),
         "rejected_logps": rejected_logps.detach(),
@@ -184,6 +197,7 @@ class LigerFusedLinearORPOLoss(FusedLossModule):
         beta: float = 0.1,
         ignore_index: int = -100,
         *,
+        compute_nll_loss: bool = True,
         temperature: float = 1.0,
         softcap: float | None = None,
         logit_scale: float = 1.0,
@@ -191,7 +205,7 @@ class LigerFusedLinearORPOLoss(FusedLossModule):
         impl: str | None = None,
     ) -> None:
         super().__init__(
-            dict(beta=check_orpo_config(beta)),
+            dict(beta=check_orpo_config(beta), compute_nll_loss=check_flag("compute_nll_loss", compute_nll_loss)),
             ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
             chunk_bytes=chunk_bytes, impl=impl,
         )
