@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +12,14 @@ import pytest
 import torch
 from datasets import Dataset
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "alignment"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-
-from embedded import build_tokenizer, load_preference_dataset, to_unpaired  # noqa: E402
-from test_trainers_parity import common_args, tiny_model  # noqa: E402
+from _helpers import build_tokenizer, common_args, load_preference_dataset, tiny_model, to_unpaired
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOConfig  # noqa: E402
 
 from liger_align.trainers import LigerCPOTrainer, LigerDPOTrainer, LigerKTOTrainer, LigerORPOTrainer  # noqa: E402
 from liger_align.trainers._head import causal_lm, install_fused_forward  # noqa: E402
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -6,36 +6,20 @@ evaluates, and compares every logged number (loss, grad_norm and each metric, tr
 
 from __future__ import annotations
 
-import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+from trl.experimental.cpo import CPOConfig, CPOTrainer
+from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "alignment"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
+from _helpers import Forbidden, assert_logs_match, build_tokenizer, common_args, load_preference_dataset
+from _helpers import no_logits_guard, tiny_model, to_unpaired
+from liger_align.trainers import LigerCPOTrainer, LigerDPOTrainer, LigerKTOTrainer, LigerORPOTrainer
 
-from embedded import build_tiny_llama, build_tokenizer, load_preference_dataset, to_unpaired  # noqa: E402
-from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer  # noqa: E402
-from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
-from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
-
-from liger_align.trainers import LigerCPOTrainer, LigerDPOTrainer, LigerKTOTrainer, LigerORPOTrainer  # noqa: E402
-
-SKIP_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "eval_runtime",
-             "eval_samples_per_second", "eval_steps_per_second", "total_flos"}
-
-
-def tiny_model(tokenizer: Any, seed: int = 0) -> torch.nn.Module:
-    """A 2-layer Llama (hidden 32, 4 heads, 2 kv heads) sized to the tokenizer."""
-    return build_tiny_llama(
-        len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, seed=seed,
-    )
+pytestmark = pytest.mark.slow
 
 
 def tiny_moe(tokenizer: Any, seed: int = 0) -> torch.nn.Module:
@@ -51,16 +35,6 @@ def tiny_moe(tokenizer: Any, seed: int = 0) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return MixtralForCausalLM(config)
-
-
-def common_args(tmp: Path, **overrides: Any) -> dict[str, Any]:
-    args = dict(
-        output_dir=str(tmp), per_device_train_batch_size=4, per_device_eval_batch_size=4, max_steps=5,
-        logging_steps=1, learning_rate=1e-3, report_to=[], save_strategy="no", max_length=48, use_cpu=True,
-        bf16=False, seed=0, dataloader_num_workers=0,
-    )
-    args.update(overrides)
-    return args
 
 
 def train_and_eval(trainer_cls: type, config_cls: type, tmp: Path, kind: str, *, with_ref: bool = False,
@@ -88,7 +62,7 @@ def train_and_eval(trainer_cls: type, config_cls: type, tmp: Path, kind: str, *,
     trl_kernel = trl_utils._ChunkedLogProbFunction
     try:
         if liger:
-            trl_utils._ChunkedLogProbFunction = _Forbidden
+            trl_utils._ChunkedLogProbFunction = Forbidden
         trainer.train()
         for guard in guards:
             guard.remove()
@@ -98,50 +72,6 @@ def train_and_eval(trainer_cls: type, config_cls: type, tmp: Path, kind: str, *,
         if hasattr(trainer, "revert_liger_kernel_patches"):
             trainer.revert_liger_kernel_patches()
     return trainer.state.log_history
-
-
-class _Forbidden:
-    @staticmethod
-    def apply(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("TRL's own chunked log-prob kernel was called by a liger trainer")
-
-
-def no_logits_guard(model: torch.nn.Module) -> Any:
-    """Fail if the output head ever returns ``[..., vocab]`` logits in training (a hook on the head)."""
-    from liger_align.trainers._head import causal_lm
-
-    head = causal_lm(model).get_output_embeddings()
-    vocab = head.weight.shape[0]
-
-    def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-        if isinstance(output, torch.Tensor) and output.shape[-1] == vocab:
-            raise AssertionError(f"[tokens, vocab] logits {tuple(output.shape)} were built in training")
-
-    return head.register_forward_hook(hook)
-
-
-def assert_logs_match(expected: list[dict[str, Any]], actual: list[dict[str, Any]], rtol: float = 2e-4,
-                      atol: float = 2e-5, discrete: bool = True) -> None:
-    """Every numeric entry of TRL's log history is in ours, equal within tolerance.
-
-    ``discrete=False`` only checks that the 0/1-valued accuracies are present (a near-tie flips them
-    under bf16 rounding).
-    """
-    assert len(expected) == len(actual), (len(expected), len(actual))
-    compared = 0
-    for step, (want, got) in enumerate(zip(expected, actual)):
-        for key, value in want.items():
-            if key in SKIP_KEYS or not isinstance(value, (int, float)):
-                continue
-            assert key in got, f"entry {step}: metric {key!r} missing from the liger trainer's logs"
-            if not discrete and "accurac" in key:
-                continue
-            assert math.isclose(got[key], value, rel_tol=rtol, abs_tol=atol), (
-                f"entry {step}: {key} = {got[key]!r}, TRL logged {value!r}"
-            )
-            compared += 1
-    assert compared > 20
-    assert any(k.startswith("eval_") for k in expected[-1]), "no evaluation metrics were compared"
 
 
 CASES = {

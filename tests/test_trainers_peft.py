@@ -15,9 +15,11 @@ from trl.experimental.orpo import ORPOConfig  # noqa: E402
 
 from liger_align.trainers import LigerDPOTrainer, LigerORPOTrainer  # noqa: E402
 
-from test_trainers_parity import (  # noqa: E402
+from _helpers import (  # noqa: E402
     assert_logs_match, build_tokenizer, common_args, load_preference_dataset, tiny_model,
 )
+
+pytestmark = pytest.mark.slow
 
 
 def lora(*targets: str) -> LoraConfig:

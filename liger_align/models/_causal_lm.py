@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import nn
@@ -162,6 +163,29 @@ def head_outputs(
     return loss, logits, logps
 
 
+def pop_loss_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Take the loss arguments a trainer passes (``num_items_in_batch``, ``shift_labels``) out of ``kwargs``."""
+    return {name: kwargs.pop(name, None) for name in ("num_items_in_batch", "shift_labels")}
+
+
+def fused_output(
+    self: nn.Module, outputs: Any, out_cls: type, *, logits_to_keep: int | torch.Tensor,
+    labels: torch.Tensor | None, logprob_targets: torch.Tensor | None, shift_labels: torch.Tensor | None,
+    num_items_in_batch: torch.Tensor | int | None,
+) -> Any:
+    """``out_cls`` (a ``ModelOutput`` with ``loss``, ``logits``, ``logps``) from the backbone's ``outputs``:
+    :func:`head_outputs` on its last hidden states (after ``logits_to_keep``), every other field passed through."""
+    hidden = _keep(outputs.last_hidden_state, logits_to_keep)
+    loss, logits, logps = head_outputs(
+        self, hidden, labels=labels, shift_labels=shift_labels, logprob_targets=logprob_targets,
+        num_items_in_batch=num_items_in_batch,
+    )
+    passthrough = {
+        f.name: getattr(outputs, f.name, None) for f in fields(out_cls) if f.name not in ("loss", "logits", "logps")
+    }
+    return out_cls(loss=loss, logits=logits, logps=logps, **passthrough)
+
+
 @can_return_tuple
 def causal_lm_forward(
     self: nn.Module,
@@ -186,23 +210,13 @@ def causal_lm_forward(
         :class:`LigerCausalLMOutputWithPast`: ``loss`` (0-d fp32) when labels are given, ``logits``
         ``(B, T, V)`` or ``None`` (see the module docstring), ``logps (B, T)`` fp32 or ``None``.
     """
-    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-    shift_labels = kwargs.pop("shift_labels", None)
+    loss_kwargs = pop_loss_kwargs(kwargs)
     outputs = self.model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
         inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
     )
-    hidden = _keep(outputs.last_hidden_state, logits_to_keep)
-    loss, logits, logps = head_outputs(
-        self, hidden, labels=labels, shift_labels=shift_labels, logprob_targets=logprob_targets,
-        num_items_in_batch=num_items_in_batch,
-    )
-
-    passthrough = {
-        f.name: getattr(outputs, f.name, None) for f in fields(CausalLMOutputWithPast)
-        if f.name not in ("loss", "logits")
-    }
-    return LigerCausalLMOutputWithPast(loss=loss, logits=logits, logps=logps, **passthrough)
+    return fused_output(self, outputs, LigerCausalLMOutputWithPast, logits_to_keep=logits_to_keep, labels=labels,
+                        logprob_targets=logprob_targets, **loss_kwargs)
 
 
 causal_lm_forward._liger_align = True  # type: ignore[attr-defined]
