@@ -4,6 +4,7 @@ uninterrupted run. Also the version guard of ``liger_align.trainers``."""
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,9 @@ from trl.experimental.orpo import ORPOConfig
 
 from liger_align.trainers import LigerORPOTrainer
 from liger_align.trainers import _versions
-from test_trainers_parity import build_tokenizer, common_args, load_preference_dataset, tiny_model
+from _helpers import build_tokenizer, common_args, load_preference_dataset, tiny_model
+
+pytestmark = pytest.mark.slow
 
 
 def orpo(tmp: Path, **overrides: object) -> LigerORPOTrainer:
@@ -59,12 +62,11 @@ def test_unsupported_version_is_a_clear_import_error(
     low, high = _versions.SUPPORTED[package]
     with pytest.raises(ImportError, match=rf"{package}>={low},<{high}.*{package}=={version}"):
         _versions.check_supported_versions()
-    import liger_align.trainers as trainers
-
+    # A fresh import of the package (its __init__ runs the check again); undo puts the imported package back.
+    monkeypatch.delitem(sys.modules, "liger_align.trainers")
     with pytest.raises(ImportError, match=package):
-        importlib.reload(trainers)
+        importlib.import_module("liger_align.trainers")
     monkeypatch.undo()
-    importlib.reload(trainers)
 
 
 def test_missing_package_is_a_clear_import_error(monkeypatch: pytest.MonkeyPatch) -> None:

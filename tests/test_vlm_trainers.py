@@ -10,22 +10,19 @@ Qwen2-VL kernels ran on both towers.
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from datasets import Dataset
 
-VLM = Path(__file__).resolve().parents[1] / "examples" / "vlm"
-if str(VLM) not in sys.path:
-    sys.path.insert(0, str(VLM))
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
-import vlm_embedded as embedded  # noqa: E402
-from test_trainers_parity import _Forbidden, assert_logs_match, no_logits_guard  # noqa: E402
-from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer  # noqa: E402
+from _helpers import Forbidden, assert_logs_match, no_logits_guard, vlm_embedded
+from liger_align.trainers import LigerDPOTrainer, LigerKTOTrainer
 
-from liger_align.trainers import LigerDPOTrainer, LigerKTOTrainer  # noqa: E402
+pytestmark = pytest.mark.slow
+embedded = vlm_embedded()
 
 
 def unpaired(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -58,7 +55,7 @@ def train_and_eval(trainer_cls: type, config_cls: type, tmp: Path, *, kto: bool)
     trl_kernel = trl_utils._ChunkedLogProbFunction
     try:
         if liger:
-            trl_utils._ChunkedLogProbFunction = _Forbidden
+            trl_utils._ChunkedLogProbFunction = Forbidden
         trainer.train()
         for guard in guards:
             guard.remove()

@@ -113,15 +113,17 @@ class CrossEntropyTerms:
 
     def value(self, stats: RowStats, lse: torch.Tensor, target: torch.Tensor, vocab: int) -> torch.Tensor:
         """``loss_i`` of the module docstring, ``(M,)`` fp32, for rows whose stats are complete."""
-        nll = stats.target_logit - lse
-        c_y = self.target_weight(target)
-        if c_y is not None:
-            nll = nll * c_y
-        if self.weighted_smoothing:
-            smooth = stats.weighted_logit_sum / vocab - (self.class_weight.sum() / vocab) * lse
+        if self.class_weight is None:
+            # alpha * (zt - lse) + beta * (zsum / V - lse), in as few element-wise passes as the plain op
+            out = self.alpha * stats.target_logit
+            if self.beta:
+                out = out + (self.beta / vocab) * stats.logit_sum
+            k = -(self.alpha + self.beta)  # 1 for the cross-entropy
+            out = lse + out if k == 1.0 else out + k * lse
         else:
-            smooth = stats.logit_sum / vocab - lse
-        out = self.alpha * nll + self.beta * smooth
+            out = self.alpha * self.target_weight(target) * (stats.target_logit - lse)
+            if self.weighted_smoothing:
+                out = out + self.beta * (stats.weighted_logit_sum / vocab - (self.class_weight.sum() / vocab) * lse)
         return out + self.z_scale * lse * lse if self.z_scale else out
 
     def grad_coefficients(
