@@ -194,7 +194,7 @@ SKIP_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_secon
 
 def embedded():
     """``examples/alignment/embedded.py``: the local tokenizer, tiny Llama and shipped data the trainer tests
-    train on (the one place the library tests reach into ``examples/``)."""
+    train on. The library tests reach into ``examples/`` only here and in ``vlm_embedded``."""
     if str(ALIGNMENT) not in sys.path:
         sys.path.insert(0, str(ALIGNMENT))
     import embedded as module
@@ -202,9 +202,39 @@ def embedded():
     return module
 
 
+def build_tokenizer():
+    """The examples' local word-level tokenizer (see ``embedded.build_tokenizer``)."""
+    return embedded().build_tokenizer()
+
+
+def load_preference_dataset():
+    """The shipped preference data (``prompt``, ``chosen``, ``rejected``)."""
+    return embedded().load_preference_dataset()
+
+
+def to_unpaired(dataset):
+    """The unpaired (KTO) view of a paired data set."""
+    return embedded().to_unpaired(dataset)
+
+
+def build_tiny_llama(vocab_size: int, **kwargs: Any) -> torch.nn.Module:
+    """``embedded.build_tiny_llama``: a tiny Llama-3.2-shaped model whose weights depend only on ``seed``."""
+    return embedded().build_tiny_llama(vocab_size, **kwargs)
+
+
+def vlm_embedded():
+    """``examples/vlm/vlm_embedded.py``: the tiny Qwen2-VL, its processor and image preference rows."""
+    vlm = REPO / "examples" / "vlm"
+    if str(vlm) not in sys.path:
+        sys.path.insert(0, str(vlm))
+    import vlm_embedded as module
+
+    return module
+
+
 def tiny_model(tokenizer: Any, seed: int = 0) -> torch.nn.Module:
     """A 2-layer Llama (hidden 32, 4 heads, 2 kv heads) sized to the tokenizer."""
-    return embedded().build_tiny_llama(
+    return build_tiny_llama(
         len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, seed=seed,
