@@ -11,9 +11,10 @@ __all__ = ["GIB", "RESULTS", "bench_ms", "floor_valid_ms", "peak_extra_gib", "pl
            "save_results"]
 
 
-def bench_ms(fn: Callable[[], object], grads: list[torch.Tensor], **_: Any) -> float:
-    """:func:`_runner.measure` with ``grads``' ``.grad`` reset between runs."""
-    return measure(fn, grads=grads)
+def bench_ms(fn: Callable[[], object], grads: list[torch.Tensor], *, warmup: int = WARMUP_MS,
+             rep: int = REP_MS) -> float:
+    """:func:`_runner.measure` (``warmup`` and ``rep`` in ms) with ``grads``' ``.grad`` reset between runs."""
+    return measure(fn, grads=grads, warmup_ms=warmup, rep_ms=rep)
 
 
 def peak_extra_gib(fn: Callable[[], object], grads: list[torch.Tensor]) -> float | None:

@@ -167,3 +167,27 @@ def test_script_importable_with_cli(name, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         module.main()
     assert exit_.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_cuda_timer_graph_and_memory():
+    """On CUDA: do_bench and CUDA-graph medians, and the extra memory of a known 64 MiB temporary."""
+    gen = torch.Generator(device="cuda").manual_seed(1234)
+    a = torch.randn(512, 512, device="cuda", generator=gen, requires_grad=True)
+
+    def step():
+        (a @ a).sum().backward()
+
+    def temp():
+        return torch.empty(16 * 2**20, device="cuda").fill_(1.0).sum()  # 64 MiB float32, freed inside
+
+    ms = _runner.measure(step, grads=[a])
+    graph = _runner.measure(lambda: (a.detach() @ a.detach()).sum(), cuda_graph=True)
+    assert isinstance(ms, float) and ms > 0 and isinstance(graph, float) and graph > 0 and a.grad is None
+    extra, peak = _runner.peak_memory(temp)
+    assert extra == pytest.approx(64 / 1024, rel=0.05) and peak >= extra
+    extra, _ = _runner.peak_memory(step, grads=[a])  # the gradient it leaves is not "extra"
+    assert extra < 2 * 512 * 512 * 4 / 2**30 and a.grad is None
+    rows = _runner.run([{"shape": "512"}], lambda _: _runner.Case({"ours": step}, grads=[a], floor_ms=ms),
+                       cuda_graph=True)
+    assert rows[1]["x_floor"] is not None and rows[1]["extra_gib"] is not None

@@ -30,6 +30,9 @@ if str(ALIGNMENT) not in sys.path:
     sys.path.insert(0, str(ALIGNMENT))
 
 
+pytestmark = pytest.mark.slow
+
+
 def run_script(script: Path, args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``script`` with ``args`` in a fresh interpreter, plain-PyTorch dispatch on CPU."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

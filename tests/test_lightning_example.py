@@ -37,6 +37,9 @@ _spec.loader.exec_module(training)
 CPU = ["--accelerator", "cpu", "--log_every", "0"]
 
 
+pytestmark = pytest.mark.slow
+
+
 def run_script(args: list[str], cwd: Path, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))

@@ -18,6 +18,9 @@ if str(ALIGNMENT) not in sys.path:
     sys.path.insert(0, str(ALIGNMENT))
 
 
+pytestmark = pytest.mark.slow
+
+
 def test_output_dir_is_refused_overwritten_or_resumed(tmp_path: Path) -> None:
     import common
 
