@@ -7,39 +7,20 @@ local tokenizer, shipped data. The error checks call the scripts' ``main`` in-pr
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-ALIGNMENT = REPO / "examples" / "alignment"
-SCRIPTS = {
-    "orpo": ALIGNMENT / "run_orpo.py",
-    "dpo": ALIGNMENT / "run_dpo.py",
-    "simpo": ALIGNMENT / "run_simpo.py",
-    "kto": ALIGNMENT / "run_kto.py",
-    "sft": REPO / "examples" / "sft" / "run_sft.py",
-}
-FEW_STEPS = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--eval_size", "16",
-             "--meter_warmup_steps", "1"]
+from _helpers import ALIGNMENT, FEW_STEPS, SCRIPTS, run_script
+from _helpers import example_main as _main
+from _helpers import example_module as _module
 
 if str(ALIGNMENT) not in sys.path:
     sys.path.insert(0, str(ALIGNMENT))
 
 
 pytestmark = pytest.mark.slow
-
-
-def run_script(script: Path, args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``script`` with ``args`` in a fresh interpreter, plain-PyTorch dispatch on CPU."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRL_EXPERIMENTAL_SILENCE="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    return subprocess.run(
-        [sys.executable, str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
 
 
 def check_saved(output_dir: Path) -> dict:
@@ -112,28 +93,6 @@ def test_missing_columns_is_a_clear_error(name: str, needed: str, tmp_path: Path
     with pytest.raises(ValueError, match=rf"(?s){needed}.*answer"):
         _main(name)(["--dataset_name", str(path), "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
-
-
-def _module(name: str):
-    """Example ``name`` imported as a module (its ``__main__`` block does not run)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"example_{name}", SCRIPTS[name])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def _main(name: str):
-    """The in-process entry point of example ``name``: a function of ``argv``."""
-    import common
-
-    module = _module(name)
-    if name == "sft":
-        return module.main
-    algorithm = getattr(module, name.upper())
-    return lambda argv: common.main(algorithm, argv)
 
 
 def test_make_dataset_is_deterministic_and_matches_the_shipped_file(tmp_path: Path) -> None:

@@ -18,6 +18,9 @@ SCRIPT = Path(__file__).resolve().parent / "distributed" / "medusa_distributed.p
 ROOT = SCRIPT.parents[2]
 
 
+pytestmark = pytest.mark.slow
+
+
 def launch(mode: str, tmp: Path, nproc: int) -> dict:
     out = tmp / f"{mode}.json"
     cmd = [sys.executable, str(SCRIPT), "--mode", mode, "--out", str(out)]

@@ -25,6 +25,9 @@ from liger_align.trainers.medusa import is_medusa_parameter  # noqa: E402
 K = 3
 
 
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def data():
     from datasets import Dataset

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from test_examples import ALIGNMENT, FEW_STEPS, REPO, SCRIPTS, _main, _module
+from _helpers import ALIGNMENT, FEW_STEPS, REPO, SCRIPTS
+from _helpers import example_main as _main
+from _helpers import example_module as _module
 
 if str(ALIGNMENT) not in sys.path:
     sys.path.insert(0, str(ALIGNMENT))

@@ -18,6 +18,9 @@ SCRIPT = Path(__file__).resolve().parent / "distributed" / "sft_distributed.py"
 ROOT = SCRIPT.parents[2]
 
 
+pytestmark = pytest.mark.slow
+
+
 def launch(mode: str, tmp: Path, nproc: int) -> dict:
     out = tmp / f"{mode}.json"
     if out.exists():

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_examples import SCRIPTS, _module, run_script
+from _helpers import SCRIPTS, run_script
+from _helpers import example_module as _module
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples" / "sft"))

@@ -17,6 +17,9 @@ SCRIPT = Path(__file__).resolve().parent / "distributed" / "orpo_distributed.py"
 ROOT = SCRIPT.parents[2]
 
 
+pytestmark = pytest.mark.slow
+
+
 def launch(mode: str, tmp: Path, nproc: int) -> dict:
     out = tmp / f"{mode}.json"
     cmd = [sys.executable, str(SCRIPT), "--mode", mode, "--out", str(out)]

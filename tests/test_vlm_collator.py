@@ -16,6 +16,9 @@ import vlm_embedded as embedded  # noqa: E402
 from vlm_collator import VisionSFTCollator, uses_mm_token_type_ids  # noqa: E402
 
 
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def parts():
     return embedded.build_tokenizer(), embedded.build_image_processor()
