@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from _runner import GIB, RESULTS, floor_valid_ms, measure, peak_memory, plot, print_table, save
+from _runner import GIB, REP_MS, RESULTS, WARMUP_MS, floor_valid_ms, measure, peak_memory, plot, print_table, save
 
 __all__ = ["GIB", "RESULTS", "bench_ms", "floor_valid_ms", "peak_extra_gib", "plot_ratios", "print_table",
            "save_results"]
