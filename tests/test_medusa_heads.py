@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "alignment"))
-from embedded import build_tiny_llama  # noqa: E402
-
-from liger_align.losses.medusa import fused_linear_medusa_loss  # noqa: E402
-from liger_align.models.medusa import (  # noqa: E402
+from _helpers import build_tiny_llama
+from liger_align.losses.medusa import fused_linear_medusa_loss
+from liger_align.models.medusa import (
     MEDUSA_HEADS_FILE, add_medusa_heads, load_medusa_heads, medusa_head_runners, save_medusa_heads,
 )
 

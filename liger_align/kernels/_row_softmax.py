@@ -209,7 +209,8 @@ def fold_row_stats_(
         stats.running_max.copy_(new_max)
         stats.logit_sum.add_(z.sum(1))
         if class_weight is not None:
-            stats.weighted_logit_sum.add_(z @ class_weight[vocab_start : vocab_start + n_cols])
+            # element-wise, not a matmul: autocast would round a product to bf16
+            stats.weighted_logit_sum.add_((z * class_weight[vocab_start : vocab_start + n_cols]).sum(1))
         local = target - vocab_start
         inside = (local >= 0) & (local < n_cols)
         picked = z.gather(1, local.clamp(0, n_cols - 1)[:, None]).squeeze(1)
