@@ -213,6 +213,52 @@ def test_options_off_are_todays_op(strategy, monkeypatch):
     assert is_top1.dtype == torch.bool and is_top1.shape == target.shape
 
 
+class _LaunchRecorder:
+    """Stands in for a ``@triton.jit`` kernel: records the constexpr flags of every launch, then launches."""
+
+    def __init__(self, kernel, flags: list[dict]) -> None:
+        self.kernel, self.flags = kernel, flags
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.flags.append({k: v for k, v in kwargs.items() if k.startswith("HAS_") and k != "HAS_SOFTCAP"})
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize(
+    "options,stats_flags,grad_flags",
+    [
+        ({}, {}, {}),
+        ({"ce_weight": True}, {}, {}),  # without smoothing the weights only scale a per-row coefficient
+        ({"lse_square_scale": 0.1}, {}, {"HAS_G": True}),
+        ({"ce_weight": True, "label_smoothing": 0.1}, {"HAS_CLASS_WEIGHT": True},
+         {"HAS_G": True, "HAS_CLASS_WEIGHT": True}),
+    ],
+)
+def test_kernels_compile_an_option_only_when_it_is_on(strategy, options, stats_flags, grad_flags, monkeypatch):
+    if not triton_runs_on("cpu"):
+        pytest.skip("Triton's interpreter is not on")
+    row_softmax = importlib.import_module("liger_align.kernels._row_softmax")
+    launched: dict[str, list[dict]] = {"stats": [], "grad": []}
+    monkeypatch.setattr(row_softmax, "_row_stats_kernel", _LaunchRecorder(row_softmax._row_stats_kernel,
+                                                                          launched["stats"]))
+    monkeypatch.setattr(row_softmax, "_row_grad_kernel", _LaunchRecorder(row_softmax._row_grad_kernel,
+                                                                         launched["grad"]))
+    hidden, weight, bias, target, ce_weight = _inputs(9, 16, 211, torch.float32, seed=21)
+    kwargs = {k: v for k, v in options.items() if k != "ce_weight"}
+    out = fused_linear_cross_entropy(
+        hidden, weight, target, bias, ce_weight=ce_weight if options.get("ce_weight") else None, impl="triton",
+        strategy=strategy, return_token_accuracy=True, return_z_loss=True, **kwargs,
+    )
+    out.loss.backward()
+    assert launched["stats"] and launched["grad"]
+    assert all(f == stats_flags for f in launched["stats"]) and all(f == grad_flags for f in launched["grad"])
+
+
 def test_return_fields_only_when_asked():
     hidden, weight, bias, target, _ = _inputs(11, 16, 211, torch.float32, seed=17)
     out = fused_linear_cross_entropy(hidden, weight, target, bias, impl="torch", return_token_accuracy=True)
