@@ -51,10 +51,11 @@ def rel_err(x, ref):
     return ((x.double() - ref).norm() / ref.norm()).item()
 
 
-def run_sum(grads, hiddens, *, dtype, triton_path, n_chunks=None, device="cpu"):
+def run_sum(grads, hiddens, *, dtype, triton_path, n_chunks=None, device="cpu", chunk_dtype=None):
     vocab, hidden = grads[0].shape[1], hiddens[0].shape[1]
     n_chunks = len(grads) if n_chunks is None else n_chunks
-    acc = GradWeightSum(vocab, hidden, dtype=dtype, device=device, n_chunks=n_chunks, triton_path=triton_path)
+    acc = GradWeightSum(vocab, hidden, dtype=dtype, device=device, n_chunks=n_chunks, triton_path=triton_path,
+                        chunk_dtype=chunk_dtype)
     for g, h in zip(grads, hiddens):
         acc.add_(g, h)
     return acc, acc.result()
@@ -125,6 +126,22 @@ def test_bf16_compensated_gpu_odd_sizes_and_strides():
     assert_within_one_ulp_of_once(out, grads, hiddens)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_chunks", [1, 6])
+@pytest.mark.parametrize(
+    ("dtype", "chunk_dtype"),
+    [(torch.float32, torch.bfloat16), (torch.float32, torch.float32), (torch.float16, torch.float16),
+     (torch.bfloat16, torch.bfloat16)],
+)
+def test_other_strategies_gpu(dtype, chunk_dtype, n_chunks):
+    grads, hiddens = make_chunks(3001, 515, 129, n_chunks, chunk_dtype, device="cuda", seed=14)
+    ref = reference(grads, hiddens)
+    _, out = run_sum(grads, hiddens, dtype=dtype, triton_path=True, device="cuda", chunk_dtype=chunk_dtype)
+    assert out.dtype == dtype and out.device.type == "cuda"
+    once = rel_err(sum(g.float().t() @ h.float() for g, h in zip(grads, hiddens)).to(dtype), ref)
+    assert rel_err(out, ref) <= 1.5 * once + 1e-6
+
+
 @pytest.mark.parametrize("triton_path", [False, pytest.param(True, marks=pytest.mark.interpreter)])
 @pytest.mark.parametrize(("vocab", "hidden", "rows", "n_chunks"), [(7, 3, 5, 3), (301, 1, 1, 2), (1, 65, 100, 4)])
 def test_bf16_odd_sizes(triton_path, vocab, hidden, rows, n_chunks):
@@ -152,6 +169,17 @@ def test_fp32_fp64_accumulate_in_place(dtype, triton_path):
     assert acc.strategy == "in_place" and not acc.triton_path and out.dtype == dtype
     assert rel_err(out, ref) <= (1e-6 if dtype == torch.float32 else 1e-13)
     assert GradWeightSum.extra_bytes(1003, 67, dtype, 16) == 0
+
+
+@pytest.mark.parametrize("n_chunks", [1, 16])
+@pytest.mark.parametrize("chunk_dtype", [torch.bfloat16, torch.float16])
+def test_fp32_result_from_low_precision_chunks(n_chunks, chunk_dtype):
+    # Autocast over fp32 weights: bf16/fp16 chunks, fp32 result accumulated in place.
+    grads, hiddens = make_chunks(1003, 67, 37, n_chunks, chunk_dtype, seed=13)
+    ref = reference(grads, hiddens)
+    acc, out = run_sum(grads, hiddens, dtype=torch.float32, triton_path=False, chunk_dtype=chunk_dtype)
+    assert acc.strategy == ("single" if n_chunks == 1 else "in_place") and out.dtype == torch.float32
+    assert rel_err(out, ref) <= 1e-6
 
 
 def test_fp16_uses_fp32_buffer():
@@ -242,6 +270,8 @@ def test_bad_chunk_raises_naming_argument(grad_logits, h, name):
         ({"n_chunks": -1}, ValueError, "n_chunks"),
         ({"dtype": torch.int32}, ValueError, "dtype"),
         ({"triton_path": 1}, TypeError, "triton_path"),
+        ({"chunk_dtype": torch.float32}, ValueError, "chunk_dtype"),
+        ({"dtype": torch.float32, "chunk_dtype": torch.int8}, ValueError, "chunk_dtype"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, error, name):

@@ -20,10 +20,13 @@ strategy depends on the dtype and the number of chunks (``GradWeightSum.strategy
 
   ``float(hi) + float(lo)`` is exact in fp32 and ``s - float(hi)`` is exact too, so each chunk adds
   one fp32 rounding of the sum plus a bf16 rounding of a residual already ``2^-9`` times smaller:
-  about 16 significant bits are kept between chunks, and the result (``hi``) is the fp32 sum
-  rounded once to bf16 up to that residual. Extra memory ``2 V H`` bytes (``lo``) instead of ``4 V H``
-  for an fp32 buffer, and no final conversion pass. The first chunk reads neither tensor and the
-  last one writes no ``lo`` (which is released then).
+  about 17 bits of every running sum ``S_k`` are kept between chunks (error <= ~``2^-18 |S_k|`` a
+  chunk), and the result (``hi``) is the fp32 sum rounded once to bf16, up to that. Only elements
+  whose chunks cancel (``|S_final| << max_k |S_k|``) differ from an fp32 buffer's result, by about
+  ``n_chunks 2^-18 max_k |S_k|``: still ``2^9`` below what rounding the running sum to bf16 gives.
+  Extra memory ``2 V H`` bytes (``lo``) instead of ``4 V H`` for an fp32 buffer, and no final
+  conversion pass. The first chunk reads neither tensor and the last one writes no ``lo`` (which is
+  released then).
 
   * Triton path (CUDA; CPU through the interpreter): one GEMM kernel computes a ``[BLOCK_V, BLOCK_H]``
     tile of ``grad_logits^T @ h`` with an fp32 accumulator over ``K = C`` and applies the update
@@ -47,7 +50,7 @@ import torch
 
 from ._checks import check_int
 from ._dispatch import check_triton_runs, kernels_interpreted, triton_available
-from ._linear_chunks import addmm_fp32_, mm_into_
+from ._linear_chunks import addmm_fp32_
 
 # Bound of the torch path's fp32 temporary (one vocabulary slice of the sum, plus upcast operands on CPU).
 TORCH_TEMP_BYTES = 64 * 2**20
@@ -185,6 +188,26 @@ def _torch_update_(hi, lo, g, h, *, first: bool, last: bool) -> None:
             lo[v0:v1].copy_(acc)
 
 
+def _mm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out[...] = a @ b``, accumulated in fp32 (or ``out``'s wider dtype) and rounded once."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    elif out.dtype == torch.float32 and a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+    else:
+        torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
+
+
+def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` without rounding ``a @ b`` to ``a``'s dtype first."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    elif acc.dtype == torch.float32:
+        addmm_fp32_(acc, a, b)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
 def _strategy(dtype: torch.dtype, n_chunks: int) -> str:
     if n_chunks <= 1:
         return "single"
@@ -199,11 +222,13 @@ class GradWeightSum:
     Args:
         vocab: ``V``, rows of the result (the lm_head's vocabulary).
         hidden_size: ``H``, columns of the result.
-        dtype: the weight's dtype (fp16, bf16, fp32 or fp64); chunks must come in this dtype.
+        dtype: the result's (the weight's) dtype: fp16, bf16, fp32 or fp64.
         device: where the result lives; chunks must be there too.
         n_chunks: the number of :meth:`add_` calls to come (at most; ``0`` gives a zero result).
         triton_path: use the fused Triton kernel for the bf16 compensated sum (CUDA, or CPU through the
             interpreter); otherwise plain torch. Other strategies always use cuBLAS/torch.
+        chunk_dtype: the dtype of every chunk's ``grad_logits`` and ``h`` (default ``dtype``); may differ
+            only for an fp32/fp64 result (autocast over fp32 weights: bf16 chunks, fp32 accumulation).
 
     Strategy (``self.strategy``, see the module docstring): ``"single"`` (``n_chunks <= 1``),
     ``"in_place"`` (fp32/fp64), ``"compensated"`` (bf16: ``hi``/``lo`` pair, ``2 V H`` extra bytes),
@@ -212,12 +237,21 @@ class GradWeightSum:
     """
 
     def __init__(
-        self, vocab: int, hidden_size: int, *, dtype: torch.dtype, device, n_chunks: int, triton_path: bool
+        self, vocab: int, hidden_size: int, *, dtype: torch.dtype, device, n_chunks: int, triton_path: bool,
+        chunk_dtype: torch.dtype | None = None,
     ) -> None:
         self.vocab = check_int("vocab", vocab, low=1)
         self.hidden_size = check_int("hidden_size", hidden_size, low=1)
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+        chunk_dtype = dtype if chunk_dtype is None else chunk_dtype
+        if chunk_dtype not in _DTYPES:
+            raise ValueError(f"chunk_dtype must be one of {list(_DTYPES)} or None, got {chunk_dtype!r}")
+        if chunk_dtype != dtype and dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"chunk_dtype must equal dtype={dtype} unless the result is fp32/fp64, got chunk_dtype={chunk_dtype}"
+            )
+        self.chunk_dtype = chunk_dtype
         self.n_chunks = check_int("n_chunks", n_chunks, low=0)
         if not isinstance(triton_path, bool):
             raise TypeError(f"triton_path must be a bool, got {type(triton_path).__name__}")
@@ -253,8 +287,8 @@ class GradWeightSum:
         for name, t in (("grad_logits", grad_logits), ("h", h)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dtype != self.dtype:
-                raise ValueError(f"{name} must have dtype {self.dtype} (the result's), got {t.dtype}")
+            if t.dtype != self.chunk_dtype:
+                raise ValueError(f"{name} must have dtype {self.chunk_dtype} (chunk_dtype), got {t.dtype}")
             if t.device != self.device:
                 raise ValueError(f"{name} must be on {self.device} (the result's device), got {t.device}")
         if grad_logits.dim() != 2 or grad_logits.shape[1] != self.vocab:
@@ -264,7 +298,7 @@ class GradWeightSum:
             raise ValueError(f"h must have shape (C, H) = {expected} (C from grad_logits), got {tuple(h.shape)}")
 
     def add_(self, grad_logits: torch.Tensor, h: torch.Tensor) -> None:
-        """Add one chunk: ``grad_logits (C, V)`` and ``h (C, H)``, both in ``dtype`` on ``device``."""
+        """Add one chunk: ``grad_logits (C, V)`` and ``h (C, H)``, both in ``chunk_dtype`` on ``device``."""
         if self._done:
             raise RuntimeError("GradWeightSum.add_ called after result(); make a new GradWeightSum per sum")
         if self._added >= self.n_chunks:
@@ -275,17 +309,13 @@ class GradWeightSum:
         last = self._added == self.n_chunks
         shape = (self.vocab, self.hidden_size)
         a = grad_logits.t()
-        if self.strategy == "single":
-            self._out = torch.empty(shape, device=self.device, dtype=self.dtype)
-            mm_into_(self._out, a, h)
-        elif self.strategy in ("in_place", "fp32_buffer"):
+        if self.strategy != "compensated":  # "single", "in_place", "fp32_buffer"
             if first:
                 acc_dtype = torch.float32 if self.strategy == "fp32_buffer" else self.dtype
-                self._out = torch.zeros(shape, device=self.device, dtype=acc_dtype)
-            if self.strategy == "fp32_buffer":
-                addmm_fp32_(self._out, a, h)
+                self._out = torch.empty(shape, device=self.device, dtype=acc_dtype)
+                _mm_(self._out, a, h)
             else:
-                self._out.addmm_(a, h)
+                _addmm_(self._out, a, h)
         else:
             if first:
                 self._out = torch.empty(shape, device=self.device, dtype=self.dtype)
