@@ -31,10 +31,15 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from .._tokens import IGNORE_INDEX
 from ..kernels._linear_chunks import DEFAULT_CHUNK_BYTES
 from ..kernels.fused_linear_cross_entropy import STRATEGIES, fused_linear_cross_entropy
+from ._medusa_weights import SCHEDULERS, check_scheduler, medusa_loss_weights, medusa_schedule
 
-SCHEDULERS = ("constant", "linear", "sine")
+__all__ = [
+    "SCHEDULERS", "HeadFn", "HeadRunner", "LigerFusedLinearMedusaLoss", "MedusaLossOutput", "check_scheduler",
+    "fused_linear_medusa_loss", "medusa_loss_weights", "medusa_schedule", "tensor_head",
+]
 
 #: ``fn(x (M, H), weight (V, H), bias (V,) | None) -> (loss, is_top1)``: what a head runs on its output.
 HeadFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], Any]
@@ -59,57 +64,6 @@ class MedusaLossOutput(NamedTuple):
     head_correct: torch.Tensor
     head_counts: torch.Tensor
     computed: torch.Tensor
-
-
-def check_scheduler(scheduler: str) -> None:
-    """Raise ``ValueError`` unless ``scheduler`` is ``constant``, ``linear``, ``sine`` or ``sine_<r>`` (0 < r <= 1)."""
-    if isinstance(scheduler, str) and scheduler in SCHEDULERS:
-        return
-    if isinstance(scheduler, str) and scheduler.startswith("sine_"):
-        try:
-            ratio = float(scheduler[len("sine_"):])
-        except ValueError:
-            ratio = math.nan
-        if 0.0 < ratio <= 1.0:
-            return
-    raise ValueError(
-        f"medusa_scheduler must be one of {list(SCHEDULERS)} or 'sine_<r>' with 0 < r <= 1, got {scheduler!r}"
-    )
-
-
-def medusa_schedule(scheduler: str, progress: float) -> float:
-    """Medusa-2's coefficient of the extra heads at ``progress = step / max_steps`` in ``[0, 1]``."""
-    check_scheduler(scheduler)
-    if not (isinstance(progress, (int, float)) and 0.0 <= progress <= 1.0):
-        raise ValueError(f"progress must be a number in [0, 1] (step / max_steps), got {progress!r}")
-    if scheduler == "constant":
-        return 1.0
-    if scheduler == "linear":
-        return float(progress)
-    if scheduler == "sine":
-        return math.sin(progress * math.pi / 2)
-    ratio = float(scheduler[len("sine_"):])
-    return math.sin(progress / ratio * math.pi / 2) if progress < ratio else 1.0
-
-
-def medusa_loss_weights(
-    num_heads: int,
-    *,
-    heads_coefficient: float = 1.0,
-    decay_coefficient: float = 1.0,
-    scheduler: str = "constant",
-    progress: float = 1.0,
-    model_head_weight: float = 1.0,
-) -> list[float]:
-    """``[lambda_0, lambda_1, ..., lambda_K]``: ``model_head_weight``, then ``coef * decay**k * schedule(progress)``."""
-    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
-        raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
-    for name, value in (("heads_coefficient", heads_coefficient), ("decay_coefficient", decay_coefficient),
-                        ("model_head_weight", model_head_weight)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    factor = heads_coefficient * medusa_schedule(scheduler, progress)
-    return [float(model_head_weight)] + [factor * decay_coefficient**k for k in range(1, num_heads + 1)]
 
 
 def _check_inputs(hidden, labels, heads, weights, num_items_in_batch, strategy) -> torch.Tensor | None:
@@ -170,7 +124,7 @@ def fused_linear_medusa_loss(
     heads: Sequence[HeadRunner],
     weights: Sequence[float],
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     num_items_in_batch: int | torch.Tensor | Sequence[int] | None = None,
     softcap: float | None = None,
     logit_scale: float = 1.0,
@@ -316,7 +270,7 @@ class LigerFusedLinearMedusaLoss(nn.Module):
         decay_coefficient: float = 1.0,
         scheduler: str = "constant",
         model_head_weight: float = 1.0,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         softcap: float | None = None,
         logit_scale: float = 1.0,
         chunk_bytes: int | None = None,
