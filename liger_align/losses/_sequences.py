@@ -5,11 +5,14 @@ Every preference loss reduces its rows to these statistics and applies its objec
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
+from ..kernels._linear_chunks import check_linear_inputs
 from ..kernels.linear_logprobs import LogitOptions, linear_token_objective
+from ..kernels.sequence_objective import choose_strategy, sequence_objective
 
 #: The losses' names of ``(hidden, weight, target, bias)``, as their error messages spell them.
 POLICY_NAMES = ("hidden", "lin_weight", "target", "bias")
@@ -87,3 +90,46 @@ def sequence_stats(
         n_tokens=valid.sum(1),
         logit_sum=logit_mean.view(rows, length).sum(1),
     )
+
+
+#: A loss of per-row statistics: ``objective(stats) -> (0-d loss, detached metrics)``.
+StatsObjective = Callable[[SequenceStats], tuple[torch.Tensor, dict[str, Any]]]
+
+
+def fused_sequence_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None,
+    opts: LogitOptions,
+    objective: StatsObjective,
+    *,
+    row_groups: tuple[int, ...],
+    separable: bool,
+    strategy: str = "auto",
+    names: tuple[str, str, str, str] = POLICY_NAMES,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``objective`` of the statistics of ``hidden (R, T, H)``, ``target (R, T)``, by the 3- or the 4-product path.
+
+    ``row_groups`` ``(R,)``: the group of each row (rows whose gradients couple: a pair, ORPO's chosen
+    row with its NLL rows); ``separable``: whether ``objective`` is a sum over those groups (given the
+    token counts, which are known up front) — only then can the gradient be formed chunk by chunk
+    (:mod:`liger_align.kernels.sequence_objective`). ``strategy``: ``"auto"`` (by memory, see
+    :func:`~liger_align.kernels.sequence_objective.choose_strategy`), ``"grad_in_forward"`` (3 products)
+    or ``"recompute"`` (4 products, any objective, several backwards allowed).
+    """
+    check_linear_inputs(hidden.reshape(-1, hidden.shape[-1]), weight, target.reshape(-1), bias, names=names)
+    group_rows = max(row_groups.count(g) for g in set(row_groups)) if row_groups else 1
+    path = choose_strategy(strategy, hidden, weight, separable=separable, group_rows=group_rows, opts=opts)
+    if path == "recompute":
+        return objective(sequence_stats(hidden, weight, target, bias, opts, names=names))
+
+    def loss_of(sums: torch.Tensor, n_tokens: torch.Tensor, logit_sum: torch.Tensor) -> torch.Tensor:
+        return objective(SequenceStats(sums, n_tokens, logit_sum))[0]
+
+    loss, sums, n_tokens, logit_sum = sequence_objective(
+        hidden, weight, target, bias, objective=loss_of, row_groups=row_groups, opts=opts
+    )
+    with torch.no_grad():
+        _, out = objective(SequenceStats(sums, n_tokens, logit_sum))
+    return loss, out
