@@ -17,7 +17,8 @@ from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOConfig  # noqa: E402
 
 from liger_align.trainers import LigerCPOTrainer, LigerDPOTrainer, LigerKTOTrainer, LigerORPOTrainer  # noqa: E402
-from liger_align.trainers._head import causal_lm, install_fused_forward  # noqa: E402
+from liger_align.models.head_call import causal_lm  # noqa: E402
+from liger_align.trainers._fused_forward import install_fused_forward  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

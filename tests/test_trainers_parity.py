@@ -146,3 +146,33 @@ def test_orpo_without_patches(tmp_path: Path) -> None:
     actual = train_and_eval(LigerORPOTrainer, ORPOConfig, tmp_path / "liger", "paired", config={"max_steps": 2},
                             use_liger_kernel_patches=False)
     assert_logs_match(expected, actual)
+
+
+@pytest.mark.parametrize("loss_type,alpha", [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("simpo", 0.0),
+                                             ("simpo", 0.25)])
+def test_loss_metrics_are_trls_formulas(loss_type: str, alpha: float) -> None:
+    """The ORPO and CPO trainers log the rewards and log-odds the fused losses return (no second formula):
+    on the same ``(B,)`` log-probs they equal what TRL's ``cpo_loss`` / ``odds_ratio_loss`` compute."""
+    from types import SimpleNamespace
+
+    from liger_align.losses import cpo_objective, orpo_objective
+
+    gen = torch.Generator().manual_seed(1234)
+    chosen = -(torch.rand(7, generator=gen, dtype=torch.float64) * 3 + 0.05)
+    rejected = -(torch.rand(7, generator=gen, dtype=torch.float64) * 3 + 0.05)
+    nll = torch.rand((), generator=gen, dtype=torch.float64)
+    cpu = SimpleNamespace(device=torch.device("cpu"))
+    trl_cpo = SimpleNamespace(beta=0.2, loss_type=loss_type, label_smoothing=0.0, simpo_gamma=0.5, alpha=alpha,
+                              accelerator=cpu)
+    _, want_chosen, want_rejected = CPOTrainer.cpo_loss(trl_cpo, chosen, rejected)
+    _, cpo = cpo_objective(chosen, rejected, nll, beta=0.2, loss_type=loss_type, simpo_gamma=0.5, alpha=alpha)
+    torch.testing.assert_close(cpo["chosen_rewards"].double(), want_chosen, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(cpo["rejected_rewards"].double(), want_rejected, rtol=1e-6, atol=1e-7)
+
+    trl_orpo = SimpleNamespace(beta=0.2, accelerator=cpu)
+    _, want_chosen, want_rejected, want_ratio, want_log_odds = ORPOTrainer.odds_ratio_loss(trl_orpo, chosen, rejected)
+    _, orpo = orpo_objective(chosen, rejected, nll, beta=0.2)
+    torch.testing.assert_close(orpo["chosen_rewards"].double(), want_chosen.double(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(orpo["rejected_rewards"].double(), want_rejected.double(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(orpo["log_odds_ratio"].double(), want_ratio.double(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(orpo["log_odds_chosen"].double(), want_log_odds.double(), rtol=1e-6, atol=1e-7)

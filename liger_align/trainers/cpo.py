@@ -18,9 +18,9 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")
     from trl.experimental.cpo import CPOTrainer
 
+from .._tokens import next_token_targets
 from ..losses import LigerFusedLinearCPOLoss
-from ._head import LigerTrainerMixin, position_logit_means, shift_targets, with_flag_signature
-from .orpo import LigerORPOTrainer
+from ._mixin import LigerTrainerMixin, position_logit_means, with_flag_signature
 
 
 @with_flag_signature
@@ -30,8 +30,6 @@ class LigerCPOTrainer(LigerTrainerMixin, CPOTrainer):
 
     Extra keyword ``use_liger_kernel_patches`` (default True): apply liger-align's model patches.
     """
-
-    _liger_metrics = LigerORPOTrainer._liger_metrics
 
     def __init__(self, *args: Any, use_liger_kernel_patches: bool = True, **kwargs: Any) -> None:
         bound = self._liger_check_inputs(CPOTrainer, args, kwargs, paired=True)
@@ -54,7 +52,7 @@ class LigerCPOTrainer(LigerTrainerMixin, CPOTrainer):
         )
         input_ids, attention_mask = concat["concatenated_input_ids"], concat["concatenated_attention_mask"]
         half = batch["chosen_labels"].shape[0]
-        target = shift_targets(concat["concatenated_labels"])
+        target = next_token_targets(concat["concatenated_labels"])
         loss_fn = self.liger_loss
 
         def head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -64,11 +62,10 @@ class LigerCPOTrainer(LigerTrainerMixin, CPOTrainer):
 
         out, aux_loss = self._liger_head_forward(model, input_ids, attention_mask, head)
         loss = out["loss"] if aux_loss is None else out["loss"] + aux_loss
-        chosen_logps, rejected_logps = out["chosen_logps"], out["rejected_logps"]
-        # TRL's own formula on the (B,) log-probs, for the rewards only (no gradient, no logits).
-        _, chosen_rewards, rejected_rewards = self.cpo_loss(chosen_logps, rejected_logps)
+        # The rewards are the loss's own (beta * logps, or beta * AlphaPO's r): TRL's cpo_loss formula
+        # (tests/test_trainers_parity.py checks that they agree).
         metrics = self._liger_metrics(
-            train_eval, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps,
+            train_eval, out["chosen_rewards"], out["rejected_rewards"], out["chosen_logps"], out["rejected_logps"],
             out["logits_chosen"], out["logits_rejected"], {"nll_loss": out["nll_loss"]},
         )
         return loss, metrics

@@ -2,7 +2,7 @@
 
 TRL 1.16's DPO trainer reads per-token log-probs from ``model(..., labels=labels, fused_lm_head=True)``
 (for the policy, the reference and the precomputed reference). ``LigerDPOTrainer`` installs
-liger-align's fused forward in place of TRL's (see :func:`._head.add_liger_fused_lm_head`), so every
+liger-align's fused forward in place of TRL's (see :func:`._trl_protocol.add_liger_fused_lm_head`), so every
 loss type, option (``ld_alpha``, ``f_divergence_type``, ``use_weighting``, RPO's ``sft`` term),
 metric and evaluation path is TRL's own, and no ``[tokens, vocab]`` logits are built.
 """
@@ -13,7 +13,8 @@ from typing import Any
 
 from trl import DPOTrainer
 
-from ._head import LigerTrainerMixin, liger_fused_lm_head_for, with_flag_signature
+from ._mixin import LigerTrainerMixin, with_flag_signature
+from ._trl_protocol import liger_fused_lm_head_for
 
 
 @with_flag_signature

@@ -15,7 +15,8 @@ try:  # TRL >= 1.16: promoted to the stable API
 except ImportError:  # pragma: no cover - TRL 1.15
     from trl.experimental.kto import KTOTrainer
 
-from ._head import LigerTrainerMixin, liger_fused_lm_head_for, with_flag_signature
+from ._mixin import LigerTrainerMixin, with_flag_signature
+from ._trl_protocol import liger_fused_lm_head_for
 
 
 @with_flag_signature

@@ -35,7 +35,8 @@ from ..losses.medusa import check_scheduler, medusa_loss_weights
 from ..models.medusa import (
     MEDUSA_HEADS_FILE, add_medusa_heads, load_medusa_heads, medusa_heads, save_medusa_heads,
 )
-from ._head import apply_model_patches, causal_lm
+from ..models.head_call import causal_lm
+from ._mixin import apply_model_patches
 
 _HEAD_PREFIX = "medusa_head."
 

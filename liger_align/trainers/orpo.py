@@ -23,8 +23,9 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")
     from trl.experimental.orpo import ORPOTrainer
 
+from .._tokens import IGNORE_INDEX, next_token_targets
 from ..losses import LigerFusedLinearORPOLoss
-from ._head import LigerTrainerMixin, position_logit_means, shift_targets, with_flag_signature
+from ._mixin import LigerTrainerMixin, position_logit_means, with_flag_signature
 
 
 @with_flag_signature
@@ -40,7 +41,7 @@ class LigerORPOTrainer(LigerTrainerMixin, ORPOTrainer):
         self._liger_pre_init(use_liger_kernel_patches, bound.get("model"))
         super().__init__(*args, **kwargs)
         self._liger_post_init(self.model)
-        self.liger_loss = LigerFusedLinearORPOLoss(beta=self.beta, ignore_index=-100)
+        self.liger_loss = LigerFusedLinearORPOLoss(beta=self.beta, ignore_index=IGNORE_INDEX)
 
     def get_batch_loss_metrics(
         self, model: Any, batch: dict[str, Any], train_eval: Literal["train", "eval"] = "train"
@@ -53,8 +54,8 @@ class LigerORPOTrainer(LigerTrainerMixin, ORPOTrainer):
         )
         input_ids, attention_mask = concat["concatenated_input_ids"], concat["concatenated_attention_mask"]
         half = batch["chosen_labels"].shape[0]
-        target = shift_targets(concat["concatenated_labels"])
-        nll_target = shift_targets(input_ids.masked_fill(attention_mask == 0, -100)[:half])
+        target = next_token_targets(concat["concatenated_labels"])
+        nll_target = next_token_targets(input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)[:half])
         loss_fn = self.liger_loss
 
         def head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -74,24 +75,3 @@ class LigerORPOTrainer(LigerTrainerMixin, ORPOTrainer):
              "log_odds_chosen": out["log_odds_chosen"]},
         )
         return loss, metrics
-
-    def _liger_metrics(
-        self, train_eval: str, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
-        chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, logits_chosen: torch.Tensor,
-        logits_rejected: torch.Tensor, scalars: dict[str, torch.Tensor],
-    ) -> dict[str, float]:
-        """TRL's paired metrics (same names, same gathering), as floats."""
-        gather = self.accelerator.gather_for_metrics
-        prefix = "eval_" if train_eval == "eval" else ""
-        values = {
-            "rewards/chosen": gather(chosen_rewards).mean(),
-            "rewards/rejected": gather(rejected_rewards).mean(),
-            "rewards/accuracies": gather((chosen_rewards > rejected_rewards).float()).mean(),
-            "rewards/margins": gather(chosen_rewards - rejected_rewards).mean(),
-            "logps/rejected": gather(rejected_logps.detach()).mean(),
-            "logps/chosen": gather(chosen_logps.detach()).mean(),
-            "logits/rejected": gather(logits_rejected.detach()).mean(),
-            "logits/chosen": gather(logits_chosen.detach()).mean(),
-        }
-        values.update({k: gather(v.detach()).mean() for k, v in scalars.items()})
-        return {f"{prefix}{k}": v.item() for k, v in values.items()}
