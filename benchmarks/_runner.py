@@ -23,6 +23,7 @@ import os
 import platform
 import statistics
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,8 +306,9 @@ def plot(path: str | Path, rows: list[dict], *, group: Sequence[str], values: Se
          method: str = "method", title: str = "", ref_line: float | None = 1.0,
          annotate: dict[str, str] | None = None) -> Path | None:
     """Grouped bar chart to ``path`` (a name: ``RESULTS/<name>.png``): one panel per ``(value key, y label)`` of
-    ``values``, one group per distinct ``group`` fields, one bar per ``method``; a non-number is written on the
-    axis (``OOM``); ``annotate[value] = ratio key`` prints that ratio on the bar. None without matplotlib."""
+    ``values``, one group per distinct ``group`` fields (a number shown as ``key=value``), one bar per ``method``;
+    a non-number is written on the axis (``OOM``); ``annotate[value] = ratio key`` prints that ratio on the bar.
+    None without matplotlib."""
     try:
         import matplotlib
 
@@ -316,7 +318,7 @@ def plot(path: str | Path, rows: list[dict], *, group: Sequence[str], values: Se
         print("matplotlib is not installed: no PNG", file=sys.stderr)
         return None
     path = Path(path) if str(path).endswith(".png") else RESULTS / f"{path}.png"
-    label = lambda r: "\n".join(str(r.get(k)) for k in group)  # noqa: E731
+    label = lambda r: "\n".join(v if isinstance(v := r.get(k), str) else f"{k}={v}" for k in group)  # noqa: E731
     groups = list(dict.fromkeys(label(r) for r in rows))
     methods = list(dict.fromkeys(str(r.get(method)) for r in rows))
     width = 0.8 / max(1, len(methods))
@@ -342,8 +344,9 @@ def plot(path: str | Path, rows: list[dict], *, group: Sequence[str], values: Se
         if ref_line is not None:
             ax.axhline(ref_line, color="k", lw=0.8, ls="--")
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
+        if labelled:
+            ax.legend(fontsize=7)
+    fig.suptitle("\n".join(textwrap.wrap(title, 110)), fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

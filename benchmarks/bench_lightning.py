@@ -252,7 +252,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path | None:
                         values=[("peak_allocated_gib", "peak memory (GiB)"), ("tokens_per_s", "tokens/s")],
                         annotate={"peak_allocated_gib": "peak_x_none", "tokens_per_s": "tokens_per_s_x_none"},
                         title=f"Lightning, one device ({device}), {b} x {t} tokens/step, answer+EOS targets, "
-                              f"{precision}; arms: none = unpatched, liger = apply_liger_kernel")
+                              f"{precision}; liger = apply_liger_kernel")
 
 
 def main() -> None:
