@@ -196,7 +196,8 @@ def fused_linear_cross_entropy(
         ce_weight: per-class weights ``(V,)`` float, finite and ``>= 0``, on the weight's device, as
             ``F.cross_entropy(weight=...)``; no gradient flows to it.
         lse_square_scale: ``s >= 0``, the z-loss ``s * lse_i^2`` per valid token (PaLM), unweighted by
-            ``ce_weight`` and reduced with the loss's ``D``; included in the loss.
+            ``ce_weight`` and reduced with the loss's ``D``; included in the loss. (Liger-Kernel divides
+            it by the number of valid tokens even with ``ce_weight``; without ``ce_weight`` they agree.)
         softcap, temperature, logit_scale, impl: as in :func:`linear_logprobs`.
         chunk_bytes: budget of one logits buffer (default 512 MiB): ``(C, V)`` token chunks with
             ``"grad_in_forward"``, ``(M, Vc)`` vocabulary slices with ``"recompute"``.
@@ -206,7 +207,8 @@ def fused_linear_cross_entropy(
         return_top1: also return ``is_top1`` (bool, shaped like target, False where ignored): whether
             the target is the argmax of its logits, read from the same row pass (no extra product).
         return_z_loss: also return the z-loss part (reduced as the loss, without gradient).
-        return_token_accuracy: also return the 0-d fraction of valid tokens whose target is the argmax.
+        return_token_accuracy: also return the 0-d fraction of valid tokens whose target is the argmax
+            (a target tied with the maximum counts as a hit; Liger-Kernel takes the first maximal index).
 
     Returns:
         the loss; ``(loss, is_top1)`` with ``return_top1`` alone; with ``return_z_loss`` or
