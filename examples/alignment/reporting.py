@@ -9,11 +9,13 @@ import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from cli import ScriptArguments
-from transformers import TrainingArguments
+
+if TYPE_CHECKING:  # annotations only: the Lightning example imports this module without transformers' Trainer
+    from cli import ScriptArguments
+    from transformers import TrainingArguments
 
 
 def peak_memory() -> tuple[float, str]:
