@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections.abc import Callable
@@ -17,10 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._tokens import IGNORE_INDEX, next_token_targets
 from ..models import apply_liger_kernel
 from ..models.head_call import causal_lm, check_head_not_adapted
 from ._fused_forward import install_fused_forward
 from ._inputs import bound_arguments, check_config, check_datasets
+from ._trl_protocol import liger_fused_lm_head_for
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +47,28 @@ def apply_model_patches(model: nn.Module | None) -> Any:
 class LigerTrainerMixin:
     """Constructor keyword ``use_liger_kernel_patches`` and the preparation of the policy (and reference).
 
-    Subclasses call :meth:`_liger_pre_init` before TRL's ``__init__`` (patches a model given as an
-    instance, before PEFT wraps it) and :meth:`_liger_post_init` after it.
+    Subclasses construct through :meth:`_liger_init`: :meth:`_liger_pre_init` before TRL's ``__init__``
+    (patches a model given as an instance, before PEFT wraps it) and :meth:`_liger_post_init` after it.
     """
 
     liger_patch_handles: list[Any]
+
+    def _liger_init(
+        self, parent: type, args: tuple, kwargs: dict[str, Any], use_liger_kernel_patches: bool, *, paired: bool,
+        fused_protocol: bool = False, beta_may_be_zero: bool = False,
+    ) -> None:
+        """The constructor of every Liger trainer: inputs checked, models patched, TRL's ``parent.__init__``,
+        fused forward installed.
+
+        ``fused_protocol``: ``parent`` (DPO, KTO) has a reference model and reads log-probs through TRL's
+        fused-LM-head protocol, answered by liger-align's base while its ``__init__`` runs (:mod:`._trl_protocol`).
+        """
+        bound = self._liger_check_inputs(parent, args, kwargs, paired=paired, beta_may_be_zero=beta_may_be_zero)
+        names = ("model", "ref_model") if fused_protocol else ("model",)
+        self._liger_pre_init(use_liger_kernel_patches, *(bound.get(name) for name in names))
+        with liger_fused_lm_head_for(parent) if fused_protocol else contextlib.nullcontext():
+            parent.__init__(self, *args, **kwargs)
+        self._liger_post_init(*(getattr(self, name) for name in names))
 
     def _liger_check_inputs(
         self, parent: type, args: tuple, kwargs: dict[str, Any], *, paired: bool, beta_may_be_zero: bool = False
@@ -101,25 +121,58 @@ class LigerTrainerMixin:
         aux = self.aux_loss_coef * result["aux_loss"] if self.aux_loss_enabled else None
         return result["head"], aux
 
+    def _liger_paired_forward(
+        self, model: Any, batch: dict[str, Any], *, padding_value: int, nll_over_inputs: bool, means_skip_last: bool,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(loss, outputs)`` of ``self.liger_loss`` on TRL's concatenated chosen + rejected batch (decoder-only).
+
+        Targets: the completion labels (``concatenated_labels``), shifted. ``nll_over_inputs``: the NLL
+        target is every attended token of the chosen rows (ORPO), else the loss's own (CPO).
+        ``outputs``: the loss's, plus ``logits_chosen``/``logits_rejected`` (TRL's ``logits/*``: means
+        over every position, padding included; ``means_skip_last`` leaves the last one out, as ORPO's TRL).
+        The MoE aux loss, when enabled, is added to ``loss``.
+        """
+        concat = self.concatenated_inputs(
+            batch, is_encoder_decoder=False, padding_value=padding_value, device=self.accelerator.device
+        )
+        input_ids, attention_mask = concat["concatenated_input_ids"], concat["concatenated_attention_mask"]
+        half = batch["chosen_labels"].shape[0]
+        target = next_token_targets(concat["concatenated_labels"])
+        extra = {}
+        if nll_over_inputs:
+            extra["nll_target"] = next_token_targets(input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)[:half])
+        loss_fn = self.liger_loss
+
+        def head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+            loss, out = loss_fn(weight, hidden, target, bias, **extra)
+            means = position_logit_means(hidden[:, :-1] if means_skip_last else hidden, weight, bias)
+            return {"loss": loss, **out, "logits_chosen": means[:half].mean(), "logits_rejected": means[half:].mean()}
+
+        out, aux_loss = self._liger_head_forward(model, input_ids, attention_mask, head)
+        return (out["loss"] if aux_loss is None else out["loss"] + aux_loss), out
+
     def _liger_metrics(
-        self, train_eval: str, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
-        chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, logits_chosen: torch.Tensor,
-        logits_rejected: torch.Tensor, scalars: dict[str, torch.Tensor],
+        self, train_eval: str, out: dict[str, torch.Tensor], scalars: tuple[str, ...]
     ) -> dict[str, float]:
-        """TRL's paired metrics (ORPO's and CPO's: same names, same gathering), as floats."""
+        """TRL's paired metrics (ORPO's and CPO's: same names, same gathering) from the loss's ``out``, as floats.
+
+        The rewards are the loss's own (TRL's formulas; ``tests/test_trainers_parity.py`` checks they agree);
+        ``scalars`` name further 0-d outputs logged under their own name (``nll_loss``, ...).
+        """
         gather = self.accelerator.gather_for_metrics
         prefix = "eval_" if train_eval == "eval" else ""
+        chosen_rewards, rejected_rewards = out["chosen_rewards"], out["rejected_rewards"]
         values = {
             "rewards/chosen": gather(chosen_rewards).mean(),
             "rewards/rejected": gather(rejected_rewards).mean(),
             "rewards/accuracies": gather((chosen_rewards > rejected_rewards).float()).mean(),
             "rewards/margins": gather(chosen_rewards - rejected_rewards).mean(),
-            "logps/rejected": gather(rejected_logps.detach()).mean(),
-            "logps/chosen": gather(chosen_logps.detach()).mean(),
-            "logits/rejected": gather(logits_rejected.detach()).mean(),
-            "logits/chosen": gather(logits_chosen.detach()).mean(),
+            "logps/rejected": gather(out["rejected_logps"].detach()).mean(),
+            "logps/chosen": gather(out["chosen_logps"].detach()).mean(),
+            "logits/rejected": gather(out["logits_rejected"].detach()).mean(),
+            "logits/chosen": gather(out["logits_chosen"].detach()).mean(),
         }
-        values.update({k: gather(v.detach()).mean() for k, v in scalars.items()})
+        values.update({k: gather(out[k].detach()).mean() for k in scalars})
         return {f"{prefix}{k}": v.item() for k, v in values.items()}
 
     def revert_liger_kernel_patches(self) -> None:

@@ -18,9 +18,8 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")
     from trl.experimental.cpo import CPOTrainer
 
-from .._tokens import next_token_targets
 from ..losses import LigerFusedLinearCPOLoss
-from ._mixin import LigerTrainerMixin, position_logit_means, with_flag_signature
+from ._mixin import LigerTrainerMixin, with_flag_signature
 
 
 @with_flag_signature
@@ -32,10 +31,7 @@ class LigerCPOTrainer(LigerTrainerMixin, CPOTrainer):
     """
 
     def __init__(self, *args: Any, use_liger_kernel_patches: bool = True, **kwargs: Any) -> None:
-        bound = self._liger_check_inputs(CPOTrainer, args, kwargs, paired=True)
-        self._liger_pre_init(use_liger_kernel_patches, bound.get("model"))
-        super().__init__(*args, **kwargs)
-        self._liger_post_init(self.model)
+        self._liger_init(CPOTrainer, args, kwargs, use_liger_kernel_patches, paired=True)
         self.liger_loss = LigerFusedLinearCPOLoss(
             beta=self.beta, loss_type=self.loss_type, cpo_alpha=self.cpo_alpha, label_smoothing=self.label_smoothing,
             simpo_gamma=getattr(self, "simpo_gamma", 0.5), alpha=self.alpha,
@@ -44,28 +40,10 @@ class LigerCPOTrainer(LigerTrainerMixin, CPOTrainer):
     def get_batch_loss_metrics(
         self, model: Any, batch: dict[str, Any], train_eval: Literal["train", "eval"] = "train"
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """CPO-family loss and TRL's metrics for one batch, through the fused loss."""
+        """CPO-family loss and TRL's metrics for one batch, through the fused loss (rewards: the loss's own)."""
         if self.is_encoder_decoder:
             return super().get_batch_loss_metrics(model, batch, train_eval)
-        concat = self.concatenated_inputs(
-            batch, is_encoder_decoder=False, padding_value=self.pad_token_id, device=self.accelerator.device
+        loss, out = self._liger_paired_forward(
+            model, batch, padding_value=self.pad_token_id, nll_over_inputs=False, means_skip_last=False
         )
-        input_ids, attention_mask = concat["concatenated_input_ids"], concat["concatenated_attention_mask"]
-        half = batch["chosen_labels"].shape[0]
-        target = next_token_targets(concat["concatenated_labels"])
-        loss_fn = self.liger_loss
-
-        def head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
-            loss, out = loss_fn(weight, hidden, target, bias)
-            means = position_logit_means(hidden, weight, bias)
-            return {"loss": loss, **out, "logits_chosen": means[:half].mean(), "logits_rejected": means[half:].mean()}
-
-        out, aux_loss = self._liger_head_forward(model, input_ids, attention_mask, head)
-        loss = out["loss"] if aux_loss is None else out["loss"] + aux_loss
-        # The rewards are the loss's own (beta * logps, or beta * AlphaPO's r): TRL's cpo_loss formula
-        # (tests/test_trainers_parity.py checks that they agree).
-        metrics = self._liger_metrics(
-            train_eval, out["chosen_rewards"], out["rejected_rewards"], out["chosen_logps"], out["rejected_logps"],
-            out["logits_chosen"], out["logits_rejected"], {"nll_loss": out["nll_loss"]},
-        )
-        return loss, metrics
+        return loss, self._liger_metrics(train_eval, out, ("nll_loss",))

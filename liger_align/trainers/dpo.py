@@ -14,7 +14,6 @@ from typing import Any
 from trl import DPOTrainer
 
 from ._mixin import LigerTrainerMixin, with_flag_signature
-from ._trl_protocol import liger_fused_lm_head_for
 
 
 @with_flag_signature
@@ -26,8 +25,4 @@ class LigerDPOTrainer(LigerTrainerMixin, DPOTrainer):
     """
 
     def __init__(self, *args: Any, use_liger_kernel_patches: bool = True, **kwargs: Any) -> None:
-        bound = self._liger_check_inputs(DPOTrainer, args, kwargs, paired=True)
-        self._liger_pre_init(use_liger_kernel_patches, bound.get("model"), bound.get("ref_model"))
-        with liger_fused_lm_head_for(DPOTrainer):
-            super().__init__(*args, **kwargs)
-        self._liger_post_init(self.model, self.ref_model)
+        self._liger_init(DPOTrainer, args, kwargs, use_liger_kernel_patches, paired=True, fused_protocol=True)

@@ -16,7 +16,6 @@ except ImportError:  # pragma: no cover - TRL 1.15
     from trl.experimental.kto import KTOTrainer
 
 from ._mixin import LigerTrainerMixin, with_flag_signature
-from ._trl_protocol import liger_fused_lm_head_for
 
 
 @with_flag_signature
@@ -28,8 +27,4 @@ class LigerKTOTrainer(LigerTrainerMixin, KTOTrainer):
     """
 
     def __init__(self, *args: Any, use_liger_kernel_patches: bool = True, **kwargs: Any) -> None:
-        bound = self._liger_check_inputs(KTOTrainer, args, kwargs, paired=False)
-        self._liger_pre_init(use_liger_kernel_patches, bound.get("model"), bound.get("ref_model"))
-        with liger_fused_lm_head_for(KTOTrainer):
-            super().__init__(*args, **kwargs)
-        self._liger_post_init(self.model, self.ref_model)
+        self._liger_init(KTOTrainer, args, kwargs, use_liger_kernel_patches, paired=False, fused_protocol=True)

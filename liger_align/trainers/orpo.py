@@ -23,9 +23,9 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")
     from trl.experimental.orpo import ORPOTrainer
 
-from .._tokens import IGNORE_INDEX, next_token_targets
+from .._tokens import IGNORE_INDEX
 from ..losses import LigerFusedLinearORPOLoss
-from ._mixin import LigerTrainerMixin, position_logit_means, with_flag_signature
+from ._mixin import LigerTrainerMixin, with_flag_signature
 
 
 @with_flag_signature
@@ -37,10 +37,7 @@ class LigerORPOTrainer(LigerTrainerMixin, ORPOTrainer):
     """
 
     def __init__(self, *args: Any, use_liger_kernel_patches: bool = True, **kwargs: Any) -> None:
-        bound = self._liger_check_inputs(ORPOTrainer, args, kwargs, paired=True, beta_may_be_zero=True)
-        self._liger_pre_init(use_liger_kernel_patches, bound.get("model"))
-        super().__init__(*args, **kwargs)
-        self._liger_post_init(self.model)
+        self._liger_init(ORPOTrainer, args, kwargs, use_liger_kernel_patches, paired=True, beta_may_be_zero=True)
         self.liger_loss = LigerFusedLinearORPOLoss(beta=self.beta, ignore_index=IGNORE_INDEX)
 
     def get_batch_loss_metrics(
@@ -49,29 +46,9 @@ class LigerORPOTrainer(LigerTrainerMixin, ORPOTrainer):
         """ORPO loss and TRL's metrics for one batch, through the fused loss."""
         if self.is_encoder_decoder:
             return super().get_batch_loss_metrics(model, batch, train_eval)
-        concat = self.concatenated_inputs(
-            batch, is_encoder_decoder=False, padding_value=self.padding_value, device=self.accelerator.device
+        loss, out = self._liger_paired_forward(
+            model, batch, padding_value=self.padding_value, nll_over_inputs=True, means_skip_last=True
         )
-        input_ids, attention_mask = concat["concatenated_input_ids"], concat["concatenated_attention_mask"]
-        half = batch["chosen_labels"].shape[0]
-        target = next_token_targets(concat["concatenated_labels"])
-        nll_target = next_token_targets(input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)[:half])
-        loss_fn = self.liger_loss
-
-        def head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
-            loss, out = loss_fn(weight, hidden, target, bias, nll_target=nll_target)
-            means = position_logit_means(hidden[:, :-1], weight, bias)
-            return {"loss": loss, **out, "logits_chosen": means[:half].mean(), "logits_rejected": means[half:].mean()}
-
-        out, aux_loss = self._liger_head_forward(model, input_ids, attention_mask, head)
-        loss = out["loss"] if aux_loss is None else out["loss"] + aux_loss
-        chosen_logps, rejected_logps = out["chosen_logps"], out["rejected_logps"]
         # The metrics of the loss itself: TRL's values, but finite for a fully truncated row and at p -> 1
         # (TRL's own odds_ratio_loss gives NaN there; see liger_align.losses.orpo).
-        metrics = self._liger_metrics(
-            train_eval, out["chosen_rewards"], out["rejected_rewards"], chosen_logps, rejected_logps,
-            out["logits_chosen"], out["logits_rejected"],
-            {"nll_loss": out["nll_loss"], "log_odds_ratio": out["log_odds_ratio"],
-             "log_odds_chosen": out["log_odds_chosen"]},
-        )
-        return loss, metrics
+        return loss, self._liger_metrics(train_eval, out, ("nll_loss", "log_odds_ratio", "log_odds_chosen"))
