@@ -79,3 +79,28 @@ def _dispatch_to_torch_on_cpu(request: pytest.FixtureRequest, monkeypatch: pytes
 def _skip_gpu_without_cuda(request: pytest.FixtureRequest):
     if request.node.get_closest_marker("gpu") is not None and not HAS_CUDA:
         pytest.skip("needs a CUDA device")
+
+
+#: The path of the sequence losses a ``loss_path`` test runs on ("grad_in_forward" or "recompute"), for
+#: assertions that differ by path (e.g. how many chunks a single pair takes).
+LOSS_PATH = {"current": None}
+
+
+@pytest.fixture(params=["grad_in_forward", "recompute"])
+def loss_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test once per gradient path of the sequence losses: ``strategy="auto"`` is forced to it
+    (where the objective is separable; a non-separable one keeps recompute)."""
+    from liger_align.losses import _sequences
+
+    real = _sequences.choose_strategy
+    path = request.param
+
+    def forced(strategy, *args, separable, **kwargs):
+        if strategy == "auto" and separable:
+            strategy = path
+        return real(strategy, *args, separable=separable, **kwargs)
+
+    monkeypatch.setattr(_sequences, "choose_strategy", forced)
+    LOSS_PATH["current"] = path
+    yield path
+    LOSS_PATH["current"] = None

@@ -27,9 +27,18 @@ if TYPE_CHECKING:
     from ._cross_entropy_options import CrossEntropyTerms
 
 
+#: How a sequence loss forms its gradient (:func:`liger_align.kernels.sequence_objective.choose_strategy`).
+SEQUENCE_STRATEGIES = ("auto", "grad_in_forward", "recompute")
+
+
 @dataclass(frozen=True)
 class LogitOptions:
-    """How logits are formed and chunked. ``z = (softcap * tanh(logit_scale * raw / softcap)) / temperature``."""
+    """How logits are formed and chunked. ``z = (softcap * tanh(logit_scale * raw / softcap)) / temperature``.
+
+    ``strategy`` (the sequence losses only; the per-token ops here always recompute): ``"auto"``,
+    ``"grad_in_forward"`` (3 products) or ``"recompute"`` (4 products); see
+    :func:`liger_align.kernels.sequence_objective.choose_strategy`.
+    """
 
     ignore_index: int = -100
     temperature: float = 1.0
@@ -37,6 +46,7 @@ class LogitOptions:
     logit_scale: float = 1.0
     chunk_bytes: int | None = None
     impl: str | None = None
+    strategy: str = "auto"
 
     def __post_init__(self) -> None:
         # Checked and normalised to Python numbers (numpy scalars and 0-d tensors are accepted).
@@ -51,6 +61,8 @@ class LogitOptions:
             raise ValueError(f"logit_scale must be a finite non-zero number, got {self.logit_scale!r}")
         if self.impl not in _IMPLS:
             raise ValueError(f"impl must be one of {list(_IMPLS)}, got {self.impl!r}")
+        if self.strategy not in SEQUENCE_STRATEGIES:
+            raise ValueError(f"strategy must be one of {list(SEQUENCE_STRATEGIES)}, got {self.strategy!r}")
         for key, value in values.items():
             object.__setattr__(self, key, value)
 

@@ -32,11 +32,11 @@ from ._dispatch import use_triton
 from ._linear_chunks import chunk_rows, compute_dtype, project
 from ._row_softmax import RowStats, fold_row_stats_, row_grad_
 from .grad_weight_sum import GradWeightSum
-from .linear_logprobs import LogitOptions
+from .linear_logprobs import SEQUENCE_STRATEGIES, LogitOptions
 
 #: ``L(sum_logps (R,), n_tokens (R,), logit_sum (R,)) -> 0-d loss``, all fp32; must be separable over groups.
 RowObjective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-STRATEGIES = ("auto", "grad_in_forward", "recompute")
+STRATEGIES = SEQUENCE_STRATEGIES
 #: With ``strategy="auto"``, the 3-product path may use at most this fraction of the free device memory.
 FREE_MEMORY_FRACTION = 0.5
 

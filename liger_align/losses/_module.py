@@ -5,36 +5,27 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+from typing_extensions import Unpack
 
-from ._paired import logit_options, options_kwargs
+from ._paired import LogitKwargs, logit_options, options_kwargs
 
 
 class FusedLossModule(nn.Module):
-    """Holds an objective's settings (``self.config``) and the logit options (``self.logit_kwargs``).
+    """Holds an objective's settings (``self.config``) and the logit options (``self.logit_options``).
 
-    Subclasses check their own settings, pass them here, and call their functional twin with
-    ``**self.config, **self.logit_kwargs``.
+    Subclasses check their own settings, pass them here with the logit keywords (:class:`LogitKwargs`),
+    and call their functional twin with ``**self.config, **self.logit_kwargs``.
     """
 
-    def __init__(
-        self,
-        config: dict[str, Any],
-        *,
-        ignore_index: int = -100,
-        temperature: float = 1.0,
-        softcap: float | None = None,
-        logit_scale: float = 1.0,
-        chunk_bytes: int | None = None,
-        impl: str | None = None,
-    ) -> None:
+    def __init__(self, config: dict[str, Any], **logit_kwargs: Unpack[LogitKwargs]) -> None:
         super().__init__()
         self.config = config
-        self.logit_kwargs = options_kwargs(
-            logit_options(
-                ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-                chunk_bytes=chunk_bytes, impl=impl,
-            )
-        )
+        self.logit_options = logit_options(**logit_kwargs)
+
+    @property
+    def logit_kwargs(self) -> dict[str, Any]:
+        """The logit keywords of :attr:`logit_options`, to pass to the functional twin."""
+        return options_kwargs(self.logit_options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in {**self.config, **self.logit_kwargs}.items())

@@ -6,9 +6,10 @@ Nothing here multiplies by the lm_head itself: every log-prob comes from
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict
 
 import torch
+from typing_extensions import Unpack
 
 from ..kernels._checks import check_choice  # noqa: F401  (re-exported for the losses)
 from ..kernels._linear_chunks import check_linear_inputs
@@ -18,25 +19,42 @@ from ._sequences import SequenceStats, sequence_stats
 REF_NAMES = ("ref_hidden", "ref_weight", "target", "ref_bias")
 
 
-def logit_options(
-    *,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-    chunk_bytes: int | None = None,
-    impl: str | None = None,
-) -> LogitOptions:
-    """The :class:`LogitOptions` of a loss's keyword arguments (validated here, before any kernel)."""
-    return LogitOptions(ignore_index, temperature, softcap, logit_scale, chunk_bytes, impl)
+class LogitKwargs(TypedDict, total=False):
+    """The logit keywords every loss takes (flat, keyword-only), packed once into a :class:`LogitOptions`.
+
+    ``ignore_index`` (-100): targets dropped before any product. ``temperature`` (1.0), ``softcap``
+    (None), ``logit_scale`` (1.0): ``z = softcap * tanh(logit_scale * raw / softcap) / temperature``.
+    ``chunk_bytes`` (512 MiB): budget of one logits buffer. ``impl`` (None): ``"triton"``/``"torch"``
+    forces a path. ``strategy`` (``"auto"``): ``"grad_in_forward"`` (3 products) or ``"recompute"``
+    (4 products), see :func:`liger_align.kernels.sequence_objective.choose_strategy`.
+    """
+
+    ignore_index: int
+    temperature: float
+    softcap: float | None
+    logit_scale: float
+    chunk_bytes: int | None
+    impl: str | None
+    strategy: str
+
+
+_LOGIT_KEYS = tuple(LogitKwargs.__annotations__)
+
+
+def logit_options(**kwargs: Unpack[LogitKwargs]) -> LogitOptions:
+    """The :class:`LogitOptions` of a loss's keyword arguments (validated here, before any kernel).
+
+    An unknown keyword raises ``TypeError`` naming it and the accepted ones.
+    """
+    unknown = sorted(set(kwargs) - set(_LOGIT_KEYS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; the logit options are {list(_LOGIT_KEYS)}")
+    return LogitOptions(**kwargs)
 
 
 def options_kwargs(opts: LogitOptions) -> dict[str, Any]:
     """The keyword arguments that rebuild ``opts`` through :func:`logit_options`."""
-    return dict(
-        ignore_index=opts.ignore_index, temperature=opts.temperature, softcap=opts.softcap,
-        logit_scale=opts.logit_scale, chunk_bytes=opts.chunk_bytes, impl=opts.impl,
-    )
+    return {key: getattr(opts, key) for key in _LOGIT_KEYS}
 
 
 def check_vector(name: str, value: torch.Tensor, length: int) -> torch.Tensor:

@@ -107,6 +107,7 @@ def fused_sequence_loss(
     row_groups: tuple[int, ...],
     separable: bool,
     strategy: str = "auto",
+    metrics: Callable[[SequenceStats, dict[str, Any]], dict[str, Any]] | None = None,
     names: tuple[str, str, str, str] = POLICY_NAMES,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """``objective`` of the statistics of ``hidden (R, T, H)``, ``target (R, T)``, by the 3- or the 4-product path.
@@ -116,13 +117,18 @@ def fused_sequence_loss(
     token counts, which are known up front) — only then can the gradient be formed chunk by chunk
     (:mod:`liger_align.kernels.sequence_objective`). ``strategy``: ``"auto"`` (by memory, see
     :func:`~liger_align.kernels.sequence_objective.choose_strategy`), ``"grad_in_forward"`` (3 products)
-    or ``"recompute"`` (4 products, any objective, several backwards allowed).
+    or ``"recompute"`` (4 products, any objective, several backwards allowed). ``metrics(stats, out)``
+    (optional) completes ``objective``'s detached outputs once, after the pass: the place for metrics that
+    would cost a host synchronisation (boolean indexing), since the 3-product path evaluates ``objective``
+    once per chunk.
     """
     check_linear_inputs(hidden.reshape(-1, hidden.shape[-1]), weight, target.reshape(-1), bias, names=names)
     group_rows = max(row_groups.count(g) for g in set(row_groups)) if row_groups else 1
     path = choose_strategy(strategy, hidden, weight, separable=separable, group_rows=group_rows, opts=opts)
     if path == "recompute":
-        return objective(sequence_stats(hidden, weight, target, bias, opts, names=names))
+        stats = sequence_stats(hidden, weight, target, bias, opts, names=names)
+        loss, out = objective(stats)
+        return loss, out if metrics is None else metrics(stats, out)
 
     def loss_of(sums: torch.Tensor, n_tokens: torch.Tensor, logit_sum: torch.Tensor) -> torch.Tensor:
         return objective(SequenceStats(sums, n_tokens, logit_sum))[0]
@@ -130,6 +136,7 @@ def fused_sequence_loss(
     loss, sums, n_tokens, logit_sum = sequence_objective(
         hidden, weight, target, bias, objective=loss_of, row_groups=row_groups, opts=opts
     )
+    stats = SequenceStats(sums, n_tokens, logit_sum)
     with torch.no_grad():
-        _, out = objective(SequenceStats(sums, n_tokens, logit_sum))
-    return loss, out
+        _, out = objective(stats)
+    return loss, out if metrics is None else metrics(stats, out)

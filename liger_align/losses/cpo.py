@@ -22,11 +22,21 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from typing_extensions import Unpack
 
 from ..kernels._checks import check_non_negative, check_positive, check_real
 from ._module import FusedLossModule
-from ._paired import check_choice, check_flag, logit_options, logits_mean, sequence_logps, split_pairs, token_mean_nll
-from ._sequences import check_rows, sequence_stats
+from ._paired import (
+    LogitKwargs,
+    check_choice,
+    check_flag,
+    logit_options,
+    logits_mean,
+    sequence_logps,
+    split_pairs,
+    token_mean_nll,
+)
+from ._sequences import SequenceStats, check_rows, fused_sequence_loss
 
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
 
@@ -136,12 +146,7 @@ def fused_linear_cpo_loss(
     simpo_gamma: float = 0.5,
     alpha: float = 0.0,
     average_log_prob: bool | None = None,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-    chunk_bytes: int | None = None,
-    impl: str | None = None,
+    **logit_kwargs: Unpack[LogitKwargs],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CPO / SimPO / AlphaPO on ``hidden @ lin_weight.T + bias`` without materialising the logits.
 
@@ -151,7 +156,8 @@ def fused_linear_cpo_loss(
         beta, loss_type, cpo_alpha, label_smoothing, simpo_gamma, alpha: see :func:`cpo_objective`.
         average_log_prob: None (the loss type's TRL convention), True (averages) or False (sums); see
             :func:`cpo_averages_logps`.
-        ignore_index, temperature, softcap, logit_scale, chunk_bytes, impl: see :class:`LogitOptions`.
+        **logit_kwargs: the logit keywords of :class:`~liger_align.losses._paired.LogitKwargs`: ``ignore_index``,
+            ``temperature``, ``softcap``, ``logit_scale``, ``chunk_bytes``, ``impl``, ``strategy``.
 
     Returns:
         ``(loss, out)``: 0-d fp32 loss and detached metrics ``chosen_logps``, ``rejected_logps`` ``(B,)``
@@ -165,21 +171,25 @@ def fused_linear_cpo_loss(
         simpo_gamma=simpo_gamma, alpha=alpha,
     )
     average = cpo_averages_logps(config["loss_type"], average_log_prob)
-    opts = logit_options(
-        ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-        chunk_bytes=chunk_bytes, impl=impl,
+    opts = logit_options(**logit_kwargs)
+    def objective(stats: SequenceStats) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        policy = split_pairs(stats)
+        chosen_logps = sequence_logps(policy.chosen, average)
+        rejected_logps = sequence_logps(policy.rejected, average)
+        loss, metrics = cpo_objective(chosen_logps, rejected_logps, token_mean_nll(policy.chosen), **config)
+        return loss, {
+            "chosen_logps": chosen_logps.detach(),
+            "rejected_logps": rejected_logps.detach(),
+            "chosen_logits_mean": logits_mean(policy.chosen),
+            "rejected_logits_mean": logits_mean(policy.rejected),
+            **metrics,
+        }
+
+    half = hidden.shape[0] // 2
+    return fused_sequence_loss(
+        hidden, lin_weight, target, bias, opts, objective, row_groups=tuple(range(half)) * 2, separable=True,
+        strategy=opts.strategy,
     )
-    policy = split_pairs(sequence_stats(hidden, lin_weight, target, bias, opts))
-    chosen_logps, rejected_logps = sequence_logps(policy.chosen, average), sequence_logps(policy.rejected, average)
-    loss, metrics = cpo_objective(chosen_logps, rejected_logps, token_mean_nll(policy.chosen), **config)
-    out = {
-        "chosen_logps": chosen_logps.detach(),
-        "rejected_logps": rejected_logps.detach(),
-        "chosen_logits_mean": logits_mean(policy.chosen),
-        "rejected_logits_mean": logits_mean(policy.rejected),
-        **metrics,
-    }
-    return loss, out
 
 
 def fused_linear_simpo_loss(
@@ -192,12 +202,7 @@ def fused_linear_simpo_loss(
     gamma: float = 0.5,
     label_smoothing: float = 0.0,
     average_log_prob: bool = True,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-    chunk_bytes: int | None = None,
-    impl: str | None = None,
+    **logit_kwargs: Unpack[LogitKwargs],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SimPO (Meng et al., 2024): ``-log sigmoid(beta (avg_logp_c - avg_logp_r) - gamma)``, no reference, no NLL.
 
@@ -207,8 +212,7 @@ def fused_linear_simpo_loss(
     return fused_linear_cpo_loss(
         lin_weight, hidden, target, bias, beta=beta, loss_type="simpo", cpo_alpha=0.0,
         label_smoothing=label_smoothing, simpo_gamma=gamma,
-        average_log_prob=check_flag("average_log_prob", average_log_prob), ignore_index=ignore_index,
-        temperature=temperature, softcap=softcap, logit_scale=logit_scale, chunk_bytes=chunk_bytes, impl=impl,
+        average_log_prob=check_flag("average_log_prob", average_log_prob), **logit_kwargs,
     )
 
 
@@ -229,11 +233,7 @@ class LigerFusedLinearCPOLoss(FusedLossModule):
         *,
         average_log_prob: bool | None = None,
         ignore_index: int = -100,
-        temperature: float = 1.0,
-        softcap: float | None = None,
-        logit_scale: float = 1.0,
-        chunk_bytes: int | None = None,
-        impl: str | None = None,
+        **logit_kwargs: Unpack[LogitKwargs],
     ) -> None:
         config = check_cpo_config(
             beta=beta, loss_type=loss_type, cpo_alpha=cpo_alpha, label_smoothing=label_smoothing,
@@ -242,8 +242,7 @@ class LigerFusedLinearCPOLoss(FusedLossModule):
         cpo_averages_logps(config["loss_type"], average_log_prob)  # checked here, at construction
         super().__init__(
             dict(config, average_log_prob=average_log_prob),
-            ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-            chunk_bytes=chunk_bytes, impl=impl,
+            ignore_index=ignore_index, **logit_kwargs,
         )
 
     def forward(
@@ -266,11 +265,7 @@ class LigerFusedLinearSimPOLoss(FusedLossModule):
         *,
         average_log_prob: bool = True,
         ignore_index: int = -100,
-        temperature: float = 1.0,
-        softcap: float | None = None,
-        logit_scale: float = 1.0,
-        chunk_bytes: int | None = None,
-        impl: str | None = None,
+        **logit_kwargs: Unpack[LogitKwargs],
     ) -> None:
         config = check_cpo_config(
             beta=beta, loss_type="simpo", cpo_alpha=0.0, label_smoothing=label_smoothing, simpo_gamma=gamma, alpha=0.0
@@ -280,8 +275,7 @@ class LigerFusedLinearSimPOLoss(FusedLossModule):
                 beta=config["beta"], gamma=config["simpo_gamma"], label_smoothing=config["label_smoothing"],
                 average_log_prob=check_flag("average_log_prob", average_log_prob),
             ),
-            ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-            chunk_bytes=chunk_bytes, impl=impl,
+            ignore_index=ignore_index, **logit_kwargs,
         )
 
     def forward(

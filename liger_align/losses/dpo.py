@@ -22,14 +22,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from typing_extensions import Unpack
 
 from ..kernels._checks import as_real, check_positive, check_real, check_weights
 from ._dpo_objectives import _F_DIVERGENCE_LOSS_TYPES, DPO_LOSS_TYPES, F_DIVERGENCES, f_scores, one_dpo_loss
 from ._module import FusedLossModule
 from ._paired import (
-    check_choice, check_flag, check_vector, logit_options, logits_mean, reference_logps, sequence_logps, split_pairs,
+    LogitKwargs,
+    check_choice,
+    check_flag,
+    check_vector,
+    logit_options,
+    logits_mean,
+    reference_logps,
+    sequence_logps,
+    split_pairs,
 )
-from ._sequences import check_rows, sequence_stats
+from ._sequences import SequenceStats, check_rows, fused_sequence_loss
+
+#: Loss types whose per-pair value depends on the other pairs (AOT sorts the batch's log-ratios).
+_COUPLED_LOSS_TYPES = {"aot", "aot_unpaired"}
 
 
 def check_dpo_config(
@@ -173,12 +185,7 @@ def fused_linear_dpo_loss(
     f_alpha_divergence_coef: float = 0.5,
     reference_free: bool = False,
     average_log_prob: bool = False,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-    chunk_bytes: int | None = None,
-    impl: str | None = None,
+    **logit_kwargs: Unpack[LogitKwargs],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO (any TRL 1.16 ``loss_type``) on ``hidden @ lin_weight.T + bias`` without materialising the logits.
 
@@ -195,7 +202,8 @@ def fused_linear_dpo_loss(
             see the module docstring. Default False, TRL's sums.
         beta, loss_type, loss_weights, label_smoothing, discopop_tau, f_divergence_type,
             f_alpha_divergence_coef: see :func:`dpo_objective`.
-        ignore_index, temperature, softcap, logit_scale, chunk_bytes, impl: see :class:`LogitOptions`.
+        **logit_kwargs: the logit keywords of :class:`~liger_align.losses._paired.LogitKwargs`: ``ignore_index``,
+            ``temperature``, ``softcap``, ``logit_scale``, ``chunk_bytes``, ``impl``, ``strategy``.
 
     Returns:
         ``(loss, out)``: 0-d fp32 loss and detached metrics ``chosen_logps``, ``rejected_logps``,
@@ -209,10 +217,7 @@ def fused_linear_dpo_loss(
         loss_type, loss_weights, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type, beta=beta,
         discopop_tau=discopop_tau, f_alpha_divergence_coef=f_alpha_divergence_coef,
     )
-    opts = logit_options(
-        ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-        chunk_bytes=chunk_bytes, impl=impl,
-    )
+    opts = logit_options(**logit_kwargs)
     half = hidden.shape[0] // 2
     if ref_hidden is not None and (ref_chosen_logps is not None or ref_rejected_logps is not None):
         raise ValueError("pass either ref_hidden or ref_chosen_logps/ref_rejected_logps, not both")
@@ -235,27 +240,34 @@ def fused_linear_dpo_loss(
             f"loss_type {list(loss_types)} needs a reference: pass ref_hidden (with ref_weight), or "
             "ref_chosen_logps and ref_rejected_logps, or set reference_free=True"
         )
-    policy = split_pairs(sequence_stats(hidden, lin_weight, target, bias, opts))
-    chosen_logps = sequence_logps(policy.chosen, average_log_prob)
-    rejected_logps = sequence_logps(policy.rejected, average_log_prob)
-    loss, metrics = dpo_objective(
-        chosen_logps, rejected_logps, ref_c, ref_r,
-        beta=beta, loss_type=loss_types, loss_weights=weights, label_smoothing=label_smoothing,
-        discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
-        f_alpha_divergence_coef=f_alpha_divergence_coef,
-        chosen_n_tokens=policy.chosen.n_tokens, rejected_n_tokens=policy.rejected.n_tokens,
-        average_log_prob=average_log_prob,
+    def objective(stats: SequenceStats) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        policy = split_pairs(stats)
+        chosen_logps = sequence_logps(policy.chosen, average_log_prob)
+        rejected_logps = sequence_logps(policy.rejected, average_log_prob)
+        loss, metrics = dpo_objective(
+            chosen_logps, rejected_logps, ref_c, ref_r,
+            beta=beta, loss_type=loss_types, loss_weights=weights, label_smoothing=label_smoothing,
+            discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef,
+            chosen_n_tokens=policy.chosen.n_tokens, rejected_n_tokens=policy.rejected.n_tokens,
+            average_log_prob=average_log_prob,
+        )
+        return loss, {
+            "chosen_logps": chosen_logps.detach(),
+            "rejected_logps": rejected_logps.detach(),
+            "ref_chosen_logps": ref_c.detach(),
+            "ref_rejected_logps": ref_r.detach(),
+            "chosen_logits_mean": logits_mean(policy.chosen),
+            "rejected_logits_mean": logits_mean(policy.rejected),
+            **metrics,
+        }
+
+    # AOT sorts the batch's log-ratios, which couples the pairs: only it needs the recomputing path.
+    separable = not set(loss_types) & _COUPLED_LOSS_TYPES
+    return fused_sequence_loss(
+        hidden, lin_weight, target, bias, opts, objective, row_groups=tuple(range(half)) * 2, separable=separable,
+        strategy=opts.strategy,
     )
-    out = {
-        "chosen_logps": chosen_logps.detach(),
-        "rejected_logps": rejected_logps.detach(),
-        "ref_chosen_logps": ref_c.detach(),
-        "ref_rejected_logps": ref_r.detach(),
-        "chosen_logits_mean": logits_mean(policy.chosen),
-        "rejected_logits_mean": logits_mean(policy.rejected),
-        **metrics,
-    }
-    return loss, out
 
 
 class LigerFusedLinearDPOLoss(FusedLossModule):
@@ -278,11 +290,7 @@ class LigerFusedLinearDPOLoss(FusedLossModule):
         reference_free: bool = False,
         average_log_prob: bool = False,
         ignore_index: int = -100,
-        temperature: float = 1.0,
-        softcap: float | None = None,
-        logit_scale: float = 1.0,
-        chunk_bytes: int | None = None,
-        impl: str | None = None,
+        **logit_kwargs: Unpack[LogitKwargs],
     ) -> None:
         loss_types, weights = check_dpo_config(
             loss_type, loss_weights, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type, beta=beta,
@@ -295,8 +303,7 @@ class LigerFusedLinearDPOLoss(FusedLossModule):
                 f_alpha_divergence_coef=f_alpha_divergence_coef, reference_free=reference_free,
                 average_log_prob=check_flag("average_log_prob", average_log_prob),
             ),
-            ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-            chunk_bytes=chunk_bytes, impl=impl,
+            ignore_index=ignore_index, **logit_kwargs,
         )
 
     def forward(

@@ -20,12 +20,22 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from typing_extensions import Unpack
 
 from ..kernels._checks import check_non_negative, check_positive, check_real
 from ..kernels.linear_logprobs import LogitOptions
 from ._module import FusedLossModule
-from ._paired import check_choice, check_flag, check_vector, logit_options, logits_mean, reference_logps, sequence_logps
-from ._sequences import SequenceStats, check_rows, sequence_stats
+from ._paired import (
+    LogitKwargs,
+    check_choice,
+    check_flag,
+    check_vector,
+    logit_options,
+    logits_mean,
+    reference_logps,
+    sequence_logps,
+)
+from ._sequences import SequenceStats, check_rows, fused_sequence_loss, sequence_stats
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
@@ -175,12 +185,7 @@ def fused_linear_kto_loss(
     loss_type: str = "kto",
     reference_free: bool = False,
     average_log_prob: bool = False,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-    chunk_bytes: int | None = None,
-    impl: str | None = None,
+    **logit_kwargs: Unpack[LogitKwargs],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """KTO on ``hidden @ lin_weight.T + bias`` without materialising the logits; any mix of labels.
 
@@ -195,7 +200,8 @@ def fused_linear_kto_loss(
             does (``mean(logp - ref_logp)``, no gradient). None of these: 0.
         beta, desirable_weight, undesirable_weight, loss_type: see :func:`kto_objective`.
         average_log_prob: per-token average log-probs instead of sums (see the module docstring).
-        ignore_index, temperature, softcap, logit_scale, chunk_bytes, impl: see :class:`LogitOptions`.
+        **logit_kwargs: the logit keywords of :class:`~liger_align.losses._paired.LogitKwargs`: ``ignore_index``,
+            ``temperature``, ``softcap``, ``logit_scale``, ``chunk_bytes``, ``impl``, ``strategy``.
 
     Returns:
         ``(loss, out)``: 0-d fp32 loss and detached metrics: ``logps``, ``rewards`` ``(R,)``;
@@ -215,10 +221,7 @@ def fused_linear_kto_loss(
             f"preference_labels must have shape (R,) = ({rows},) like hidden, "
             f"got {tuple(getattr(preference_labels, 'shape', ()))}"
         )
-    opts = logit_options(
-        ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-        chunk_bytes=chunk_bytes, impl=impl,
-    )
+    opts = logit_options(**logit_kwargs)
     if ref_hidden is not None and ref_logps is not None:
         raise ValueError("pass either ref_hidden or ref_logps, not both")
     ref_stats = reference_logps(
@@ -246,25 +249,34 @@ def fused_linear_kto_loss(
         )
     else:
         check_kl(kl, hidden.device)
-    stats = sequence_stats(hidden, lin_weight, target, bias, opts)
-    policy_logps = sequence_logps(stats, average_log_prob)
     desirable = preference_labels.to(device=hidden.device, dtype=torch.bool)
-    loss, metrics = kto_objective(
-        policy_logps, ref, desirable, beta=beta, kl=kl, desirable_weight=desirable_weight,
-        undesirable_weight=undesirable_weight, loss_type=loss_type,
+
+    def objective(stats: SequenceStats) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        policy_logps = sequence_logps(stats, average_log_prob)
+        loss, metrics = kto_objective(
+            policy_logps, ref, desirable, beta=beta, kl=kl, desirable_weight=desirable_weight,
+            undesirable_weight=undesirable_weight, loss_type=loss_type,
+        )
+        return loss, {"logps": policy_logps.detach(), **metrics}
+
+    def split_metrics(stats: SequenceStats, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logps, rewards = out["logps"], out["rewards"]
+        return {
+            "logps": logps,
+            "chosen_logps": logps[desirable],
+            "rejected_logps": logps[~desirable],
+            "chosen_rewards": rewards[desirable],
+            "rejected_rewards": rewards[~desirable],
+            "chosen_logits_mean": logits_mean(_rows_where(stats, desirable)),
+            "rejected_logits_mean": logits_mean(_rows_where(stats, ~desirable)),
+            **{k: v for k, v in out.items() if k != "logps"},
+        }
+
+    # Separable over rows: the KL estimate is computed before, without gradient.
+    return fused_sequence_loss(
+        hidden, lin_weight, target, bias, opts, objective, row_groups=tuple(range(rows)), separable=True,
+        strategy=opts.strategy, metrics=split_metrics,
     )
-    logps = policy_logps.detach()
-    out = {
-        "logps": logps,
-        "chosen_logps": logps[desirable],
-        "rejected_logps": logps[~desirable],
-        "chosen_rewards": metrics["rewards"][desirable],
-        "rejected_rewards": metrics["rewards"][~desirable],
-        "chosen_logits_mean": logits_mean(_rows_where(stats, desirable)),
-        "rejected_logits_mean": logits_mean(_rows_where(stats, ~desirable)),
-        **metrics,
-    }
-    return loss, out
 
 
 def _rows_where(stats: SequenceStats, mask: torch.Tensor) -> SequenceStats:
@@ -290,11 +302,7 @@ class LigerFusedLinearKTOLoss(FusedLossModule):
         reference_free: bool = False,
         average_log_prob: bool = False,
         ignore_index: int = -100,
-        temperature: float = 1.0,
-        softcap: float | None = None,
-        logit_scale: float = 1.0,
-        chunk_bytes: int | None = None,
-        impl: str | None = None,
+        **logit_kwargs: Unpack[LogitKwargs],
     ) -> None:
         config = check_kto_config(
             beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight, loss_type=loss_type
@@ -304,8 +312,7 @@ class LigerFusedLinearKTOLoss(FusedLossModule):
                 config, reference_free=bool(reference_free),
                 average_log_prob=check_flag("average_log_prob", average_log_prob),
             ),
-            ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-            chunk_bytes=chunk_bytes, impl=impl,
+            ignore_index=ignore_index, **logit_kwargs,
         )
 
     def forward(

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from typing_extensions import Unpack
 
 from ..kernels._checks import check_non_negative
 from ._module import FusedLossModule
-from ._paired import check_flag, logit_options, logits_mean, sequence_logps, split_pairs
-from ._sequences import check_rows, sequence_stats
-
+from ._paired import LogitKwargs, check_flag, logit_options, logits_mean, sequence_logps, split_pairs
+from ._sequences import SequenceStats, check_rows, fused_sequence_loss
 
 #: Largest argument of :func:`log1mexp` (see the module docstring): ``log(1 - exp(-1e-6)) ~ -13.8``.
 LOG1MEXP_MAX = -1e-6
@@ -103,12 +103,7 @@ def fused_linear_orpo_loss(
     nll_target: torch.Tensor | None = None,
     beta: float = 0.1,
     compute_nll_loss: bool = True,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-    chunk_bytes: int | None = None,
-    impl: str | None = None,
+    **logit_kwargs: Unpack[LogitKwargs],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ORPO on ``hidden @ lin_weight.T + bias`` without materialising the logits.
 
@@ -121,7 +116,8 @@ def fused_linear_orpo_loss(
         beta: weight of the odds-ratio term.
         compute_nll_loss: False drops the NLL term from the loss; the ``nll_loss`` metric is still
             reported (from ``nll_target`` when given, whose extra rows are then computed for it alone).
-        ignore_index, temperature, softcap, logit_scale, chunk_bytes, impl: see :class:`LogitOptions`.
+        **logit_kwargs: the logit keywords of :class:`~liger_align.losses._paired.LogitKwargs`: ``ignore_index``,
+            ``temperature``, ``softcap``, ``logit_scale``, ``chunk_bytes``, ``impl``, ``strategy``.
 
     Returns:
         ``(loss, out)``: 0-d fp32 loss and detached metrics: ``chosen_logps``, ``rejected_logps``
@@ -131,45 +127,47 @@ def fused_linear_orpo_loss(
     check_rows(hidden, target, lin_weight, paired=True)
     beta = check_orpo_config(beta)
     compute_nll_loss = check_flag("compute_nll_loss", compute_nll_loss)
-    opts = logit_options(
-        ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-        chunk_bytes=chunk_bytes, impl=impl,
-    )
+    opts = logit_options(**logit_kwargs)
     half = hidden.shape[0] // 2
-    if nll_target is None:
-        stats = sequence_stats(hidden, lin_weight, target, bias, opts)
-        policy = split_pairs(stats)
-        nll_sum, nll_count = policy.chosen.sum_logps.sum(), policy.chosen.n_tokens.sum()
-    else:
+    rows_hidden, rows_target = hidden, target
+    if nll_target is not None:
         nll_target = _chosen_nll_target(nll_target, target, half)
         # One pass over [policy rows | chosen rows with the NLL-only tokens | chosen rows with the
         # policy-only tokens]: tokens shared by target and nll_target are computed once.
         chosen_target = target[:half]
-        extra = torch.where(nll_target != chosen_target, nll_target, ignore_index)
-        missing = torch.where(nll_target != chosen_target, chosen_target, ignore_index)
-        chosen_hidden = hidden[:half]
-        stats = sequence_stats(
-            torch.cat((hidden, chosen_hidden, chosen_hidden)), lin_weight,
-            torch.cat((target, extra, missing)), bias, opts,
+        extra = torch.where(nll_target != chosen_target, nll_target, opts.ignore_index)
+        missing = torch.where(nll_target != chosen_target, chosen_target, opts.ignore_index)
+        rows_hidden = torch.cat((hidden, hidden[:half], hidden[:half]))
+        rows_target = torch.cat((target, extra, missing))
+        nll_count = (nll_target != opts.ignore_index).sum().float()
+
+    def objective(stats: SequenceStats) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        policy = split_pairs(SequenceStats(*(t[: 2 * half] for t in stats)))
+        if nll_target is None:
+            nll_sum, count = policy.chosen.sum_logps.sum(), policy.chosen.n_tokens.sum()
+        else:
+            sums = stats.sum_logps
+            nll_sum, count = sums[:half].sum() + sums[2 * half : 3 * half].sum() - sums[3 * half :].sum(), nll_count
+        nll_loss = -nll_sum / count.clamp(min=1)
+        chosen_logps, rejected_logps = sequence_logps(policy.chosen, True), sequence_logps(policy.rejected, True)
+        pair_mask = (policy.chosen.n_tokens > 0) & (policy.rejected.n_tokens > 0)
+        loss, metrics = orpo_objective(
+            chosen_logps, rejected_logps, nll_loss, beta=beta, pair_mask=pair_mask, compute_nll_loss=compute_nll_loss
         )
-        sums = stats.sum_logps
-        policy = split_pairs(type(stats)(*(t[: 2 * half] for t in stats)))
-        nll_sum = sums[:half].sum() + sums[2 * half : 3 * half].sum() - sums[3 * half :].sum()
-        nll_count = (nll_target != ignore_index).sum().float()
-    nll_loss = -nll_sum / nll_count.clamp(min=1)
-    chosen_logps, rejected_logps = sequence_logps(policy.chosen, True), sequence_logps(policy.rejected, True)
-    pair_mask = (policy.chosen.n_tokens > 0) & (policy.rejected.n_tokens > 0)
-    loss, metrics = orpo_objective(
-        chosen_logps, rejected_logps, nll_loss, beta=beta, pair_mask=pair_mask, compute_nll_loss=compute_nll_loss
+        return loss, {
+            "chosen_logps": chosen_logps.detach(),
+            "rejected_logps": rejected_logps.detach(),
+            "chosen_logits_mean": logits_mean(policy.chosen),
+            "rejected_logits_mean": logits_mean(policy.rejected),
+            **metrics,
+        }
+
+    # Separable over pairs: a pair's gradient needs its two rows (and its NLL rows) and batch-wide counts only.
+    groups = tuple(range(half)) * (rows_hidden.shape[0] // half)
+    return fused_sequence_loss(
+        rows_hidden, lin_weight, rows_target, bias, opts, objective, row_groups=groups, separable=True,
+        strategy=opts.strategy,
     )
-    out = {
-        "chosen_logps": chosen_logps.detach(),
-        "rejected_logps": rejected_logps.detach(),
-        "chosen_logits_mean": logits_mean(policy.chosen),
-        "rejected_logits_mean": logits_mean(policy.rejected),
-        **metrics,
-    }
-    return loss, out
 
 
 def _chosen_nll_target(nll_target: torch.Tensor, target: torch.Tensor, half: int) -> torch.Tensor:
@@ -198,16 +196,11 @@ class LigerFusedLinearORPOLoss(FusedLossModule):
         ignore_index: int = -100,
         *,
         compute_nll_loss: bool = True,
-        temperature: float = 1.0,
-        softcap: float | None = None,
-        logit_scale: float = 1.0,
-        chunk_bytes: int | None = None,
-        impl: str | None = None,
+        **logit_kwargs: Unpack[LogitKwargs],
     ) -> None:
         super().__init__(
             dict(beta=check_orpo_config(beta), compute_nll_loss=check_flag("compute_nll_loss", compute_nll_loss)),
-            ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-            chunk_bytes=chunk_bytes, impl=impl,
+            ignore_index=ignore_index, **logit_kwargs,
         )
 
     def forward(
