@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers import SCRIPTS, run_script
+from _helpers import ALIGNMENT, SCRIPTS, run_script
 from _helpers import example_module as _module
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "examples" / "sft"))
+sys.path[:0] = [str(REPO / "examples" / "sft"), str(ALIGNMENT)]
 
 
 pytestmark = pytest.mark.slow
