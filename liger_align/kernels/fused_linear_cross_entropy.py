@@ -4,15 +4,16 @@ Two strategies, picked with ``strategy=``:
 
 - ``"grad_in_forward"`` (``reduction="mean"``/``"sum"`` only): every token's gradient is known in the
   forward pass, so each chunk of valid tokens costs 3 products (logits, grad-hidden, grad-weight);
-  grad-weight is summed over token chunks in a ``(V, H)`` fp32 buffer (none when the valid tokens
-  fit one chunk), and the backward only scales the stored gradients by the upstream scalar.
-  Fastest; the fp32 buffer is its memory cost.
+  grad-weight is summed over token chunks by :class:`~.grad_weight_sum.GradWeightSum` (fp32-equivalent
+  accuracy; for bf16 weights a ``(V, H)`` bf16 residual buffer, none when the valid tokens fit one
+  chunk), and the backward only scales the stored gradients by the upstream scalar. Fastest; the
+  residual buffer and the ``(C, V)`` logits chunk are its memory cost.
 - ``"recompute"``: the per-token loss goes through the recomputing base
   (:class:`~liger_align.kernels.linear_logprobs.LinearTokenObjectiveFunction`): 4 products, and only
   an ``(M, Vc)`` logits slice and an ``(M, H)`` fp32 buffer of extra memory.
 
-``"auto"`` takes ``"grad_in_forward"`` when the reduction allows it, unless the fp32 grad-weight
-buffer would exceed ``max_grad_buffer_bytes``.
+``"auto"`` takes ``"grad_in_forward"`` when the reduction allows it, unless the grad-weight
+accumulator's extra buffer would exceed ``max_grad_buffer_bytes``.
 """
 
 from __future__ import annotations
@@ -21,13 +22,22 @@ import torch
 
 from ._checks import check_choice, check_int, check_num_items, check_real
 from ._cross_entropy_options import (
-    CrossEntropyOutput, CrossEntropyTerms, check_ce_weight, check_flag, check_lse_square_scale,
+    CrossEntropyOutput,
+    CrossEntropyTerms,
+    check_ce_weight,
+    check_flag,
+    check_lse_square_scale,
 )
 from ._dispatch import use_triton
 from ._linear_chunks import (
-    addmm_fp32_, check_linear_inputs, chunk_rows, compute_dtype, mm_into_, project, valid_token_index,
+    check_linear_inputs,
+    chunk_rows,
+    compute_dtype,
+    project,
+    valid_token_index,
 )
 from ._row_softmax import fold_row_stats_, row_grad_
+from .grad_weight_sum import GradWeightSum
 from .linear_logprobs import LogitOptions, linear_token_objective
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -38,21 +48,23 @@ __all__ = ["CrossEntropyOutput", "FusedLinearCrossEntropyFunction", "TokenChunkG
 class TokenChunkGrads:
     """Gradients of hidden ``(N, H)``, weight ``(V, H)`` and bias ``(V,)``, summed over token chunks.
 
-    With one chunk, grad-weight is a single product written in the weight's dtype (fp32 accumulation
-    inside the GEMM); with several, it is summed in an fp32 ``(V, H)`` buffer. Bias sums in fp32. A
-    gradient whose input does not require grad is not computed (None).
+    Grad-weight goes through :class:`~.grad_weight_sum.GradWeightSum` (one product written in the
+    weight's dtype for one chunk; for several, a bf16 compensated pair or in-place fp32: fp32-equivalent
+    accuracy without a ``(V, H)`` fp32 buffer). Bias sums in fp32. A gradient whose input does not
+    require grad is not computed (None).
     """
 
-    def __init__(self, hidden, weight, bias, needs: tuple[bool, bool, bool], *, n_chunks: int) -> None:
-        self.single_chunk = n_chunks <= 1
+    def __init__(
+        self, hidden, weight, bias, needs: tuple[bool, bool, bool], *, n_chunks: int, chunk_dtype: torch.dtype,
+        triton_path: bool,
+    ) -> None:
         self.hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if needs[0] else None
-        if not needs[1]:
-            self.weight = None
-        elif self.single_chunk:
-            self.weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
-        else:
-            acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-            self.weight = torch.zeros(weight.shape, device=weight.device, dtype=acc_dtype)
+        self.weight = None
+        if needs[1]:
+            self.weight = GradWeightSum(
+                weight.shape[0], weight.shape[1], dtype=weight.dtype, device=weight.device,
+                n_chunks=max(n_chunks, 1), triton_path=triton_path, chunk_dtype=chunk_dtype,
+            )
         self.bias = None
         if needs[2] and bias is not None:
             self.bias = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32)
@@ -64,16 +76,13 @@ class TokenChunkGrads:
         if self.hidden is not None:
             self.hidden.index_copy_(0, rows, torch.mm(grad_logits, weight).to(self.hidden.dtype))
         if self.weight is not None:
-            if self.single_chunk:
-                mm_into_(self.weight, grad_logits.t(), h_chunk)
-            else:
-                addmm_fp32_(self.weight, grad_logits.t(), h_chunk)
+            self.weight.add_(grad_logits, h_chunk)
         if self.bias is not None:
             self.bias += grad_logits.sum(0, dtype=self.bias.dtype)
 
     def as_inputs(self, weight: torch.Tensor, bias: torch.Tensor | None):
         """``(grad_hidden, grad_weight, grad_bias)`` in the dtypes of the inputs they belong to."""
-        grad_weight = None if self.weight is None else self.weight.to(weight.dtype)
+        grad_weight = None if self.weight is None else self.weight.result()
         grad_bias = None if self.bias is None or bias is None else self.bias.to(bias.dtype)
         return self.hidden, grad_weight, grad_bias
 
@@ -104,7 +113,9 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         # ``needs_input_grad`` is True under ``torch.no_grad()`` too: ``wanted`` (read outside) says
         # whether autograd will ever ask for these gradients.
         needs = tuple(n and w_ for n, w_ in zip(ctx.needs_input_grad[:3], wanted))
-        grads = TokenChunkGrads(hidden, weight, bias, needs, n_chunks=n_chunks)
+        grads = TokenChunkGrads(
+            hidden, weight, bias, needs, n_chunks=n_chunks, chunk_dtype=dtype, triton_path=triton_path
+        )
         inv_denominator = 1.0 / denominator.to(device=hidden.device, dtype=torch.float32)
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
         z_total = torch.zeros_like(total) if terms.want_z else None
@@ -202,7 +213,7 @@ def fused_linear_cross_entropy(
         chunk_bytes: budget of one logits buffer (default 512 MiB): ``(C, V)`` token chunks with
             ``"grad_in_forward"``, ``(M, Vc)`` vocabulary slices with ``"recompute"``.
         strategy: ``"auto"``, ``"grad_in_forward"`` or ``"recompute"`` (module docstring).
-        max_grad_buffer_bytes: with ``"auto"``, the largest fp32 grad-weight buffer allowed
+        max_grad_buffer_bytes: with ``"auto"``, the largest grad-weight accumulator buffer allowed
             (default: no limit).
         return_top1: also return ``is_top1`` (bool, shaped like target, False where ignored): whether
             the target is the argmax of its logits, read from the same row pass (no extra product).
@@ -246,7 +257,7 @@ def fused_linear_cross_entropy(
         torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
     if strategy == "auto":
-        buffer_bytes = weight.numel() * 4 if wanted[1] and weight.dtype != torch.float32 else 0
+        buffer_bytes = GradWeightSum.extra_bytes(*weight.shape, weight.dtype, n_chunks=2) if wanted[1] else 0
         fits = max_grad_buffer_bytes is None or buffer_bytes <= max_grad_buffer_bytes
         strategy = "grad_in_forward" if reduction != "none" and fits and any(wanted) else "recompute"
     deferred = None
