@@ -52,20 +52,21 @@ WITH_REFERENCE = ("dpo", "kto")
 Inputs = _runner.TokenInputs  # hidden (R, T, H) and weight (V, H) leaves, reference twin, targets, KTO labels
 
 
-def ours(loss: str, x: Inputs) -> Callable[[], None]:
+def ours(loss: str, x: Inputs, strategy: str = "auto") -> Callable[[], None]:
+    """liger-align's loss module; ``strategy="auto"`` takes the 3-product path where it fits."""
     if loss == "orpo":
-        fn = LigerFusedLinearORPOLoss()
+        fn = LigerFusedLinearORPOLoss(strategy=strategy)
         return lambda: fn(x.weight, x.hidden, x.target)[0].backward()
     if loss == "dpo":
-        fn = LigerFusedLinearDPOLoss()
+        fn = LigerFusedLinearDPOLoss(strategy=strategy)
         return lambda: fn(x.weight, x.hidden, x.target, ref_hidden=x.ref_hidden, ref_weight=x.ref_weight)[0].backward()
     if loss == "simpo":
-        fn = LigerFusedLinearSimPOLoss()
+        fn = LigerFusedLinearSimPOLoss(strategy=strategy)
         return lambda: fn(x.weight, x.hidden, x.target)[0].backward()
     if loss == "cpo":
-        fn = LigerFusedLinearCPOLoss()
+        fn = LigerFusedLinearCPOLoss(strategy=strategy)
         return lambda: fn(x.weight, x.hidden, x.target)[0].backward()
-    fn = LigerFusedLinearKTOLoss()
+    fn = LigerFusedLinearKTOLoss(strategy=strategy)
     return lambda: fn(
         x.weight, x.hidden, x.target, x.labels, ref_hidden=x.ref_hidden, ref_weight=x.ref_weight
     )[0].backward()
@@ -151,7 +152,12 @@ def liger_kernel(loss: str, x: Inputs) -> Callable[[], None]:
     ).backward()
 
 
-PEERS = {"liger_align": ours, "naive_torch": naive, "liger_kernel": liger_kernel, "trl_chunked_logprob": trl_op}
+def ours_recompute(loss: str, x: Inputs) -> Callable[[], None]:
+    """liger-align's loss module forced onto the recomputing (4-product) path."""
+    return ours(loss, x, strategy="recompute")
+
+
+PEERS = {"liger_align": ours, "liger_align_recompute": ours_recompute, "naive_torch": naive, "liger_kernel": liger_kernel, "trl_chunked_logprob": trl_op}
 
 
 def make_setup(methods, skip_naive_over_tokens: int, vocab: int = VOCAB, dtype: torch.dtype = torch.bfloat16):
