@@ -151,6 +151,16 @@ def test_bf16_odd_sizes(triton_path, vocab, hidden, rows, n_chunks):
     assert_within_one_ulp_of_once(out, grads, hiddens)
 
 
+@pytest.mark.interpreter
+def test_triton_single_column_block(monkeypatch):
+    # The kernel's H_SUB=1 form (one accumulator a program; some GPU configs use it).
+    meta = {"BLOCK_V": 128, "BLOCK_H": 32, "BLOCK_K": 16, "GROUP_V": 2, "H_SUB": 1}
+    monkeypatch.setattr(gws_module, "_INTERPRETER_META", meta)
+    grads, hiddens = make_chunks(301, 67, 37, 3, torch.bfloat16, seed=15)
+    _, out = run_sum(grads, hiddens, dtype=torch.bfloat16, triton_path=True)
+    assert_within_one_ulp_of_once(out, grads, hiddens)
+
+
 def test_torch_path_slices_match(monkeypatch):
     grads, hiddens = make_chunks(1003, 67, 37, 4, torch.bfloat16, seed=11)
     _, whole = run_sum(grads, hiddens, dtype=torch.bfloat16, triton_path=False)

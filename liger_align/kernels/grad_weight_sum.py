@@ -28,20 +28,20 @@ strategy depends on the dtype and the number of chunks (``GradWeightSum.strategy
   conversion pass. The first chunk reads neither tensor and the last one writes no ``lo`` (which is
   released then).
 
-  * Triton path (CUDA; CPU through the interpreter): one GEMM kernel computes a ``[BLOCK_V, BLOCK_H]``
-    tile of ``grad_logits^T @ h`` with an fp32 accumulator over ``K = C`` and applies the update
-    above in its epilogue, reading and writing ``hi``/``lo`` once per chunk with no fp32 temporary:
-    8 bytes of traffic per element and chunk, as much as cuBLAS' ``beta=1`` fp32 ``addmm``. The
-    ``grad_logits (C, V)`` rows are read as ``A^T`` tiles with V contiguous; tiles are ordered in
-    groups of ``GROUP_V`` vocabulary blocks so that neighbouring programs share operands in L2.
+  * Triton path (CUDA; CPU through the interpreter): one GEMM kernel computes a tile of
+    ``grad_logits^T @ h`` with fp32 accumulators over ``K = C`` and applies the update above in its
+    epilogue, reading and writing ``hi``/``lo`` once per chunk with no fp32 temporary: 8 bytes of
+    traffic per element and chunk, as much as cuBLAS' ``beta=1`` fp32 ``addmm``. ``grad_logits (C, V)``
+    is read as ``A^T`` tiles with V contiguous; tiles go in groups of ``GROUP_V`` vocabulary blocks
+    (operands shared in L2); a tile's ``H_SUB`` column blocks share the A tile and are updated one
+    after the other (fewer live registers in the epilogue).
   * Torch path: the same update per vocabulary slice, with an fp32 temporary of at most
     ``TORCH_TEMP_BYTES`` (64 MiB).
 - ``"fp32_buffer"`` (fp16, several chunks): an fp32 ``(V, H)`` buffer, converted at the end (4 V H
   extra bytes): fp16's 5-bit exponent would flush a residual ``lo`` to zero (it sits ``2^-11`` below
   values that are themselves small gradients), so the compensated pair would not be accurate.
 
-Call :meth:`GradWeightSum.add_` once per chunk (at most ``n_chunks`` times), then
-:meth:`GradWeightSum.result` once.
+Call :meth:`GradWeightSum.add_` once per chunk (at most ``n_chunks`` times), then ``result()`` once.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from ._linear_chunks import addmm_fp32_
 TORCH_TEMP_BYTES = 64 * 2**20
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Under the interpreter: one fixed tile, wide (its cost is per program and per op, not per element).
-_INTERPRETER_META = {"BLOCK_V": 256, "BLOCK_H": 64, "BLOCK_K": 64, "GROUP_V": 3}
+_INTERPRETER_META = {"BLOCK_V": 256, "BLOCK_H": 32, "BLOCK_K": 64, "GROUP_V": 3, "H_SUB": 2}
 
 if triton_available():
     import triton
@@ -70,36 +70,9 @@ if triton_available():
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _compensated_gemm_kernel(
-        g_ptr, h_ptr, hi_ptr, lo_ptr, V, HS, C, stride_gc, stride_gv, stride_hc, stride_hh,
-        FIRST: tl.constexpr, LAST: tl.constexpr, INTERPRETED: tl.constexpr,
-        BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_V: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        n_v = tl.cdiv(V, BLOCK_V)
-        n_h = tl.cdiv(HS, BLOCK_H)
-        per_group = GROUP_V * n_h
-        first_v = (pid // per_group) * GROUP_V
-        group_rows = tl.minimum(n_v - first_v, GROUP_V)
-        pid_v = first_v + (pid % per_group) % group_rows
-        pid_h = (pid % per_group) // group_rows
-        rv = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-        rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-        rk = tl.arange(0, BLOCK_K)
-        # Rows/columns past the edge wrap onto valid ones (never stored), so only K is masked in the loop.
-        a_ptrs = g_ptr + rk[None, :] * stride_gc + (rv % V)[:, None] * stride_gv  # A^T tile [BLOCK_V, BLOCK_K]
-        b_ptrs = h_ptr + rk[:, None] * stride_hc + (rh % HS)[None, :] * stride_hh  # [BLOCK_K, BLOCK_H]
-        acc = tl.zeros((BLOCK_V, BLOCK_H), dtype=tl.float32)
-        for k in range(tl.cdiv(C, BLOCK_K)):
-            k_ok = rk < C - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-            if INTERPRETED:  # the interpreter has no bf16 dot
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
-            a_ptrs += BLOCK_K * stride_gc
-            b_ptrs += BLOCK_K * stride_hc
+    def _update_tile(acc, hi_ptr, lo_ptr, rv, rh, V, HS, FIRST: tl.constexpr, LAST: tl.constexpr,
+                     INTERPRETED: tl.constexpr):
+        """The compensated update of one fp32 tile ``acc`` ``[BLOCK_V, BLOCK_H]`` at rows ``rv``, columns ``rh``."""
         out = rv.to(tl.int64)[:, None] * HS + rh[None, :]
         mask = (rv[:, None] < V) & (rh[None, :] < HS)
         total = acc
@@ -118,17 +91,61 @@ if triton_available():
                 residual = _round_bf16_as_fp32(residual)
             tl.store(lo_ptr + out, residual.to(lo_ptr.dtype.element_ty), mask=mask)
 
-    # Hopper-suited tiles (H100/H200: 228 KiB shared memory per SM; 3 stages of 128x128x64 let two
-    # programs share an SM, so one's epilogue overlaps the other's main loop). Autotuning runs the
-    # kernel several times: the first call for a (V, H) always comes from a chunk with FIRST=True,
-    # which writes hi/lo from the product alone, so the repeated runs leave the right values.
+    @triton.jit
+    def _compensated_gemm_kernel(
+        g_ptr, h_ptr, hi_ptr, lo_ptr, V, HS, C, stride_gc, stride_gv, stride_hc, stride_hh,
+        FIRST: tl.constexpr, LAST: tl.constexpr, INTERPRETED: tl.constexpr,
+        BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_V: tl.constexpr,
+        H_SUB: tl.constexpr,
+    ):
+        # A program owns a [BLOCK_V, H_SUB * BLOCK_H] tile, as H_SUB accumulators of BLOCK_H columns that
+        # share the A tile in the main loop and are updated one after the other (fewer live registers).
+        pid = tl.program_id(0)
+        n_v = tl.cdiv(V, BLOCK_V)
+        n_h = tl.cdiv(HS, BLOCK_H * H_SUB)
+        per_group = GROUP_V * n_h
+        first_v = (pid // per_group) * GROUP_V
+        group_rows = tl.minimum(n_v - first_v, GROUP_V)
+        pid_v = first_v + (pid % per_group) % group_rows
+        pid_h = (pid % per_group) // group_rows
+        rv = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        rh0 = pid_h * (BLOCK_H * H_SUB) + tl.arange(0, BLOCK_H)
+        rh1 = rh0 + BLOCK_H
+        rk = tl.arange(0, BLOCK_K)
+        # Rows/columns past the edge wrap onto valid ones (never stored), so only K is masked in the loop.
+        a_ptrs = g_ptr + rk[None, :] * stride_gc + (rv % V)[:, None] * stride_gv  # A^T tile [BLOCK_V, BLOCK_K]
+        b0_ptrs = h_ptr + rk[:, None] * stride_hc + (rh0 % HS)[None, :] * stride_hh  # [BLOCK_K, BLOCK_H]
+        b1_ptrs = h_ptr + rk[:, None] * stride_hc + (rh1 % HS)[None, :] * stride_hh
+        acc0 = tl.zeros((BLOCK_V, BLOCK_H), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_V, BLOCK_H), dtype=tl.float32)
+        for k in range(tl.cdiv(C, BLOCK_K)):
+            k_ok = rk < C - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b0 = tl.load(b0_ptrs, mask=k_ok[:, None], other=0.0)
+            if INTERPRETED:  # the interpreter has no bf16 dot
+                a, b0 = a.to(tl.float32), b0.to(tl.float32)
+            acc0 = tl.dot(a, b0, acc0)
+            if H_SUB == 2:
+                b1 = tl.load(b1_ptrs, mask=k_ok[:, None], other=0.0)
+                acc1 = tl.dot(a, b1.to(tl.float32) if INTERPRETED else b1, acc1)
+            a_ptrs += BLOCK_K * stride_gc
+            b0_ptrs += BLOCK_K * stride_hc
+            b1_ptrs += BLOCK_K * stride_hc
+        _update_tile(acc0, hi_ptr, lo_ptr, rv, rh0, V, HS, FIRST, LAST, INTERPRETED)
+        if H_SUB == 2:
+            _update_tile(acc1, hi_ptr, lo_ptr, rv, rh1, V, HS, FIRST, LAST, INTERPRETED)
+
+    # Hopper tiles (64K registers, 228 KiB shared memory an SM). For sm_90: 128 x (2 x 128), 8 warps: 255
+    # registers, no spill (a single 128 x 256 accumulator spills ~500 B); 128 x (2 x 64), 4 warps: two programs
+    # an SM, one's epilogue overlapping the other's main loop. Autotuning reruns the kernel: the first call for
+    # a (V, H) always has FIRST=True (writes hi/lo from the product alone), so reruns leave the right values.
+    def _config(block_v: int, block_h: int, h_sub: int, warps: int, stages: int) -> triton.Config:
+        meta = {"BLOCK_V": block_v, "BLOCK_H": block_h, "BLOCK_K": 64, "GROUP_V": 8, "H_SUB": h_sub}
+        return triton.Config(meta, num_warps=warps, num_stages=stages)
+
     _TUNED_CONFIGS = [
-        triton.Config({"BLOCK_V": 128, "BLOCK_H": 256, "BLOCK_K": 64, "GROUP_V": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_V": 128, "BLOCK_H": 256, "BLOCK_K": 64, "GROUP_V": 8}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_V": 256, "BLOCK_H": 128, "BLOCK_K": 64, "GROUP_V": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_V": 128, "BLOCK_H": 128, "BLOCK_K": 64, "GROUP_V": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_V": 128, "BLOCK_H": 128, "BLOCK_K": 64, "GROUP_V": 8}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_V": 128, "BLOCK_H": 128, "BLOCK_K": 64, "GROUP_V": 8}, num_warps=4, num_stages=4),
+        _config(128, 128, 2, 8, 3), _config(128, 128, 2, 8, 4), _config(128, 64, 2, 4, 3),
+        _config(256, 64, 2, 8, 3), _config(128, 128, 1, 8, 3),
     ]
     _compensated_gemm_tuned = triton.autotune(configs=_TUNED_CONFIGS, key=["V", "HS"])(_compensated_gemm_kernel)
 
@@ -141,7 +158,8 @@ def compensated_addmm_(
 
     ``hi``/``lo`` ``(V, H)`` contiguous bf16; ``grad_logits (C, V)`` and ``h (C, H)`` bf16 (checked by the
     caller). ``first``: ``hi``/``lo`` are not read (their content is ignored); ``last``: ``lo`` is not
-    written.
+    written. On CUDA the first call for a given ``(V, H)`` must have ``first=True``: it autotunes the
+    kernel, which reruns it.
     """
     if triton_path:
         _triton_update_(hi, lo, grad_logits, h, first=first, last=last)
@@ -152,22 +170,20 @@ def compensated_addmm_(
 def _triton_update_(hi, lo, g, h, *, first: bool, last: bool) -> None:
     vocab, hidden = hi.shape
     args = (g, h, hi, lo, vocab, hidden, g.shape[0], g.stride(0), g.stride(1), h.stride(0), h.stride(1))
-    if kernels_interpreted() and not g.is_cuda:
-        meta = _INTERPRETER_META
-        grid = (triton.cdiv(vocab, meta["BLOCK_V"]) * triton.cdiv(hidden, meta["BLOCK_H"]),)
-        _compensated_gemm_kernel[grid](*args, FIRST=first, LAST=last, INTERPRETED=True, **meta)
-        return
 
     def grid(meta):
-        return (triton.cdiv(vocab, meta["BLOCK_V"]) * triton.cdiv(hidden, meta["BLOCK_H"]),)
+        return (triton.cdiv(vocab, meta["BLOCK_V"]) * triton.cdiv(hidden, meta["BLOCK_H"] * meta["H_SUB"]),)
 
-    _compensated_gemm_tuned[grid](*args, FIRST=first, LAST=last, INTERPRETED=False)
+    if kernels_interpreted() and not g.is_cuda:
+        meta = _INTERPRETER_META
+        _compensated_gemm_kernel[grid(meta)](*args, FIRST=first, LAST=last, INTERPRETED=True, **meta)
+    else:
+        _compensated_gemm_tuned[grid](*args, FIRST=first, LAST=last, INTERPRETED=False)
 
 
 def _torch_update_(hi, lo, g, h, *, first: bool, last: bool) -> None:
     vocab, hidden = hi.shape
-    # On CPU the bf16 operands are upcast per slice (no fp32-output bf16 GEMM there); on CUDA cuBLAS
-    # takes them as they are.
+    # On CPU the bf16 operands are upcast per slice (no fp32-output bf16 GEMM there); cuBLAS takes them as they are.
     upcast = not g.is_cuda
     h_op = h.float() if upcast else h
     per_row = 4 * (hidden + (g.shape[0] if upcast else 0))
@@ -199,10 +215,8 @@ def _mm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` without rounding ``a @ b`` to ``a``'s dtype first."""
-    if acc.dtype == a.dtype:
-        acc.addmm_(a, b)
-    elif acc.dtype == torch.float32:
+    """``acc += a @ b`` (fp32/fp64 ``acc``) without rounding ``a @ b`` to ``a``'s dtype first."""
+    if acc.dtype == torch.float32:
         addmm_fp32_(acc, a, b)
     else:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
@@ -256,9 +270,7 @@ class GradWeightSum:
         if not isinstance(triton_path, bool):
             raise TypeError(f"triton_path must be a bool, got {type(triton_path).__name__}")
         self.dtype = dtype
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = torch.empty(0, device=device).device  # "cuda" -> "cuda:<current>"
         self.strategy = _strategy(dtype, self.n_chunks)
         self.triton_path = triton_path and self.strategy == "compensated"
         if self.triton_path:
