@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from .._tokens import IGNORE_INDEX
 from ..losses.medusa import check_scheduler, medusa_loss_weights
 from ..models.medusa import (
     MEDUSA_HEADS_FILE, add_medusa_heads, load_medusa_heads, medusa_heads, save_medusa_heads,
@@ -142,7 +143,7 @@ class MedusaTrainer(Trainer):
             return total
         n_heads = self.args.medusa_num_heads + 1
         counts = sum(
-            torch.stack([(batch["labels"][..., 1 + k:] != -100).sum() for k in range(n_heads)])
+            torch.stack([(batch["labels"][..., 1 + k:] != IGNORE_INDEX).sum() for k in range(n_heads)])
             for batch in batch_samples
         ).to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
