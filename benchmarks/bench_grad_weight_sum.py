@@ -13,9 +13,10 @@ C=2048 tokens a chunk, 4 chunks, realistic cross-entropy gradients ((softmax - o
 
 Per chunk, the kernel against cuBLAS' fp32 accumulation (the <= 1.1x target): ``chunk:cublas_fp32_addmm``
 (``torch.addmm(acc_fp32, a.t(), b, out_dtype=fp32)``) vs ``chunk:hilo_triton`` (a middle chunk: reads and
-writes hi/lo), each against ``chunk:bf16_mm``. ``extra_gib`` = peak memory beyond the inputs and the
-(V, H) bf16 result; ``rel_err`` = Frobenius error against a float64 sum. Medians of
-``triton.testing.do_bench`` after warm-up. JSON and PNG under ``benchmarks/results/``.
+writes hi/lo), each against ``chunk:bf16_mm``; ``chunk:cfg ...`` rows force each autotuning config.
+``extra_gib`` = peak memory beyond the inputs and the (V, H) bf16 result; ``rel_err`` = Frobenius error
+against a float64 sum. Medians of ``triton.testing.do_bench`` after warm-up. JSON and PNG under
+``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -98,6 +99,28 @@ def chunk_methods(grads, hiddens):
     }
 
 
+def config_sweep(grads, hiddens, rep: int) -> list[dict]:
+    """A middle chunk with each of the kernel's autotuning configs, forced (to see what the tuner chose from)."""
+    g, h = grads[1], hiddens[1]
+    vocab, hidden = g.shape[1], h.shape[1]
+    hi = torch.zeros((vocab, hidden), device="cuda", dtype=torch.bfloat16)
+    lo = torch.zeros_like(hi)
+    args = (g, h, hi, lo, vocab, hidden, g.shape[0], g.stride(0), g.stride(1), h.stride(0), h.stride(1))
+    rows = []
+    for cfg in gws._TUNED_CONFIGS:
+        meta = cfg.kwargs
+        grid = (-(-vocab // meta["BLOCK_V"]) * -(-hidden // (meta["BLOCK_H"] * meta["H_SUB"])),)
+
+        def run(meta=meta, grid=grid, cfg=cfg):
+            gws._compensated_gemm_kernel[grid](*args, FIRST=False, LAST=False, INTERPRETED=False, **meta,
+                                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        run()
+        name = (f"chunk:cfg {meta['BLOCK_V']}x{meta['H_SUB']}x{meta['BLOCK_H']} "
+                f"w{cfg.num_warps} s{cfg.num_stages}")
+        rows.append({"method": name, "ms": bench_ms(run, [], warmup=50, rep=rep)})
+    return rows
+
+
 def extra_gib(fn, result_bytes: int) -> float:
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -127,6 +150,7 @@ def run_shape(vocab: int, hidden: int, rows: int, n_chunks: int, rep: int) -> li
     for name, fn in chunk_methods(grads, hiddens).items():
         fn()
         rows_out.append({**base, "method": name, "ms": bench_ms(fn, [], warmup=100, rep=rep)})
+    rows_out += [{**base, **r} for r in config_sweep(grads, hiddens, rep // 2)]
     by = {r["method"]: r["ms"] for r in rows_out}
     for r in rows_out:
         if r["method"].startswith("chunk:"):
