@@ -39,7 +39,8 @@ def run_worker(script: str | Path, args: list[str], out: Path, *, timeout: float
         tail = (proc.stdout[-1500:] + proc.stderr[-3000:]).strip()
         failure = None if proc.returncode == 0 and out.exists() else (tail or f"exit code {proc.returncode}")
     except subprocess.TimeoutExpired as err:
-        failure = f"timed out after {timeout:.0f} s: {str(err.stdout or '')[-1500:]}".strip()
+        text = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else err.stdout or ""
+        failure = f"timed out after {timeout:.0f} s: {text[-1500:]}".strip()
     data = json.loads(out.read_text()) if out.exists() else None
     return data, failure, time.time() - began
 
