@@ -18,29 +18,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_linear_logprobs import make_inputs  # noqa: E402
 
 from liger_align.kernels import fused_linear_cross_entropy, linear_logprobs  # noqa: E402
+from liger_align.losses import LigerFusedLinearORPOLoss  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--cases", nargs="*", help="logprobs cross_entropy orpo_3_products orpo_recompute")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA device")
     hidden, weight, target = make_inputs(8, 1024, args.hidden)
+    orpo_3, orpo_4 = LigerFusedLinearORPOLoss(strategy="grad_in_forward"), LigerFusedLinearORPOLoss(strategy="recompute")
+    rows_target = target.view(8, 1024)
+    rows_hidden = hidden.view(8, 1024, -1)
     cases = {
         "logprobs": lambda: linear_logprobs(hidden, weight, target).logps.sum().backward(),
         "cross_entropy": lambda: fused_linear_cross_entropy(hidden, weight, target).backward(),
+        "orpo_3_products": lambda: orpo_3(weight, rows_hidden, rows_target)[0].backward(),
+        "orpo_recompute": lambda: orpo_4(weight, rows_hidden, rows_target)[0].backward(),
     }
-    for name, fn in cases.items():
+    names = args.cases or list(cases)
+    for name in names:
+        fn = cases[name]
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            fn()
+        stop.record()
+        torch.cuda.synchronize()
+        wall = start.elapsed_time(stop) / 5
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 fn()
             torch.cuda.synchronize()
-        print(f"== {name}, H={args.hidden} (5 runs)")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70))
+        events = prof.key_averages()
+        busy = sum(e.self_device_time_total for e in events) / 1e3 / 5
+        print(f"== {name}, H={args.hidden}: {wall:.2f} ms per run (CUDA events), GPU busy {busy:.2f} ms "
+              f"({busy / wall:.0%}); kernels over 5 runs:")
+        print(events.table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=70))
 
 
 if __name__ == "__main__":

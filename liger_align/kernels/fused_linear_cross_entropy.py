@@ -37,6 +37,7 @@ from ._linear_chunks import (
     valid_token_index,
 )
 from ._row_softmax import fold_row_stats_, row_grad_
+from ._scale import scale_
 from .grad_weight_sum import GradWeightSum
 from .linear_logprobs import LogitOptions, linear_token_objective
 
@@ -161,7 +162,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             )
         ctx.consumed = True
         stored = [g if has else None for g, has in zip(ctx.saved_tensors, ctx.has_grad)]
-        scaled = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in stored]
+        scaled = [None if g is None else scale_(g, grad_loss) for g in stored]
         return scaled[0], scaled[1], scaled[2], None, None, None, None, None, None, None
 
 

@@ -29,8 +29,9 @@ import torch
 
 from ._checks import check_choice
 from ._dispatch import use_triton
-from ._linear_chunks import chunk_rows, compute_dtype, project
+from ._linear_chunks import chunk_rows, compute_dtype, mm_fp32, project
 from ._row_softmax import RowStats, fold_row_stats_, row_grad_
+from ._scale import scale_
 from .grad_weight_sum import GradWeightSum
 from .linear_logprobs import SEQUENCE_STRATEGIES, LogitOptions
 
@@ -159,18 +160,21 @@ class SequenceObjectiveFunction(torch.autograd.Function):
                 logit_sum = token_means.view(rows, length).sum(1)
                 if not any(needs):
                     continue
+                # logits <- onehot - p (the gradient of the token's log-prob), then the products that do not
+                # need dL/ds, so that the GPU has work while the host evaluates the objective's gradient.
+                row_grad_(
+                    logits, chunk_target, lse, torch.ones_like(lse), torch.zeros_like(lse), vocab_start=0,
+                    vocab=vocab, **opts.row_kwargs(triton_path),
+                )
+                unscaled_hidden = mm_fp32(logits, w) if grad_hidden is not None else None
                 seen = torch.where(chunk_id <= chunk, sum_logps, -n_tokens)  # rows not seen yet: mean log-prob -1
                 coef = _row_gradient(spec.objective, seen, n_tokens, logit_sum).index_select(0, tokens // length)
-                row_grad_(
-                    logits, chunk_target, lse, coef, torch.zeros_like(coef), vocab_start=0, vocab=vocab,
-                    **opts.row_kwargs(triton_path),
-                )
-                if grad_hidden is not None:
-                    grad_hidden.index_copy_(0, tokens, torch.mm(logits, w).to(grad_hidden.dtype))
+                if unscaled_hidden is not None:
+                    grad_hidden.index_copy_(0, tokens, (unscaled_hidden * coef[:, None]).to(grad_hidden.dtype))
                 if grad_weight is not None:
-                    grad_weight.add_(logits, h_chunk)
+                    grad_weight.add_(logits, (h_chunk * coef[:, None]).to(dtype))
                 if grad_bias is not None:
-                    grad_bias += logits.sum(0, dtype=torch.float32)
+                    grad_bias += mm_fp32(coef[None].to(dtype), logits).squeeze(0)
         loss = spec.objective(sum_logps, n_tokens, logit_sum).float().reshape(())
         stored = (
             grad_hidden,
@@ -192,7 +196,7 @@ class SequenceObjectiveFunction(torch.autograd.Function):
             )
         ctx.consumed = True
         stored = [g if has else None for g, has in zip(ctx.saved_tensors, ctx.has_grad)]
-        scaled = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in stored]
+        scaled = [None if g is None else scale_(g, grad_loss) for g in stored]
         return scaled[0], scaled[1], scaled[2], None, None
 
 
