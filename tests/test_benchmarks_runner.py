@@ -159,6 +159,30 @@ def test_model_shapes(name):
     assert full.hidden_size == _models.SHAPES[name]["hidden_size"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["bench_preference_losses", "bench_linear_logprobs"])
+def test_setups_run_every_arm_on_cpu(script, monkeypatch):
+    """The GPU scripts' setup + arms at tiny sizes on CPU (torch paths): no arm fails, peers missing are skipped."""
+    monkeypatch.setattr(_runner, "CPU_RUNS", 1)
+    module = importlib.import_module(script)
+    if script == "bench_preference_losses":
+        shapes = [{"loss": loss, "shape": "2x16 H=32", "rows": 2, "seq": 16, "hidden": 32} for loss in module.LOSSES]
+        setup, ratios = module.make_setup(list(module.PEERS), 10**6, vocab=1003, dtype=torch.float32), None
+        floor = "floor_valid"
+    else:
+        shapes = [{"op": op, "shape": "2x16 H=32", "rows": 2, "seq": 16, "hidden": 32} for op in module.OPS]
+        setup, floor = module.make_setup([1], vocab=1003, dtype=torch.float32), module.FLOOR
+        ratios = {"x_floor": (floor, "time")}
+    rows = _runner.run(shapes, setup, ratios=ratios, memory=False)
+    assert not [r for r in rows if str(r["ms"]).startswith("failed")]
+    measured = [r for r in rows if isinstance(r["ms"], float) and r["method"] != floor]
+    assert {r["method"] for r in measured} >= {"liger_align", "naive_torch"}
+    key = "loss" if "loss" in shapes[0] else "op"
+    floors = {r[key]: r["ms"] for r in rows if r["method"] == floor}
+    assert all(r["x_floor"] == pytest.approx(r["ms"] / floors[r[key]]) for r in measured)
+    assert all(r["ms"].startswith("skipped: ") for r in rows if isinstance(r["ms"], str))
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_script_importable_with_cli(name, monkeypatch, capsys):
     module = importlib.import_module(name)
