@@ -33,6 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 # (device, impl) pairs; a test parametrised on them calls ``skip_unless_path`` first.
 PATHS = [(device, impl) for device in DEVICES for impl in ("torch", "triton")]
+# The same pairs for the large parameter grids: their runs through Triton's interpreter (Triton on CPU tensors)
+# are in the slow tier only; each kernel keeps interpreter tests in the quick tier (``-m "not slow"``).
+GRID_PATHS = [pytest.param(d, i, marks=pytest.mark.slow) if (d, i) == ("cpu", "triton") else (d, i) for d, i in PATHS]
 
 
 def skip_unless_path(device: str, impl: str) -> None:

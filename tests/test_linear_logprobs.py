@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import triton_runs_on
-from _helpers import count_products, PATHS, leaf_copies, skip_unless_path
+from _helpers import PATHS, count_products, leaf_copies, skip_unless_path
 from _reference import TOLERANCE, reference_logprobs, rel_err
 from liger_align.kernels import linear_logprobs
 

@@ -116,6 +116,7 @@ def test_logprob_targets(training):
             model(input_ids=ids, logprob_targets=targets[:, :-1])
 
 
+@pytest.mark.slow
 def test_thirty_step_training_curves_match():
     """Convergence: AdamW on a fixed batch, same seed; the patched curve tracks the unpatched one."""
     ids, labels = batch(4, 33, seed=1)

@@ -173,6 +173,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow  # two processes (gloo)
 def test_global_tokens_are_all_reduced(tmp_path: Path) -> None:
     script, out = tmp_path / "ranks.py", tmp_path / "out.json"
     script.write_text(textwrap.dedent(_DISTRIBUTED))

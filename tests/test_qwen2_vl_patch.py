@@ -239,6 +239,7 @@ def test_unsupported_vision_language_model_warns_with_what_was_patched():
     handle.revert()
 
 
+@pytest.mark.slow
 @pytest.mark.interpreter
 def test_mrope_and_vision_rope_run_the_rope_kernel():
     """Per-token M-RoPE cos/sin (B, T, D) of a two-image batch, and the vision tower's (N, D) tables, through

@@ -9,7 +9,7 @@ from transformers import LlamaConfig
 from transformers.models.llama import modeling_llama
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from _helpers import PATHS, skip_unless_path
+from _helpers import GRID_PATHS, PATHS, skip_unless_path
 from _reference import TOLERANCE, rel_err
 from liger_align.kernels.rope import rope
 
@@ -56,7 +56,7 @@ def _check(batch, seq, n_q, n_kv, head_dim, dtype, device, impl, *, unsqueeze_di
     assert rel_err(gq, rq) < tol and rel_err(gk, rk) < tol
 
 
-@pytest.mark.parametrize("device,impl", PATHS)
+@pytest.mark.parametrize("device,impl", GRID_PATHS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("unsqueeze_dim", [1, 2])
 def test_matches_hf_gqa_llama3_scaling(device, impl, dtype, unsqueeze_dim):
