@@ -18,6 +18,8 @@ accumulator's extra buffer would exceed ``max_grad_buffer_bytes``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ._checks import check_choice, check_int, check_num_items, check_real
@@ -88,6 +90,22 @@ class TokenChunkGrads:
         return self.hidden, grad_weight, grad_bias
 
 
+@dataclass(frozen=True)
+class CrossEntropyPass:
+    """What :class:`FusedLinearCrossEntropyFunction` needs besides its tensors.
+
+    ``opts``: how logits are formed and chunked; ``terms``: label smoothing, class weights, z-loss;
+    ``wanted``: whether autograd can ask for the gradient of ``(hidden, weight, bias)`` (read outside the
+    Function: ``needs_input_grad`` is True under ``torch.no_grad()`` too); ``want_accuracy``: also the
+    token accuracy.
+    """
+
+    opts: LogitOptions
+    terms: CrossEntropyTerms
+    wanted: tuple[bool, bool, bool]
+    want_accuracy: bool = False
+
+
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     """Scalar ``sum_i loss_i / denominator`` with gradients computed in the forward pass.
 
@@ -99,10 +117,8 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx, hidden, weight, bias, target, denominator, opts: LogitOptions, terms: CrossEntropyTerms,
-        wanted: tuple[bool, bool, bool], deferred_num_items: torch.Tensor | None, want_accuracy: bool = False,
-    ):
+    def forward(ctx, hidden, weight, bias, target, denominator, deferred_num_items, spec: CrossEntropyPass):
+        opts, terms, wanted, want_accuracy = spec.opts, spec.terms, spec.wanted, spec.want_accuracy
         triton_path = use_triton(hidden, weight, impl=opts.impl)
         dtype = compute_dtype(hidden, weight)
         rows_all = valid_token_index(target, opts.ignore_index, weight.shape[0], num_items=deferred_num_items)
@@ -163,7 +179,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         ctx.consumed = True
         stored = [g if has else None for g, has in zip(ctx.saved_tensors, ctx.has_grad)]
         scaled = [None if g is None else scale_(g, grad_loss) for g in stored]
-        return scaled[0], scaled[1], scaled[2], None, None, None, None, None, None, None
+        return scaled[0], scaled[1], scaled[2], None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -281,7 +297,7 @@ def fused_linear_cross_entropy(
     if strategy == "recompute":
         plain = class_weight is None and not lse_square_scale and not terms.want_top1
         per_token, _, _, _, is_top1, z_token = linear_token_objective(
-            hidden, weight, target, bias, alpha=terms.alpha, beta=terms.beta, opts=opts, num_items=deferred,
+            hidden, weight, target, bias, target_weight=terms.alpha, mean_weight=terms.beta, opts=opts, num_items=deferred,
             terms=None if plain else terms,
         )
         loss = per_token.reshape(out_shape) if reduction == "none" else per_token.sum() / denominator
@@ -291,7 +307,8 @@ def fused_linear_cross_entropy(
             accuracy = is_top1.sum() / (target != opts.ignore_index).sum().clamp(min=1)
     else:
         loss, is_top1, z_loss, accuracy = FusedLinearCrossEntropyFunction.apply(
-            hidden, weight, bias, target.long(), denominator, opts, terms, wanted, deferred, return_token_accuracy
+            hidden, weight, bias, target.long(), denominator, deferred,
+            CrossEntropyPass(opts, terms, wanted, bool(return_token_accuracy)),
         )
     if return_z_loss or return_token_accuracy:
         top1 = is_top1.reshape(out_shape) if return_top1 else None

@@ -92,22 +92,35 @@ def _vocab_slices(vocab: int, width: int):
     return [(start, min(start + width, vocab)) for start in range(0, vocab, width)]
 
 
-class LinearTokenObjectiveFunction(torch.autograd.Function):
-    """Per-token ``alpha * log p[target] + beta * mean_v log p``, shape ``(N,)``, and metrics without gradient.
+@dataclass(frozen=True)
+class TokenObjective:
+    """What :class:`LinearTokenObjectiveFunction` computes, besides its tensors.
 
-    ``alpha=1, beta=0`` is the target log-prob; ``alpha=-(1-eps), beta=-eps`` is the label-smoothed
-    cross-entropy. Outputs: ``(value, logit_mean, entropy, log_sum_sq_probs, is_top1, z_loss)``, each
+    Per valid token, ``target_weight * log p[target] + mean_weight * mean_v log p`` (``1, 0``: the
+    target log-prob; ``-(1 - eps), -eps``: the label-smoothed cross-entropy), with the logits formed by
+    ``opts``; ``distribution``: also the entropy, ``log sum_v p_v^2`` and top-1 (no gradient); ``terms``:
+    the fused cross-entropy's class weights and z-loss, which replace the value and gradient by their own.
+    """
+
+    opts: LogitOptions
+    target_weight: float = 1.0
+    mean_weight: float = 0.0
+    distribution: bool = False
+    terms: CrossEntropyTerms | None = None
+
+
+class LinearTokenObjectiveFunction(torch.autograd.Function):
+    """Per-token objective of :class:`TokenObjective`, shape ``(N,)``, and metrics without gradient.
+
+    Outputs: ``(value, logit_mean, entropy, log_sum_sq_probs, is_top1, z_loss)``, each
     ``(N,)``; entropy and log_sum_sq_probs are empty unless ``distribution`` is True, is_top1 unless it is
-    or ``terms.want_top1``, z_loss unless ``terms.want_z``. ``terms`` (the fused cross-entropy's class
-    weights and z-loss, :class:`._cross_entropy_options.CrossEntropyTerms`, whose alpha and beta are
-    these) replaces the value and gradient by its own. Backward recomputes the logits slice by slice.
+    or ``terms.want_top1``, z_loss unless ``terms.want_z``. Backward recomputes the logits slice by slice.
     """
 
     @staticmethod
-    def forward(
-        ctx, hidden, weight, bias, target, opts: LogitOptions, alpha: float, beta: float, distribution: bool,
-        num_items: torch.Tensor | None = None, terms: CrossEntropyTerms | None = None,
-    ):
+    def forward(ctx, hidden, weight, bias, target, spec: TokenObjective, num_items: torch.Tensor | None = None):
+        opts, distribution, terms = spec.opts, spec.distribution, spec.terms
+        alpha, beta = spec.target_weight, spec.mean_weight
         triton_path = use_triton(hidden, weight, impl=opts.impl)
         dtype = compute_dtype(hidden, weight)
         rows = valid_token_index(target, opts.ignore_index, weight.shape[0], num_items=num_items)
@@ -150,8 +163,7 @@ class LinearTokenObjectiveFunction(torch.autograd.Function):
             if top1:
                 is_top1.index_copy_(0, rows, stats.is_top1())
         ctx.save_for_backward(hidden, weight, bias, target, rows, lse)
-        ctx.opts, ctx.alpha, ctx.beta, ctx.dtype, ctx.triton_path = opts, alpha, beta, dtype, triton_path
-        ctx.terms = terms
+        ctx.spec, ctx.dtype, ctx.triton_path = spec, dtype, triton_path
         ctx.mark_non_differentiable(logit_mean, entropy, log_sum_sq, is_top1, z_loss)
         return value, logit_mean, entropy, log_sum_sq, is_top1, z_loss
 
@@ -165,17 +177,18 @@ class LinearTokenObjectiveFunction(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if need_weight else None
         grad_bias = torch.zeros_like(bias) if need_bias else None
         if grad_value is None or n_valid == 0:
-            return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
-        opts, dtype = ctx.opts, ctx.dtype
+            return grad_hidden, grad_weight, grad_bias, None, None, None
+        spec, dtype = ctx.spec, ctx.dtype
+        opts = spec.opts
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
         h = hidden.index_select(0, rows).to(dtype)
         valid_target = target.index_select(0, rows)
         upstream = grad_value.float().index_select(0, rows)
-        if ctx.terms is None:
-            a_coef, b_coef, grad_extra = ctx.alpha * upstream, ctx.beta * upstream, {}
+        if spec.terms is None:
+            a_coef, b_coef, grad_extra = spec.target_weight * upstream, spec.mean_weight * upstream, {}
         else:
-            a_coef, b_coef, grad_extra = ctx.terms.grad_coefficients(valid_target, lse, upstream)
+            a_coef, b_coef, grad_extra = spec.terms.grad_coefficients(valid_target, lse, upstream)
         grad_h = None
         if need_hidden:
             grad_h = torch.zeros(n_valid, hidden.shape[1], device=hidden.device, dtype=torch.float32)
@@ -197,12 +210,12 @@ class LinearTokenObjectiveFunction(torch.autograd.Function):
                 addmm_fp32_(grad_h, logits, w_slice)
         if need_hidden:
             grad_hidden.index_copy_(0, rows, grad_h.to(hidden.dtype))
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 def linear_token_objective(
     hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None, *,
-    alpha: float, beta: float, opts: LogitOptions, distribution: bool = False,
+    target_weight: float, mean_weight: float, opts: LogitOptions, distribution: bool = False,
     num_items: torch.Tensor | None = None, names: tuple[str, str, str, str] = ("hidden", "weight", "target", "bias"),
     terms: CrossEntropyTerms | None = None,
 ) -> tuple[torch.Tensor, ...]:
@@ -218,9 +231,8 @@ def linear_token_objective(
         raise TypeError(f"opts must be a LogitOptions, got {type(opts).__name__}")
     check_linear_inputs(hidden, weight, target, bias, names=names)
     use_triton(hidden, weight, impl=opts.impl)  # a path that cannot run is refused here, before any product
-    return LinearTokenObjectiveFunction.apply(
-        hidden, weight, bias, target.long(), opts, float(alpha), float(beta), bool(distribution), num_items, terms
-    )
+    spec = TokenObjective(opts, float(target_weight), float(mean_weight), bool(distribution), terms)
+    return LinearTokenObjectiveFunction.apply(hidden, weight, bias, target.long(), spec, num_items)
 
 
 def linear_logprobs(
@@ -259,7 +271,7 @@ def linear_logprobs(
     """
     opts = LogitOptions(ignore_index, temperature, softcap, logit_scale, chunk_bytes, impl)
     logps, logit_mean, entropy, log_sum_sq, is_top1, _ = linear_token_objective(
-        hidden, weight, target, bias, alpha=1.0, beta=0.0, opts=opts, distribution=distribution_stats
+        hidden, weight, target, bias, target_weight=1.0, mean_weight=0.0, opts=opts, distribution=distribution_stats
     )
     if not distribution_stats:
         return LinearLogProbs(logps, logit_mean)
