@@ -157,7 +157,8 @@ def ours_recompute(loss: str, x: Inputs) -> Callable[[], None]:
     return ours(loss, x, strategy="recompute")
 
 
-PEERS = {"liger_align": ours, "liger_align_recompute": ours_recompute, "naive_torch": naive, "liger_kernel": liger_kernel, "trl_chunked_logprob": trl_op}
+PEERS = {"liger_align": ours, "liger_align_recompute": ours_recompute, "naive_torch": naive,
+         "liger_kernel": liger_kernel, "trl_chunked_logprob": trl_op}
 
 
 def make_setup(methods, skip_naive_over_tokens: int, vocab: int = VOCAB, dtype: torch.dtype = torch.bfloat16):

@@ -29,7 +29,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA device")
     hidden, weight, target = make_inputs(8, 1024, args.hidden)
-    orpo_3, orpo_4 = LigerFusedLinearORPOLoss(strategy="grad_in_forward"), LigerFusedLinearORPOLoss(strategy="recompute")
+    orpo_3 = LigerFusedLinearORPOLoss(strategy="grad_in_forward")
+    orpo_4 = LigerFusedLinearORPOLoss(strategy="recompute")
     rows_target = target.view(8, 1024)
     rows_hidden = hidden.view(8, 1024, -1)
     cases = {
