@@ -11,10 +11,9 @@ import torch
 from transformers import GemmaConfig
 from transformers import GemmaForCausalLM
 
-from conftest import triton_runs_on
 from _reference import rel_err
 from _helpers import GEMMA_SOFTCAP as SOFTCAP
-from _helpers import VOCAB, assert_same_grads, batch, gemma_families, loss_and_grads, tiny_gemma
+from _helpers import VOCAB, assert_same_grads, batch, gemma_families, loss_and_grads, skip_unless_path, tiny_gemma
 from liger_align.models import (
     apply_liger_kernel, apply_liger_kernel_to_gemma, apply_liger_kernel_to_gemma2,
 )
@@ -123,8 +122,7 @@ def test_bf16_loss_close(model_type):
 @pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
 def test_triton_interpreter_whole_model(model_type, monkeypatch):
     """The Triton kernels (interpreter on CPU) inside the model: same loss and gradients, each kernel used."""
-    if not triton_runs_on("cpu"):
-        pytest.skip("Triton's interpreter is not switched on in this process")
+    skip_unless_path("cpu", "triton")
     from liger_align.kernels.geglu import GeGLUFunction
     from liger_align.kernels.rms_norm import RMSNormFunction
     from liger_align.kernels.rope import RoPEFunction

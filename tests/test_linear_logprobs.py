@@ -131,8 +131,7 @@ def test_autocast_mixed_dtypes_on_cpu():
 
 
 def test_paths_agree_on_cpu():
-    if not triton_runs_on("cpu"):
-        pytest.skip("Triton interpreter not active")
+    skip_unless_path("cpu", "triton")
     hidden, weight, b, target = _inputs(31, 40, 409, torch.float32, "cpu", bias=True)
     a = linear_logprobs(hidden, weight, target, b, impl="torch").logps
     t = linear_logprobs(hidden, weight, target, b, impl="triton").logps

@@ -12,8 +12,8 @@ from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qw
 from transformers import Qwen2ForCausalLM
 from transformers.models.llama import modeling_llama
 
-from conftest import triton_runs_on
-from _helpers import SHAPE, VOCAB, assert_same_grads, batch, llama_config, loss_and_grads, tiny_llama
+from _helpers import SHAPE, VOCAB, assert_same_grads, batch, llama_config, loss_and_grads, skip_unless_path
+from _helpers import tiny_llama
 from _reference import rel_err
 from liger_align.models import apply_liger_kernel, apply_liger_kernel_to_llama
 from liger_align.models._causal_lm import causal_lm_forward
@@ -269,8 +269,7 @@ def test_non_silu_mlp_is_not_patched():
 @pytest.mark.slow
 def test_triton_interpreter_whole_model(monkeypatch):
     """The Triton kernels (interpreter on CPU) inside the model: same loss and gradients."""
-    if not triton_runs_on("cpu"):
-        pytest.skip("Triton's interpreter is not switched on in this process")
+    skip_unless_path("cpu", "triton")
     from liger_align.kernels.rms_norm import RMSNormFunction
     from liger_align.kernels.rope import RoPEFunction
     from liger_align.kernels.swiglu import SwiGLUFunction

@@ -13,7 +13,8 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.models.qwen2_vl import modeling_qwen2_vl
 
 from _reference import rel_err
-from conftest import HAS_CUDA, triton_runs_on
+from _helpers import skip_unless_path
+from conftest import HAS_CUDA
 from liger_align.kernels.rope import rope
 from liger_align.models import apply_liger_kernel
 from liger_align.models._vision_layers import LigerLayerNorm, layer_norm_forward, make_vision_rope_function
@@ -245,8 +246,7 @@ def test_mrope_and_vision_rope_run_the_rope_kernel():
     """Per-token M-RoPE cos/sin (B, T, D) of a two-image batch, and the vision tower's (N, D) tables, through
     the Triton kernel (on CUDA, else the interpreter on CPU): values and gradients as Hugging Face's functions."""
     device = "cuda" if HAS_CUDA else "cpu"
-    if not triton_runs_on(device):
-        pytest.skip(f"Triton cannot run on {device} tensors here")
+    skip_unless_path(device, "triton")
     model = tiny_qwen2_vl().to(device)
     inputs = {k: v.to(device) for k, v in batch().items()}
     position_ids, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
