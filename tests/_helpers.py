@@ -1,6 +1,6 @@
 """What several test files share, defined once.
 
-- ``DEVICES``/``PATHS``/``skip_unless_path``: the devices and implementation paths a test runs on.
+- ``DEVICES``/``PATHS``/``GRID_PATHS``/``skip_unless_path``: the devices and implementation paths a test runs on.
 - ``leaf_copies``: float64 leaves of the inputs, for the float64 references.
 - ``count_products``: counts the logit products of the fused linear ops (proves "several chunks ran").
 - The tiny Llama and Gemma models of the patch tests (``tiny_llama``, ``tiny_gemma``, ``batch``, ...).
@@ -62,8 +62,7 @@ def count_products(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     Returns the list of the ``(rows, vocabulary columns)`` of every product, so ``len(...)`` is the number
     of chunks or slices that ran.
     """
-    import liger_align.kernels  # noqa: F401  (loads the kernel modules)
-    from liger_align.kernels import _linear_chunks
+    from liger_align.kernels import _linear_chunks  # loads the kernel modules too
 
     real = _linear_chunks.project
     calls: list[tuple[int, int]] = []
