@@ -21,9 +21,36 @@ from liger_align.kernels import fused_linear_cross_entropy, linear_logprobs  # n
 from liger_align.losses import LigerFusedLinearORPOLoss  # noqa: E402
 
 
+def print_gaps(fn, min_us: float = 80.0) -> None:
+    """One run under a CPU+CUDA trace: each GPU idle gap over ``min_us`` and the host ops that ran during it."""
+    import json
+    import tempfile
+
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.load(open(f.name))["traceEvents"]
+    kernels = sorted((e for e in trace if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    ops = [e for e in trace if e.get("cat") == "cpu_op" and e.get("dur", 0) > 0]
+    total = 0.0
+    for before, after in zip(kernels, kernels[1:]):
+        start, stop = before["ts"] + before["dur"], after["ts"]
+        if stop - start < min_us:
+            continue
+        total += stop - start
+        during = sorted((e for e in ops if e["ts"] < stop and e["ts"] + e["dur"] > start), key=lambda e: -e["dur"])
+        names = ", ".join(f"{e['name'][:40]}({e['dur']:.0f})" for e in during[:6])
+        print(f"  gap {stop - start:7.0f} us before {after['name'][:40]}: {names}")
+    print(f"  gaps over {min_us:.0f} us: {total / 1e3:.2f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--gaps", action="store_true", help="list the GPU idle gaps and the host ops during them")
     parser.add_argument("--cases", nargs="*", help="logprobs cross_entropy orpo_3_products orpo_recompute")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -61,6 +88,8 @@ def main() -> None:
         print(f"== {name}, H={args.hidden}: {wall:.2f} ms per run (CUDA events), GPU busy {busy:.2f} ms "
               f"({busy / wall:.0%}); kernels over 5 runs:")
         print(events.table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=70))
+        if args.gaps:
+            print_gaps(fn)
 
 
 if __name__ == "__main__":

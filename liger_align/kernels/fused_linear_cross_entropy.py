@@ -165,6 +165,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             z_total = z_total * (terms.z_scale * inv_denominator)
         accuracy = is_top1.sum() / max(rows_all.shape[0], 1) if want_accuracy else None
         ctx.mark_non_differentiable(*(t for t in (is_top1, z_total, accuracy) if t is not None))
+        ctx.set_materialize_grads(False)  # no zero tensors for the metrics' (unused) gradients
         return total * inv_denominator, is_top1, z_total, accuracy
 
     @staticmethod
@@ -177,6 +178,8 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 "use strategy='recompute' to backpropagate through the same loss more than once"
             )
         ctx.consumed = True
+        if grad_loss is None:
+            return None, None, None, None, None, None, None
         stored = [g if has else None for g, has in zip(ctx.saved_tensors, ctx.has_grad)]
         scaled = [None if g is None else scale_(g, grad_loss) for g in stored]
         return scaled[0], scaled[1], scaled[2], None, None, None, None

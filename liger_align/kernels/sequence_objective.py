@@ -167,14 +167,15 @@ class SequenceObjectiveFunction(torch.autograd.Function):
                     vocab=vocab, **opts.row_kwargs(triton_path),
                 )
                 unscaled_hidden = mm_fp32(logits, w) if grad_hidden is not None else None
+                row_of_token = tokens // length
                 seen = torch.where(chunk_id <= chunk, sum_logps, -n_tokens)  # rows not seen yet: mean log-prob -1
-                coef = _row_gradient(spec.objective, seen, n_tokens, logit_sum).index_select(0, tokens // length)
+                coef = _row_gradient(spec.objective, seen, n_tokens, logit_sum).index_select(0, row_of_token)[:, None]
                 if unscaled_hidden is not None:
-                    grad_hidden.index_copy_(0, tokens, (unscaled_hidden * coef[:, None]).to(grad_hidden.dtype))
+                    grad_hidden.index_copy_(0, tokens, (unscaled_hidden * coef).to(grad_hidden.dtype))
                 if grad_weight is not None:
-                    grad_weight.add_(logits, (h_chunk * coef[:, None]).to(dtype))
+                    grad_weight.add_(logits, (h_chunk * coef).to(dtype))
                 if grad_bias is not None:
-                    grad_bias += mm_fp32(coef[None].to(dtype), logits).squeeze(0)
+                    grad_bias += mm_fp32(coef.t().to(dtype), logits).squeeze(0)
         loss = spec.objective(sum_logps, n_tokens, logit_sum).float().reshape(())
         stored = (
             grad_hidden,
@@ -184,6 +185,7 @@ class SequenceObjectiveFunction(torch.autograd.Function):
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in stored))
         ctx.has_grad = tuple(g is not None for g in stored)
         ctx.mark_non_differentiable(sum_logps, n_tokens, logit_sum)
+        ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (unused) gradients
         return loss, sum_logps, n_tokens, logit_sum
 
     @staticmethod
@@ -195,6 +197,8 @@ class SequenceObjectiveFunction(torch.autograd.Function):
                 "use strategy='recompute' to backpropagate through the same loss more than once"
             )
         ctx.consumed = True
+        if grad_loss is None:
+            return None, None, None, None, None
         stored = [g if has else None for g, has in zip(ctx.saved_tensors, ctx.has_grad)]
         scaled = [None if g is None else scale_(g, grad_loss) for g in stored]
         return scaled[0], scaled[1], scaled[2], None, None
