@@ -7,6 +7,7 @@ of the same chunk (the floor) and its fp32 ``addmm`` into an fp32 accumulator; p
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from liger_align.kernels import grad_weight_sum as gws  # noqa: E402
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA device")
     import triton

@@ -86,8 +86,8 @@ def run_case(dtype, config, labels, *, bias=True, reference="hidden", impl="torc
         products = count_products(patch)
         loss, out = loss_fn(weight, hidden, target, label_tensor, b, **kwargs)
     if chunk_bytes is not None:
-        # the small budget split the forward into several chunks (the 3-product path keeps a pair whole)
-        assert len(products) > 1 or (LOSS_PATH["current"] == "grad_in_forward" and len(products) == 1 == pairs)
+        # the small budget split the forward into several chunks (the 3-product path keeps a row whole)
+        assert len(products) > 1 or (LOSS_PATH["current"] == "grad_in_forward" and len(products) == 1 == rows)
     ref_loss, metrics = trl_kto(
         (h64, w64, b64), (kl64, w64, b64), target.cpu(), kl_target.cpu(), labels, config=config, **trl_ref
     )
