@@ -60,7 +60,6 @@ def main() -> None:
         print(f"# V={vocab} H={hidden} C={chunk}: bf16 mm {floor:.3f} ms, cuBLAS fp32 addmm {cublas / floor:.3f}x")
         for ms, name in rows[:12]:
             print(f"  {ms / floor:6.3f}x floor  {ms:.3f} ms  {name}")
-        del g, h, hi, lo, acc
         torch.cuda.empty_cache()
 
 

@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from _reference import rel_err
 from conftest import HAS_CUDA, triton_runs_on
 
@@ -149,14 +148,23 @@ GEMMA_SOFTCAP = 3.0
 def gemma_families() -> dict[str, tuple]:
     """model_type -> (causal LM class, config class, extra config, modeling module, prefix, patch function,
     RMSNorms per layer)."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig
-    from transformers import GemmaForCausalLM
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        GemmaConfig,
+        GemmaForCausalLM,
+    )
     from transformers.models.gemma import modeling_gemma
     from transformers.models.gemma2 import modeling_gemma2
     from transformers.models.gemma3 import modeling_gemma3
 
-    from liger_align.models import apply_liger_kernel_to_gemma, apply_liger_kernel_to_gemma2
-    from liger_align.models import apply_liger_kernel_to_gemma3_text
+    from liger_align.models import (
+        apply_liger_kernel_to_gemma,
+        apply_liger_kernel_to_gemma2,
+        apply_liger_kernel_to_gemma3_text,
+    )
 
     return {
         "gemma": (GemmaForCausalLM, GemmaConfig,  # both names: the attribute GemmaMLP reads changed across versions

@@ -12,7 +12,6 @@ import types
 from collections import defaultdict
 
 import torch
-
 from _helpers import leaf_copies, skip_unless_path
 from _reference import TOLERANCE, reference_logits, rel_err
 

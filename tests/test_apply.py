@@ -9,20 +9,39 @@ import warnings
 
 import pytest
 import torch
+from _helpers import GEMMA_TYPES as GEMMAS
+from _helpers import (
+    SHAPE,
+    VOCAB,
+    assert_same_grads,
+    batch,
+    llama_config,
+    loss_and_grads,
+    perturbed,
+    tiny_gemma,
+    tiny_llama,
+)
+from _reference import rel_err
 from torch import nn
-from transformers import LlamaModel, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    LlamaModel,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 from transformers.models.llama import modeling_llama
 from transformers.models.qwen3 import modeling_qwen3
 
-from _helpers import GEMMA_TYPES as GEMMAS
-from _helpers import SHAPE, VOCAB, assert_same_grads, batch, llama_config, loss_and_grads, perturbed, tiny_gemma
-from _helpers import tiny_llama
-from _reference import rel_err
-from liger_align.models import apply_liger_kernel, apply_liger_kernel_to_gemma, apply_liger_kernel_to_llama
-from liger_align.models import supported_model_types
-from liger_align.models._layers import gemma_rms_norm_forward, geglu_mlp_forward, rms_norm_forward
-from liger_align.models._layers import swiglu_mlp_forward
+from liger_align.models import (
+    apply_liger_kernel,
+    apply_liger_kernel_to_gemma,
+    apply_liger_kernel_to_llama,
+    supported_model_types,
+)
+from liger_align.models._layers import geglu_mlp_forward, gemma_rms_norm_forward, rms_norm_forward, swiglu_mlp_forward
 
 
 def tiny(model_type: str) -> nn.Module:

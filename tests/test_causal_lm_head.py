@@ -8,9 +8,9 @@ import warnings
 
 import pytest
 import torch
-
 from _helpers import VOCAB, assert_same_grads, batch, loss_and_grads, tiny_llama
 from _reference import rel_err
+
 from liger_align.models import _causal_lm, apply_liger_kernel
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _helpers import count_products
 from _preference_reference import check_grads, close, leaf_copies, make_rows, skip_unless_path
 from _reference import reference_logits
+
 from liger_align.losses import LigerFusedLinearCrossEntropyLoss
 from liger_align.losses.functional import fused_linear_cross_entropy
 

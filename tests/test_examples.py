@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _helpers import ALIGNMENT, FEW_STEPS, SCRIPTS, run_script
 from _helpers import example_main as _main
 from _helpers import example_module as _module

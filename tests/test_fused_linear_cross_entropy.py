@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _helpers import GRID_PATHS, PATHS, count_products, leaf_copies, skip_unless_path
 from _reference import TOLERANCE, reference_logits, rel_err
+
 from liger_align.kernels import fused_linear_cross_entropy
 
 

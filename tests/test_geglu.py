@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
+from _helpers import PATHS, skip_unless_path
+from _reference import TOLERANCE, rel_err
 from transformers import GemmaConfig
 from transformers.activations import ACT2FN
 from transformers.models.gemma.modeling_gemma import GemmaMLP
 
-from _helpers import PATHS, skip_unless_path
-from _reference import TOLERANCE, rel_err
 from liger_align.kernels.geglu import geglu
 from liger_align.models._layers import geglu_mlp_forward, uses_tanh_gelu
 

@@ -8,17 +8,18 @@ import copy
 
 import pytest
 import torch
-from transformers import GemmaConfig
-from transformers import GemmaForCausalLM
-
-from _reference import rel_err
 from _helpers import GEMMA_SOFTCAP as SOFTCAP
 from _helpers import VOCAB, assert_same_grads, batch, gemma_families, loss_and_grads, skip_unless_path, tiny_gemma
+from _reference import rel_err
+from transformers import GemmaConfig, GemmaForCausalLM
+
 from liger_align.models import (
-    apply_liger_kernel, apply_liger_kernel_to_gemma, apply_liger_kernel_to_gemma2,
+    apply_liger_kernel,
+    apply_liger_kernel_to_gemma,
+    apply_liger_kernel_to_gemma2,
 )
 from liger_align.models._causal_lm import causal_lm_forward
-from liger_align.models._layers import gemma_rms_norm_forward, geglu_mlp_forward
+from liger_align.models._layers import geglu_mlp_forward, gemma_rms_norm_forward
 
 FAMILIES = gemma_families()
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _helpers import PATHS, skip_unless_path
 from _reference import TOLERANCE, rel_err
+
 from liger_align.kernels import layer_norm
 from liger_align.kernels.layer_norm import layer_norm_torch
 

@@ -8,9 +8,9 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _reference import TOLERANCE, rel_err
 from conftest import HAS_CUDA, triton_runs_on
+
 from liger_align.kernels import CrossEntropyOutput, fused_linear_cross_entropy
 from liger_align.losses import LigerFusedLinearCrossEntropyLoss
 

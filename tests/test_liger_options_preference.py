@@ -13,14 +13,21 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _preference_reference import close, leaf_copies, make_rows, rel_err, skip_unless_path, tol
+
 from liger_align.losses import (
-    DPO_LOSS_TYPES, LigerFusedLinearCPOLoss, LigerFusedLinearDPOLoss, LigerFusedLinearKTOLoss,
-    LigerFusedLinearORPOLoss, LigerFusedLinearSimPOLoss,
+    DPO_LOSS_TYPES,
+    LigerFusedLinearCPOLoss,
+    LigerFusedLinearDPOLoss,
+    LigerFusedLinearKTOLoss,
+    LigerFusedLinearORPOLoss,
+    LigerFusedLinearSimPOLoss,
 )
 from liger_align.losses.functional import (
-    fused_linear_cpo_loss, fused_linear_dpo_loss, fused_linear_kto_loss, fused_linear_orpo_loss,
+    fused_linear_cpo_loss,
+    fused_linear_dpo_loss,
+    fused_linear_kto_loss,
+    fused_linear_orpo_loss,
     fused_linear_simpo_loss,
 )
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from conftest import triton_runs_on
 from _helpers import PATHS, count_products, leaf_copies, skip_unless_path
 from _reference import TOLERANCE, reference_logprobs, rel_err
+from conftest import triton_runs_on
+
 from liger_align.kernels import linear_logprobs
 
 
@@ -60,7 +60,8 @@ def test_transform_options(device, impl):
     skip_unless_path(device, impl)
     hidden, weight, b, target = _inputs(29, 40, 517, torch.float32, device, bias=True)
     out = _check(
-        hidden, weight, b, target, tol=TOLERANCE[torch.float32], impl=impl, softcap=2.5, temperature=0.7, logit_scale=1.9
+        hidden, weight, b, target, tol=TOLERANCE[torch.float32], impl=impl, softcap=2.5, temperature=0.7,
+        logit_scale=1.9
     )
     from _reference import reference_logits
 
@@ -156,7 +157,8 @@ BAD_INPUTS = [
     ("target dtype", lambda h, w, t, b: (h, w, t.float(), b), TypeError, "target must be an integer"),
     ("hidden dtype", lambda h, w, t, b: (h.long(), w, t, b), TypeError, "hidden must be a floating-point"),
     ("bias shape", lambda h, w, t, b: (h, w, t, b[:-1]), ValueError, "bias must have shape"),
-    ("target range", lambda h, w, t, b: (h, w, t.clone().fill_(w.shape[0]), b), ValueError, r"target must lie in \[0, V\)"),
+    ("target range", lambda h, w, t, b: (h, w, t.clone().fill_(w.shape[0]), b), ValueError,
+    r"target must lie in \[0, V\)"),
     ("negative target", lambda h, w, t, b: (h, w, t.clone().fill_(-7), b), ValueError, "ignore_index=-100"),
     ("empty", lambda h, w, t, b: (h[:0], w, t[:0], b), ValueError, "hidden is empty"),
 ]
@@ -183,7 +185,8 @@ def test_distribution_stats(device, impl, dtype):
     from _reference import reference_logits
 
     hidden, weight, b, target = _inputs(37, 48, 1003, dtype, device, bias=True)
-    out = linear_logprobs(hidden, weight, target, b, impl=impl, distribution_stats=True, chunk_bytes=8 * 1003 * 4, softcap=4.0)
+    out = linear_logprobs(hidden, weight, target, b, impl=impl, distribution_stats=True, chunk_bytes=8 * 1003 * 4,
+    softcap=4.0)
     assert linear_logprobs(hidden, weight, target, b, impl=impl).entropy is None
     z = reference_logits(*leaf_copies(hidden, weight, b), softcap=4.0)
     logp = torch.log_softmax(z, -1)

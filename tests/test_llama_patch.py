@@ -8,13 +8,11 @@ import warnings
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config
-from transformers import Qwen2ForCausalLM
+from _helpers import SHAPE, VOCAB, assert_same_grads, batch, llama_config, loss_and_grads, skip_unless_path, tiny_llama
+from _reference import rel_err
+from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.llama import modeling_llama
 
-from _helpers import SHAPE, VOCAB, assert_same_grads, batch, llama_config, loss_and_grads, skip_unless_path
-from _helpers import tiny_llama
-from _reference import rel_err
 from liger_align.models import apply_liger_kernel, apply_liger_kernel_to_llama
 from liger_align.models._causal_lm import causal_lm_forward
 from liger_align.models._layers import rms_norm_forward, swiglu_mlp_forward
@@ -62,7 +60,8 @@ def test_num_items_in_batch_and_shift_labels():
         assert_same_grads(got_grads, want_grads, 1e-4)
         # sum over valid shifted tokens / num_items_in_batch, computed by hand from the logits
         shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
-        by_hand = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), shifted.reshape(-1), reduction="sum") / 57
+        by_hand = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), shifted.reshape(-1),
+        reduction="sum") / 57
         assert rel_err(got.loss, by_hand) < 1e-5
         # shift_labels given: used as is
         explicit = model(input_ids=ids, shift_labels=shifted).loss

@@ -6,15 +6,23 @@ import types
 
 import pytest
 import torch
-
-from trl import DPOTrainer
-
-from conftest import LOSS_PATH  # noqa: E402
 from _helpers import count_products
 from _preference_reference import (
-    FusedHeadModel, IGNORE, check_grads, close, leaf_copies, logits64, make_rows, masked_logits_mean,
-    skip_unless_path, token_logps64, trainer_stub, unshifted_batch,
+    IGNORE,
+    FusedHeadModel,
+    check_grads,
+    close,
+    leaf_copies,
+    logits64,
+    make_rows,
+    skip_unless_path,
+    token_logps64,
+    trainer_stub,
+    unshifted_batch,
 )
+from conftest import LOSS_PATH  # noqa: E402
+from trl import DPOTrainer
+
 from liger_align.losses import DPO_LOSS_TYPES, LigerFusedLinearDPOLoss, fused_linear_cross_entropy
 from liger_align.losses.functional import fused_linear_dpo_loss
 
@@ -60,10 +68,12 @@ def run_case(dtype, config, *, bias=True, reference="hidden", impl="torch", devi
         ref_sums = token_logps64(logits64(*ref64), target.cpu()).sum(1)
     kwargs = {}
     if reference == "hidden":
-        kwargs = dict(ref_hidden=ref_h.detach(), ref_weight=ref_w.detach(), ref_bias=None if ref_b is None else ref_b.detach())
+        kwargs = dict(ref_hidden=ref_h.detach(), ref_weight=ref_w.detach(),
+        ref_bias=None if ref_b is None else ref_b.detach())
         trl_ref = dict(ref=ref64)
     elif reference == "logps":
-        kwargs = dict(ref_chosen_logps=ref_sums[:pairs].float().to(device), ref_rejected_logps=ref_sums[pairs:].float().to(device))
+        kwargs = dict(ref_chosen_logps=ref_sums[:pairs].float().to(device),
+        ref_rejected_logps=ref_sums[pairs:].float().to(device))
         trl_ref = dict(ref_logps=(ref_sums[:pairs].float().double(), ref_sums[pairs:].float().double()))
     else:  # reference-free: TRL with zero reference log-probs
         kwargs = {}
@@ -188,7 +198,8 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="ref_weight"):
         fused_linear_dpo_loss(weight, hidden, target, ref_hidden=hidden, ref_weight=weight[:, :-2])
     with pytest.raises(ValueError, match="ref_chosen_logps"):
-        fused_linear_dpo_loss(weight, hidden, target, ref_chosen_logps=torch.zeros(B + 1), ref_rejected_logps=torch.zeros(B))
+        fused_linear_dpo_loss(weight, hidden, target, ref_chosen_logps=torch.zeros(B + 1),
+        ref_rejected_logps=torch.zeros(B))
     with pytest.raises(ValueError, match="together"):
         fused_linear_dpo_loss(weight, hidden, target, ref_chosen_logps=torch.zeros(B))
     with pytest.raises(ValueError, match="loss_type.*'sigmoid'"):

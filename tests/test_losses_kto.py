@@ -6,15 +6,22 @@ import types
 
 import pytest
 import torch
-
-from trl import KTOTrainer
-
-from conftest import LOSS_PATH  # noqa: E402
 from _helpers import count_products
 from _preference_reference import (
-    FusedHeadModel, check_grads, close, leaf_copies, logits64, make_rows, skip_unless_path, token_logps64,
-    trainer_stub, unshifted_batch,
+    FusedHeadModel,
+    check_grads,
+    close,
+    leaf_copies,
+    logits64,
+    make_rows,
+    skip_unless_path,
+    token_logps64,
+    trainer_stub,
+    unshifted_batch,
 )
+from conftest import LOSS_PATH  # noqa: E402
+from trl import KTOTrainer
+
 from liger_align.losses import LigerFusedLinearKTOLoss, fused_linear_cross_entropy
 from liger_align.losses.functional import fused_linear_kto_loss
 
@@ -73,7 +80,8 @@ def run_case(dtype, config, labels, *, bias=True, reference="hidden", impl="torc
     loss_fn = LigerFusedLinearKTOLoss(**config, impl=impl, chunk_bytes=chunk_bytes)
     kwargs = dict(kl_hidden=kl_hidden.detach(), kl_target=kl_target)
     if reference == "hidden":
-        kwargs.update(ref_hidden=ref_h.detach(), ref_weight=ref_w.detach(), ref_bias=None if ref_b is None else ref_b.detach(),
+        kwargs.update(ref_hidden=ref_h.detach(), ref_weight=ref_w.detach(),
+        ref_bias=None if ref_b is None else ref_b.detach(),
                       ref_kl_hidden=ref_kl_h.detach())
         trl_ref = dict(ref=ref64, kl_ref=(ref_kl64, *ref64[1:]))
     else:  # precomputed, with the reference less likely than the policy on the KL rows (KL > 0)
@@ -190,6 +198,7 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="needs a reference.*ref_hidden"):
         fused_linear_kto_loss(weight, hidden, target, labels)
     with pytest.raises(ValueError, match="ref_kl_hidden"):
-        fused_linear_kto_loss(weight, hidden, target, labels, ref_logps=torch.zeros(R), kl_hidden=hidden, kl_target=target)
+        fused_linear_kto_loss(weight, hidden, target, labels, ref_logps=torch.zeros(R), kl_hidden=hidden,
+        kl_target=target)
     with pytest.raises(ValueError, match=r"loss_type must be one of \['kto', 'apo_zero_unpaired'\]"):
         LigerFusedLinearKTOLoss(loss_type="bco")

@@ -8,14 +8,24 @@ import pytest
 import torch
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-from trl.experimental.orpo import ORPOTrainer  # noqa: E402
-
-from conftest import LOSS_PATH  # noqa: E402
 from _helpers import count_products  # noqa: E402
 from _preference_reference import (  # noqa: E402
-    IGNORE, LogitsModel, check_grads, close, leaf_copies, logits64, make_rows, masked_logits_mean, pad_left,
-    skip_unless_path, token_logps64, trainer_stub,
+    IGNORE,
+    LogitsModel,
+    check_grads,
+    close,
+    leaf_copies,
+    logits64,
+    make_rows,
+    masked_logits_mean,
+    pad_left,
+    skip_unless_path,
+    token_logps64,
+    trainer_stub,
 )
+from conftest import LOSS_PATH  # noqa: E402
+from trl.experimental.orpo import ORPOTrainer  # noqa: E402
+
 from liger_align.losses import LigerFusedLinearORPOLoss, fused_linear_cross_entropy  # noqa: E402
 from liger_align.losses.functional import fused_linear_orpo_loss  # noqa: E402
 

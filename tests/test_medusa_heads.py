@@ -7,12 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import build_tiny_llama
 from transformers import LlamaModel
 
-from _helpers import build_tiny_llama
 from liger_align.losses.medusa import fused_linear_medusa_loss
 from liger_align.models.medusa import (
-    MEDUSA_HEADS_FILE, add_medusa_heads, load_medusa_heads, medusa_head_runners, save_medusa_heads,
+    MEDUSA_HEADS_FILE,
+    add_medusa_heads,
+    load_medusa_heads,
+    medusa_head_runners,
+    save_medusa_heads,
 )
 
 V = 97

@@ -12,12 +12,16 @@ import math
 
 import pytest
 import torch
+from _helpers import count_products, skip_unless_path
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from _helpers import count_products, skip_unless_path
 from liger_align.kernels import fused_linear_cross_entropy
 from liger_align.losses.medusa import (
-    LigerFusedLinearMedusaLoss, fused_linear_medusa_loss, medusa_loss_weights, medusa_schedule, tensor_head,
+    LigerFusedLinearMedusaLoss,
+    fused_linear_medusa_loss,
+    medusa_loss_weights,
+    medusa_schedule,
+    tensor_head,
 )
 from liger_align.models.medusa import MedusaHeads
 

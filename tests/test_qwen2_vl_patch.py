@@ -7,19 +7,27 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from _helpers import skip_unless_path
+from _reference import rel_err
+from conftest import HAS_CUDA
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.models.qwen2_vl import modeling_qwen2_vl
 
-from _reference import rel_err
-from _helpers import skip_unless_path
-from conftest import HAS_CUDA
 from liger_align.kernels.rope import rope
 from liger_align.models import apply_liger_kernel
 from liger_align.models._vision_layers import LigerLayerNorm, layer_norm_forward, make_vision_rope_function
 from liger_align.models.qwen2_vl import (
-    apply_liger_kernel_to_qwen2_5_vl, apply_liger_kernel_to_qwen2_vl, vision_language_forward,
+    apply_liger_kernel_to_qwen2_5_vl,
+    apply_liger_kernel_to_qwen2_vl,
+    vision_language_forward,
 )
 
 VOCAB = 1003

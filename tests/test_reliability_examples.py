@@ -11,7 +11,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-
 from _helpers import ALIGNMENT, FEW_STEPS, REPO, SCRIPTS
 from _helpers import example_main as _main
 from _helpers import example_module as _module

@@ -9,18 +9,26 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from _helpers import leaf_copies
 from _reference import rel_err
-from liger_align.kernels import fused_linear_cross_entropy, linear_logprobs, rms_norm
-from liger_align.kernels import _dispatch
+
+from liger_align.kernels import _dispatch, fused_linear_cross_entropy, linear_logprobs, rms_norm
 from liger_align.kernels._linear_chunks import valid_token_index
 from liger_align.losses import (
-    LigerFusedLinearCPOLoss, LigerFusedLinearDPOLoss, LigerFusedLinearKTOLoss, LigerFusedLinearORPOLoss,
-    LigerFusedLinearSimPOLoss, dpo_objective, kto_objective, orpo_objective,
+    LigerFusedLinearCPOLoss,
+    LigerFusedLinearDPOLoss,
+    LigerFusedLinearKTOLoss,
+    LigerFusedLinearORPOLoss,
+    LigerFusedLinearSimPOLoss,
+    dpo_objective,
+    kto_objective,
+    orpo_objective,
 )
 from liger_align.losses.functional import (
-    fused_linear_cpo_loss, fused_linear_dpo_loss, fused_linear_kto_loss, fused_linear_orpo_loss,
+    fused_linear_cpo_loss,
+    fused_linear_dpo_loss,
+    fused_linear_kto_loss,
+    fused_linear_orpo_loss,
     fused_linear_simpo_loss,
 )
 from liger_align.losses.orpo import LOG1MEXP_MAX, log1mexp

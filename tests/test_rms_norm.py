@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
 from _helpers import PATHS, skip_unless_path
 from _reference import TOLERANCE, rel_err
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
 from liger_align.kernels.rms_norm import rms_norm
 
 

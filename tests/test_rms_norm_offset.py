@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import PATHS, skip_unless_path
+from _reference import TOLERANCE, rel_err
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 
-from _helpers import PATHS, skip_unless_path
-from _reference import TOLERANCE, rel_err
 from liger_align.kernels.rms_norm import rms_norm
 from liger_align.models._layers import gemma_rms_norm_forward
 

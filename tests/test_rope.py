@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import GRID_PATHS, PATHS, skip_unless_path
+from _reference import TOLERANCE, rel_err
 from transformers import LlamaConfig
 from transformers.models.llama import modeling_llama
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from _helpers import GRID_PATHS, PATHS, skip_unless_path
-from _reference import TOLERANCE, rel_err
 from liger_align.kernels.rope import rope
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

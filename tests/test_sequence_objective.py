@@ -9,12 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import count_products
+from conftest import triton_runs_on
 
 from liger_align.kernels import sequence_objective as so
 from liger_align.kernels.linear_logprobs import LogitOptions
-
-from _helpers import count_products
-from conftest import triton_runs_on
 
 IGNORE = -100
 

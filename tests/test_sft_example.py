@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _helpers import ALIGNMENT, SCRIPTS, run_script
 from _helpers import example_module as _module
 

@@ -6,12 +6,12 @@ import copy
 
 import pytest
 import torch
+from _helpers import PATHS, skip_unless_path
+from _reference import TOLERANCE, rel_err
 from transformers import LlamaConfig
 from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from _helpers import PATHS, skip_unless_path
-from _reference import TOLERANCE, rel_err
 from liger_align.kernels.swiglu import swiglu
 from liger_align.models._layers import swiglu_mlp_forward
 

@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from _helpers import build_tokenizer, common_args, load_preference_dataset, tiny_model
 from trl.experimental.orpo import ORPOConfig
 
-from liger_align.trainers import LigerORPOTrainer
-from liger_align.trainers import _versions
-from _helpers import build_tokenizer, common_args, load_preference_dataset, tiny_model
+from liger_align.trainers import LigerORPOTrainer, _versions
 
 pytestmark = pytest.mark.slow
 

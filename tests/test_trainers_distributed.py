@@ -1,5 +1,6 @@
 """LigerORPOTrainer under 2-process CPU runs (gloo) reaches the single-process losses: DDP and
-DeepSpeed ZeRO-3 through accelerate, FSDP2 (``fully_shard``) and FSDP1 with the head weight sharded. Each run is a subprocess
+DeepSpeed ZeRO-3 through accelerate,
+FSDP2 (``fully_shard``) and FSDP1 with the head weight sharded. Each run is a subprocess
 of tests/distributed/orpo_distributed.py (see its docstring for why FSDP is applied by hand on CPU)."""
 
 from __future__ import annotations

@@ -11,12 +11,20 @@ from typing import Any
 
 import pytest
 import torch
+from _helpers import (
+    Forbidden,
+    assert_logs_match,
+    build_tokenizer,
+    common_args,
+    load_preference_dataset,
+    no_logits_guard,
+    tiny_model,
+    to_unpaired,
+)
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-from _helpers import Forbidden, assert_logs_match, build_tokenizer, common_args, load_preference_dataset
-from _helpers import no_logits_guard, tiny_model, to_unpaired
 from liger_align.trainers import LigerCPOTrainer, LigerDPOTrainer, LigerKTOTrainer, LigerORPOTrainer
 
 pytestmark = pytest.mark.slow

@@ -9,15 +9,18 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
+from _helpers import (  # noqa: E402
+    assert_logs_match,
+    build_tokenizer,
+    common_args,
+    load_preference_dataset,
+    tiny_model,
+)
 from peft import LoraConfig  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOConfig  # noqa: E402
 
 from liger_align.trainers import LigerDPOTrainer, LigerORPOTrainer  # noqa: E402
-
-from _helpers import (  # noqa: E402
-    assert_logs_match, build_tokenizer, common_args, load_preference_dataset, tiny_model,
-)
 
 pytestmark = pytest.mark.slow
 

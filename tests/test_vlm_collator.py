@@ -15,7 +15,6 @@ if str(VLM) not in sys.path:
 import vlm_embedded as embedded  # noqa: E402
 from vlm_collator import VisionSFTCollator, uses_mm_token_type_ids  # noqa: E402
 
-
 pytestmark = pytest.mark.slow
 
 

@@ -21,7 +21,6 @@ if str(VLM) not in sys.path:
 
 import vlm_embedded as embedded  # noqa: E402
 
-
 pytestmark = pytest.mark.slow
 
 

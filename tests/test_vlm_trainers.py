@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _helpers import Forbidden, assert_logs_match, no_logits_guard, vlm_embedded
 from datasets import Dataset
-
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
-from _helpers import Forbidden, assert_logs_match, no_logits_guard, vlm_embedded
 from liger_align.trainers import LigerDPOTrainer, LigerKTOTrainer
 
 pytestmark = pytest.mark.slow

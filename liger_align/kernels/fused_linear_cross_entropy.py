@@ -300,7 +300,8 @@ def fused_linear_cross_entropy(
     if strategy == "recompute":
         plain = class_weight is None and not lse_square_scale and not terms.want_top1
         per_token, _, _, _, is_top1, z_token = linear_token_objective(
-            hidden, weight, target, bias, target_weight=terms.alpha, mean_weight=terms.beta, opts=opts, num_items=deferred,
+            hidden, weight, target, bias, target_weight=terms.alpha, mean_weight=terms.beta, opts=opts,
+            num_items=deferred,
             terms=None if plain else terms,
         )
         loss = per_token.reshape(out_shape) if reduction == "none" else per_token.sum() / denominator

@@ -16,7 +16,8 @@ Backward, with ``g = weight * dy``::
 The Triton path reads ``x`` once and writes ``y`` once in the forward (plus one fp32 ``mean`` and
 ``rstd`` per row, kept for the backward); the backward reads ``dy`` and ``x`` once, writes ``dx`` once
 and reduces ``dweight`` and ``dbias`` per persistent program in fp32 before one small sum. All
-arithmetic is fp32 whatever the storage dtype (the kernels, shared by RMSNorm and LayerNorm, live in :mod:`._norm`). The plain-PyTorch path
+arithmetic is fp32 whatever the storage dtype (the kernels, shared by RMSNorm and LayerNorm,
+live in :mod:`._norm`). The plain-PyTorch path
 computes the same formula (in
 fp32, or fp64 for fp64 inputs) with autograd.
 """
@@ -27,6 +28,7 @@ import torch
 
 from ._dispatch import use_triton
 from ._norm import check_norm_inputs, norm_backward, norm_forward
+
 
 class LayerNormFunction(torch.autograd.Function):
     """Triton LayerNorm over the last dimension of a contiguous ``(N, H)`` input; see :func:`layer_norm`."""

@@ -19,7 +19,13 @@ import torch
 from ._checks import check_count, check_ignore_index, check_optional_positive, check_positive, check_real
 from ._dispatch import _IMPLS, use_triton
 from ._linear_chunks import (
-    addmm_fp32_, check_linear_inputs, compute_dtype, mm_into_, project, slice_cols, valid_token_index,
+    addmm_fp32_,
+    check_linear_inputs,
+    compute_dtype,
+    mm_into_,
+    project,
+    slice_cols,
+    valid_token_index,
 )
 from ._row_softmax import RowStats, fold_row_stats_, row_grad_
 

@@ -81,7 +81,8 @@ def sequence_stats(
     """
     rows, length, width = hidden.shape
     logps, logit_mean, *_ = linear_token_objective(
-        hidden.reshape(rows * length, width), weight, target.reshape(-1), bias, target_weight=1.0, mean_weight=0.0, opts=opts,
+        hidden.reshape(rows * length, width), weight, target.reshape(-1), bias, target_weight=1.0, mean_weight=0.0,
+        opts=opts,
         names=names,
     )
     valid = (target != opts.ignore_index).float()

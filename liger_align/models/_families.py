@@ -32,8 +32,13 @@ from torch import nn
 from ._causal_lm import causal_lm_forward
 from ._handle import PatchHandle
 from ._layers import (
-    gemma_rms_norm_forward, geglu_mlp_forward, make_rope_function, rms_norm_forward, swiglu_mlp_forward,
-    uses_silu, uses_tanh_gelu,
+    geglu_mlp_forward,
+    gemma_rms_norm_forward,
+    make_rope_function,
+    rms_norm_forward,
+    swiglu_mlp_forward,
+    uses_silu,
+    uses_tanh_gelu,
 )
 from .head_call import unwrap_peft
 

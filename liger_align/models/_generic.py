@@ -31,7 +31,12 @@ from torch import nn
 from ._families import _forward_slot, patch_rope_function
 from ._handle import PatchHandle
 from ._layers import (
-    gemma_rms_norm_forward, geglu_mlp_forward, make_rope_function, rms_norm_forward, swiglu_mlp_forward, uses_silu,
+    geglu_mlp_forward,
+    gemma_rms_norm_forward,
+    make_rope_function,
+    rms_norm_forward,
+    swiglu_mlp_forward,
+    uses_silu,
     uses_tanh_gelu,
 )
 from .head_call import unwrap_peft

@@ -16,7 +16,13 @@ from transformers.utils import ModelOutput
 from .._tokens import IGNORE_INDEX
 from ..losses.medusa import HeadFn, HeadRunner, fused_linear_medusa_loss
 from .head_call import (
-    backbone, backbone_hidden, backbone_kwargs, call_through_head, causal_lm, logit_options, output_head,
+    backbone,
+    backbone_hidden,
+    backbone_kwargs,
+    call_through_head,
+    causal_lm,
+    logit_options,
+    output_head,
 )
 
 _INSTALLED = "_liger_align_medusa_forward"

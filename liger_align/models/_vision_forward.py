@@ -20,7 +20,6 @@ from torch import nn
 
 from ._causal_lm import can_return_tuple, fused_output, pop_loss_kwargs
 
-
 # ------------------------------------------------------------------------------------------------ inputs
 
 

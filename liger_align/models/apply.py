@@ -12,8 +12,8 @@ from torch import nn
 
 from ._generic import patch_generic
 from ._handle import PatchHandle
-from .head_call import unwrap_peft
 from .gemma import apply_liger_kernel_to_gemma, apply_liger_kernel_to_gemma2, apply_liger_kernel_to_gemma3_text
+from .head_call import unwrap_peft
 from .llama import apply_liger_kernel_to_llama
 from .mistral import apply_liger_kernel_to_mistral
 from .qwen2 import apply_liger_kernel_to_qwen2

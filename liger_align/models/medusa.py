@@ -22,10 +22,20 @@ the token at ``t+k+1``. Head k is ``num_layers`` ResBlocks ``x <- x + SiLU(W_k,l
 """
 
 from ._medusa_heads import (
-    MedusaCausalLMOutput, MedusaHead, MedusaHeads, ResBlock, add_medusa_heads, medusa_head_runners, medusa_heads,
+    MedusaCausalLMOutput,
+    MedusaHead,
+    MedusaHeads,
+    ResBlock,
+    add_medusa_heads,
+    medusa_head_runners,
+    medusa_heads,
 )
 from ._medusa_io import (
-    MEDUSA_CONFIG_FILE, MEDUSA_HEADS_FILE, load_medusa_heads, medusa_heads_state_dict, read_medusa_heads,
+    MEDUSA_CONFIG_FILE,
+    MEDUSA_HEADS_FILE,
+    load_medusa_heads,
+    medusa_heads_state_dict,
+    read_medusa_heads,
     save_medusa_heads,
 )
 

@@ -38,7 +38,12 @@ from ._handle import PatchHandle
 from ._layers import rms_norm_forward, swiglu_mlp_forward, uses_silu
 from ._vision_forward import vision_language_forward
 from ._vision_layers import (
-    LigerLayerNorm, fits_layer_norm, gated_silu_mlp_forward, is_silu, layer_norm_forward, make_vision_rope_function,
+    LigerLayerNorm,
+    fits_layer_norm,
+    gated_silu_mlp_forward,
+    is_silu,
+    layer_norm_forward,
+    make_vision_rope_function,
     register_layer_norm_owner,
 )
 from .head_call import unwrap_peft

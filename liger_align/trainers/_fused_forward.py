@@ -30,7 +30,12 @@ import torch
 from torch import nn
 
 from ..models.head_call import (
-    HeadFn, backbone_hidden, backbone_kwargs, call_through_head, output_head, text_config,
+    HeadFn,
+    backbone_hidden,
+    backbone_kwargs,
+    call_through_head,
+    output_head,
+    text_config,
 )
 
 logger = logging.getLogger(__name__)

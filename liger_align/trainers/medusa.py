@@ -33,10 +33,14 @@ from transformers import Trainer, TrainingArguments
 
 from .._tokens import IGNORE_INDEX
 from ..losses.medusa import check_scheduler, medusa_loss_weights
-from ..models.medusa import (
-    MEDUSA_HEADS_FILE, add_medusa_heads, load_medusa_heads, medusa_heads, save_medusa_heads,
-)
 from ..models.head_call import causal_lm
+from ..models.medusa import (
+    MEDUSA_HEADS_FILE,
+    add_medusa_heads,
+    load_medusa_heads,
+    medusa_heads,
+    save_medusa_heads,
+)
 from ._mixin import apply_model_patches
 
 _HEAD_PREFIX = "medusa_head."
