@@ -1,4 +1,4 @@
-"""Scale a stored gradient in place by the upstream 0-d gradient, without reading it on the host.
+"""The 3-product ops' stored gradients: kept from the forward, scaled in place by the upstream 0-d gradient.
 
 The 3-product ops form their gradients in the forward pass and multiply them by the loss's upstream
 gradient in the backward. ``t.mul_(g)`` with a 0-d CUDA tensor ``g`` broadcasts a stride-0 operand,
@@ -34,3 +34,26 @@ def scale_(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         _scale_kernel[(triton.cdiv(t.numel(), _BLOCK),)](t, scale.reshape(()), t.numel(), BLOCK=_BLOCK)
         return t
     return t.mul_(scale.to(t.dtype))
+
+
+def save_gradients(ctx, grads: tuple[torch.Tensor | None, ...]) -> None:
+    """Keep the gradients a 3-product forward formed (None where not wanted) for :func:`scaled_gradients`."""
+    ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
+    ctx.has_grad = tuple(g is not None for g in grads)
+
+
+def scaled_gradients(ctx, grad_loss: torch.Tensor | None, op: str) -> list[torch.Tensor | None]:
+    """The saved gradients scaled in place by the upstream 0-d ``grad_loss``: once per forward.
+
+    Scaling in place keeps no second copy of grad-weight, so a second backward (``retain_graph=True``)
+    would be silently wrong: it raises, naming ``op`` and the strategy that allows it.
+    """
+    if getattr(ctx, "consumed", False):
+        raise RuntimeError(
+            f"{op} with strategy='grad_in_forward' supports one backward per forward; "
+            "use strategy='recompute' to backpropagate through the same loss more than once"
+        )
+    ctx.consumed = True
+    if grad_loss is None:
+        return [None] * len(ctx.has_grad)
+    return [scale_(g, grad_loss) if has else None for g, has in zip(ctx.saved_tensors, ctx.has_grad)]

@@ -39,7 +39,7 @@ from ._linear_chunks import (
     valid_token_index,
 )
 from ._row_softmax import fold_row_stats_, row_grad_
-from ._scale import scale_
+from ._scale import save_gradients, scaled_gradients
 from .grad_weight_sum import GradWeightSum
 from .linear_logprobs import LogitOptions, linear_token_objective
 
@@ -159,8 +159,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 )
                 grads.add_chunk(logits, h_chunk, rows, w)
         grad_hidden, grad_weight, grad_bias = grads.as_inputs(weight, bias)
-        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_hidden, grad_weight, grad_bias)))
-        ctx.has_grad = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
+        save_gradients(ctx, (grad_hidden, grad_weight, grad_bias))
         if z_total is not None:
             z_total = z_total * (terms.z_scale * inv_denominator)
         accuracy = is_top1.sum() / max(rows_all.shape[0], 1) if want_accuracy else None
@@ -170,19 +169,8 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_grad_metrics):
-        # The stored gradients are scaled in place (no second copy of grad-weight), so they serve one
-        # backward only; a second one (retain_graph=True) would be silently wrong.
-        if getattr(ctx, "consumed", False):
-            raise RuntimeError(
-                "fused_linear_cross_entropy with strategy='grad_in_forward' supports one backward per forward; "
-                "use strategy='recompute' to backpropagate through the same loss more than once"
-            )
-        ctx.consumed = True
-        if grad_loss is None:
-            return None, None, None, None, None, None, None
-        stored = [g if has else None for g, has in zip(ctx.saved_tensors, ctx.has_grad)]
-        scaled = [None if g is None else scale_(g, grad_loss) for g in stored]
-        return scaled[0], scaled[1], scaled[2], None, None, None, None
+        grads = scaled_gradients(ctx, grad_loss, "fused_linear_cross_entropy")
+        return grads[0], grads[1], grads[2], None, None, None, None
 
 
 def fused_linear_cross_entropy(

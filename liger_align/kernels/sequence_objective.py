@@ -31,7 +31,7 @@ from ._checks import check_choice
 from ._dispatch import use_triton
 from ._linear_chunks import chunk_rows, compute_dtype, mm_fp32, project
 from ._row_softmax import RowStats, fold_row_stats_, row_grad_
-from ._scale import scale_
+from ._scale import save_gradients, scaled_gradients
 from .grad_weight_sum import GradWeightSum
 from .linear_logprobs import SEQUENCE_STRATEGIES, LogitOptions
 
@@ -182,26 +182,15 @@ class SequenceObjectiveFunction(torch.autograd.Function):
             None if grad_weight is None else grad_weight.result(),
             None if grad_bias is None else grad_bias.to(bias.dtype),
         )
-        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in stored))
-        ctx.has_grad = tuple(g is not None for g in stored)
+        save_gradients(ctx, stored)
         ctx.mark_non_differentiable(sum_logps, n_tokens, logit_sum)
         ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (unused) gradients
         return loss, sum_logps, n_tokens, logit_sum
 
     @staticmethod
     def backward(ctx, grad_loss, *_grad_stats):
-        # The stored gradients are scaled in place (no second copy of grad-weight): one backward only.
-        if getattr(ctx, "consumed", False):
-            raise RuntimeError(
-                "a fused loss with strategy='grad_in_forward' supports one backward per forward; "
-                "use strategy='recompute' to backpropagate through the same loss more than once"
-            )
-        ctx.consumed = True
-        if grad_loss is None:
-            return None, None, None, None, None
-        stored = [g if has else None for g, has in zip(ctx.saved_tensors, ctx.has_grad)]
-        scaled = [None if g is None else scale_(g, grad_loss) for g in stored]
-        return scaled[0], scaled[1], scaled[2], None, None
+        grads = scaled_gradients(ctx, grad_loss, "a fused loss")
+        return grads[0], grads[1], grads[2], None, None
 
 
 def sequence_objective(
