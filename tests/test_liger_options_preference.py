@@ -143,7 +143,7 @@ def dpo_case(loss_type, average, *, impl="torch", f_divergence_type="reverse_kl"
     else:
         reference = dict(ref_hidden=ref_h, ref_weight=ref_w)
     loss, out = fused_linear_dpo_loss(
-        weight, hidden, target, bias, **reference, **config, average_log_prob=average, impl=impl, chunk_bytes=None,
+        hidden, weight, target, bias, **reference, **config, average_log_prob=average, impl=impl, chunk_bytes=None,
     )
     logps, n = seq(h64, w64, b64, target, average)
     sums, _ = seq(h64, w64, b64, target, False)
@@ -220,7 +220,7 @@ def cpo_case(name, average, *, impl="torch", size=None):
     hidden, weight, bias, target = inputs(**size, seed=2)
     h64, w64, b64 = leaf_copies(hidden, weight, bias)
     loss, out = fused_linear_cpo_loss(
-        weight, hidden, target, bias, beta=0.1, **config, average_log_prob=average, impl=impl, chunk_bytes=None
+        hidden, weight, target, bias, beta=0.1, **config, average_log_prob=average, impl=impl, chunk_bytes=None
     )
     use_average = default_average if average is None else average
     logps, n = seq(h64, w64, b64, target, use_average)
@@ -251,14 +251,14 @@ def test_simpo_average_log_prob(average):
     h64, w64, b64 = leaf_copies(hidden, weight, bias)
     beta, gamma = (2.0, 0.5) if average else (0.05, 0.5)
     loss, out = fused_linear_simpo_loss(
-        weight, hidden, target, bias, beta=beta, gamma=gamma, average_log_prob=average, impl="torch"
+        hidden, weight, target, bias, beta=beta, gamma=gamma, average_log_prob=average, impl="torch"
     )
     module_loss, _ = LigerFusedLinearSimPOLoss(beta=beta, gamma=gamma, average_log_prob=average, impl="torch")(
         weight, hidden, target, bias
     )
     assert torch.equal(loss, module_loss)
     if average:  # the default is the averaged form
-        default_loss, _ = fused_linear_simpo_loss(weight, hidden, target, bias, beta=beta, gamma=gamma, impl="torch")
+        default_loss, _ = fused_linear_simpo_loss(hidden, weight, target, bias, beta=beta, gamma=gamma, impl="torch")
         assert torch.equal(loss, default_loss)
     logps, _ = seq(h64, w64, b64, target, average)
     ref_loss, _ = cpo_reference(
@@ -288,7 +288,7 @@ def kto_case(average, *, impl="torch", size=None, module=False):
     if module:
         loss, out = LigerFusedLinearKTOLoss(**config)(weight, hidden, target, labels, bias, **extra)
     else:
-        loss, out = fused_linear_kto_loss(weight, hidden, target, labels, bias, **extra, **config)
+        loss, out = fused_linear_kto_loss(hidden, weight, target, labels, bias, **extra, **config)
     logps, _ = seq(h64, w64, b64, target, average)
     with torch.no_grad():
         ref_logps, _ = seq(ref_h, ref_w, None, target, average)
@@ -317,9 +317,9 @@ def test_kto_precomputed_kl_clamped_at_zero():
     hidden, weight, bias, target = inputs(seed=6)
     labels = torch.tensor([True, False, False, True])
     common = dict(reference_free=True, average_log_prob=True, impl="torch")
-    neg, out = fused_linear_kto_loss(weight, hidden, target, labels, bias, kl=-0.5, **common)
-    zero, _ = fused_linear_kto_loss(weight, hidden, target, labels, bias, kl=0.0, **common)
-    pos, _ = fused_linear_kto_loss(weight, hidden, target, labels, bias, kl=0.5, **common)
+    neg, out = fused_linear_kto_loss(hidden, weight, target, labels, bias, kl=-0.5, **common)
+    zero, _ = fused_linear_kto_loss(hidden, weight, target, labels, bias, kl=0.0, **common)
+    pos, _ = fused_linear_kto_loss(hidden, weight, target, labels, bias, kl=0.5, **common)
     assert torch.equal(neg, zero) and not torch.equal(pos, zero) and float(out["kl"]) == 0.0
 
 
@@ -342,7 +342,7 @@ def orpo_case(compute_nll_loss, *, impl="torch", size=None, with_nll_target=Fals
         )
     else:
         loss, out = fused_linear_orpo_loss(
-            weight, hidden, target, bias, nll_target=nll_target, beta=beta, compute_nll_loss=compute_nll_loss,
+            hidden, weight, target, bias, nll_target=nll_target, beta=beta, compute_nll_loss=compute_nll_loss,
             impl=impl,
         )
     avg, n = seq(h64, w64, b64, target, True)
@@ -387,12 +387,12 @@ def test_dpo_and_cpo_module_equals_functional():
     ref_h, ref_w = ref_head()
     dpo_kwargs = dict(loss_type=["sigmoid_norm", "sft"], average_log_prob=True, impl="torch")
     a, out_a = LigerFusedLinearDPOLoss(**dpo_kwargs)(weight, hidden, target, bias, ref_hidden=ref_h, ref_weight=ref_w)
-    b, out_b = fused_linear_dpo_loss(weight, hidden, target, bias, ref_hidden=ref_h, ref_weight=ref_w, **dpo_kwargs)
+    b, out_b = fused_linear_dpo_loss(hidden, weight, target, bias, ref_hidden=ref_h, ref_weight=ref_w, **dpo_kwargs)
     assert torch.equal(a, b) and torch.equal(out_a["chosen_logps"], out_b["chosen_logps"])
     for average in (None, True, False):
         cpo_kwargs = dict(loss_type="hinge", average_log_prob=average, impl="torch")
         a, _ = LigerFusedLinearCPOLoss(**cpo_kwargs)(weight, hidden, target, bias)
-        b, _ = fused_linear_cpo_loss(weight, hidden, target, bias, **cpo_kwargs)
+        b, _ = fused_linear_cpo_loss(hidden, weight, target, bias, **cpo_kwargs)
         assert torch.equal(a, b)
 
 
@@ -405,14 +405,14 @@ def test_non_bool_flags_raise_naming_the_argument(value):
     labels = torch.tensor([True, False])
     calls = [
         lambda: LigerFusedLinearDPOLoss(average_log_prob=value),
-        lambda: fused_linear_dpo_loss(weight, hidden, target, bias, reference_free=True, average_log_prob=value),
+        lambda: fused_linear_dpo_loss(hidden, weight, target, bias, reference_free=True, average_log_prob=value),
         lambda: LigerFusedLinearCPOLoss(average_log_prob=value),
-        lambda: fused_linear_cpo_loss(weight, hidden, target, bias, average_log_prob=value),
+        lambda: fused_linear_cpo_loss(hidden, weight, target, bias, average_log_prob=value),
         lambda: LigerFusedLinearSimPOLoss(average_log_prob=value),
-        lambda: fused_linear_simpo_loss(weight, hidden, target, bias, average_log_prob=value),
+        lambda: fused_linear_simpo_loss(hidden, weight, target, bias, average_log_prob=value),
         lambda: LigerFusedLinearKTOLoss(average_log_prob=value),
         lambda: fused_linear_kto_loss(
-            weight, hidden, target, labels, bias, reference_free=True, average_log_prob=value
+            hidden, weight, target, labels, bias, reference_free=True, average_log_prob=value
         ),
     ]
     for call in calls:
@@ -421,7 +421,7 @@ def test_non_bool_flags_raise_naming_the_argument(value):
     with pytest.raises(TypeError, match="compute_nll_loss must be a bool"):
         LigerFusedLinearORPOLoss(compute_nll_loss=value)
     with pytest.raises(TypeError, match="compute_nll_loss must be a bool"):
-        fused_linear_orpo_loss(weight, hidden, target, bias, compute_nll_loss=value)
+        fused_linear_orpo_loss(hidden, weight, target, bias, compute_nll_loss=value)
 
 
 def test_none_means_the_convention_only_for_cpo():

@@ -142,7 +142,7 @@ def test_cuda(dtype):
 def test_sum_with_another_loss_in_one_graph():
     hidden, weight, b, target = make_rows(2 * B, T, H, V, torch.float32, bias=True, seed=18)
     h64, w64, b64 = leaf_copies(hidden, weight, b, device="cpu")
-    loss, _ = fused_linear_simpo_loss(weight, hidden, target, b, impl="torch")
+    loss, _ = fused_linear_simpo_loss(hidden, weight, target, b, impl="torch")
     ce = fused_linear_cross_entropy(hidden, weight, target, b, impl="torch")
     ref_loss, _ = trl_cpo(h64, w64, b64, target, dict(loss_type="simpo", beta=2.0, cpo_alpha=0.0))
     ref_ce = torch.nn.functional.cross_entropy(logits64(h64, w64, b64).flatten(0, 1), target.flatten())
@@ -152,7 +152,7 @@ def test_sum_with_another_loss_in_one_graph():
 @pytest.mark.parametrize("name", ["sigmoid", "ipo", "simpo", "alphapo"])
 def test_all_masked_row_is_finite_with_zero_gradient(name):
     hidden, weight, b, target = make_rows(2 * B, T, H, V, torch.float32, bias=True, seed=19, masked_rows=(0, B + 1))
-    loss, out = fused_linear_cpo_loss(weight, hidden, target, b, **CONFIGS[name], impl="torch")
+    loss, out = fused_linear_cpo_loss(hidden, weight, target, b, **CONFIGS[name], impl="torch")
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(v).all() for v in out.values())
     assert torch.all(hidden.grad[0] == 0) and torch.all(hidden.grad[B + 1] == 0)
@@ -162,10 +162,10 @@ def test_all_masked_row_is_finite_with_zero_gradient(name):
 def test_bad_input_names_the_argument():
     hidden, weight, b, target = make_rows(2 * B, T, H, V, torch.float32, bias=True, seed=20)
     with pytest.raises(ValueError, match="odd number of rows"):
-        fused_linear_cpo_loss(weight, hidden[:3], target[:3])
+        fused_linear_cpo_loss(hidden[:3], weight, target[:3])
     with pytest.raises(ValueError, match="target"):
-        fused_linear_simpo_loss(weight, hidden, target[:, 1:])
+        fused_linear_simpo_loss(hidden, weight, target[:, 1:])
     with pytest.raises(ValueError, match="bias"):
-        fused_linear_cpo_loss(weight, hidden, target, b[:-1])
+        fused_linear_cpo_loss(hidden, weight, target, b[:-1])
     with pytest.raises(ValueError, match=r"loss_type must be one of \['sigmoid', 'hinge', 'ipo', 'simpo', 'alphapo'\]"):
         LigerFusedLinearCPOLoss(loss_type="dpo")

@@ -137,7 +137,7 @@ def test_reference_sources(reference):
 
 def test_sft_needs_no_reference():
     hidden, weight, b, target = make_rows(2 * B, T, H, V, torch.float32, bias=True, seed=32)
-    loss, _ = fused_linear_dpo_loss(weight, hidden, target, b, loss_type="sft", impl="torch")
+    loss, _ = fused_linear_dpo_loss(hidden, weight, target, b, loss_type="sft", impl="torch")
     h64, w64, b64 = leaf_copies(hidden, weight, b, device="cpu")
     ref = -token_logps64(logits64(h64, w64, b64)[:B], target[:B]).sum() / (target[:B] != IGNORE).sum()
     assert close(loss, ref, torch.float32)
@@ -151,7 +151,7 @@ def test_single_pair_and_scaled_upstream():
 def test_sum_with_another_loss_in_one_graph():
     hidden, weight, b, target = make_rows(2 * B, T, H, V, torch.float32, bias=True, seed=43)
     h64, w64, b64 = leaf_copies(hidden, weight, b, device="cpu")
-    loss, _ = fused_linear_dpo_loss(weight, hidden, target, b, loss_type="bco_pair", reference_free=True, impl="torch")
+    loss, _ = fused_linear_dpo_loss(hidden, weight, target, b, loss_type="bco_pair", reference_free=True, impl="torch")
     ce = fused_linear_cross_entropy(hidden, weight, target, b, impl="torch")
     ref_loss, _ = trl_dpo(h64, w64, b64, target, ref_logps=(torch.zeros(B, dtype=torch.float64),) * 2,
                           config=dict(loss_type="bco_pair"))
@@ -177,7 +177,7 @@ def test_all_masked_row_is_finite_with_zero_gradient():
     for loss_type in DPO_LOSS_TYPES:
         hidden.grad = None
         loss, out = fused_linear_dpo_loss(
-            weight, hidden, target, b, loss_type=loss_type, label_smoothing=SMOOTHING.get(loss_type, 0.0),
+            hidden, weight, target, b, loss_type=loss_type, label_smoothing=SMOOTHING.get(loss_type, 0.0),
             reference_free=True, impl="torch",
         )
         loss.backward()
@@ -190,22 +190,22 @@ def test_bad_input_names_the_argument():
     hidden, weight, b, target = make_rows(2 * B, T, H, V, torch.float32, bias=True, seed=71)
     ref = dict(reference_free=True)
     with pytest.raises(ValueError, match="odd number of rows"):
-        fused_linear_dpo_loss(weight, hidden[:5], target[:5], **ref)
+        fused_linear_dpo_loss(hidden[:5], weight, target[:5], **ref)
     with pytest.raises(ValueError, match="target"):
-        fused_linear_dpo_loss(weight, hidden, target[:4], **ref)
+        fused_linear_dpo_loss(hidden, weight, target[:4], **ref)
     with pytest.raises(ValueError, match="ref_hidden"):
-        fused_linear_dpo_loss(weight, hidden, target, ref_hidden=hidden[:, :-1])
+        fused_linear_dpo_loss(hidden, weight, target, ref_hidden=hidden[:, :-1])
     with pytest.raises(ValueError, match="ref_weight"):
-        fused_linear_dpo_loss(weight, hidden, target, ref_hidden=hidden, ref_weight=weight[:, :-2])
+        fused_linear_dpo_loss(hidden, weight, target, ref_hidden=hidden, ref_weight=weight[:, :-2])
     with pytest.raises(ValueError, match="ref_chosen_logps"):
-        fused_linear_dpo_loss(weight, hidden, target, ref_chosen_logps=torch.zeros(B + 1),
+        fused_linear_dpo_loss(hidden, weight, target, ref_chosen_logps=torch.zeros(B + 1),
         ref_rejected_logps=torch.zeros(B))
     with pytest.raises(ValueError, match="together"):
-        fused_linear_dpo_loss(weight, hidden, target, ref_chosen_logps=torch.zeros(B))
+        fused_linear_dpo_loss(hidden, weight, target, ref_chosen_logps=torch.zeros(B))
     with pytest.raises(ValueError, match="loss_type.*'sigmoid'"):
         LigerFusedLinearDPOLoss(loss_type="sigmoidd")
     with pytest.raises(ValueError, match="needs a reference.*ref_hidden"):
-        fused_linear_dpo_loss(weight, hidden, target, loss_type="ipo")
+        fused_linear_dpo_loss(hidden, weight, target, loss_type="ipo")
     with pytest.raises(ValueError, match="loss_weights"):
         LigerFusedLinearDPOLoss(loss_type=["sigmoid", "sft"], loss_weights=[1.0])
     with pytest.raises(ValueError, match="label_smoothing"):

@@ -128,7 +128,7 @@ def test_cuda(dtype):
 
 def test_sum_with_another_loss_in_one_graph():
     hidden, weight, b, target = make_rows(2 * B, T, H, V, torch.float32, bias=True, seed=7)
-    loss, _ = fused_linear_orpo_loss(weight, hidden, target, b, beta=0.2, impl="torch")
+    loss, _ = fused_linear_orpo_loss(hidden, weight, target, b, beta=0.2, impl="torch")
     ce = fused_linear_cross_entropy(hidden, weight, target, b, impl="torch")
     h64, w64, b64 = leaf_copies(hidden, weight, b, device="cpu")
     ref_loss, _ = trl_orpo(h64, w64, b64, target, None, 0.2)
@@ -139,7 +139,7 @@ def test_sum_with_another_loss_in_one_graph():
 @pytest.mark.parametrize("masked_row", [0, B])  # a chosen row, a rejected row
 def test_all_masked_row_is_finite_with_zero_gradient(masked_row):
     hidden, weight, b, target = make_rows(2 * B, T, H, V, torch.float32, bias=True, seed=8, masked_rows=(masked_row,))
-    loss, out = fused_linear_orpo_loss(weight, hidden, target, b, impl="torch")
+    loss, out = fused_linear_orpo_loss(hidden, weight, target, b, impl="torch")
     assert torch.isfinite(loss) and all(torch.isfinite(v).all() for v in out.values())
     loss.backward()
     assert torch.all(hidden.grad[masked_row] == 0)
@@ -151,7 +151,7 @@ def test_all_masked_row_is_finite_with_zero_gradient(masked_row):
 
 def test_everything_masked():
     hidden, weight, b, target = make_rows(2, T, H, V, torch.float32, bias=False, seed=9, masked_rows=(0, 1))
-    loss, _ = fused_linear_orpo_loss(weight, hidden, target, impl="torch")
+    loss, _ = fused_linear_orpo_loss(hidden, weight, target, impl="torch")
     loss.backward()
     assert torch.isfinite(loss) and torch.all(hidden.grad == 0) and torch.all(weight.grad == 0)
 
@@ -159,12 +159,12 @@ def test_everything_masked():
 def test_bad_input_names_the_argument():
     hidden, weight, b, target = make_rows(2 * B, T, H, V, torch.float32, bias=True, seed=10)
     with pytest.raises(ValueError, match="odd number of rows"):
-        fused_linear_orpo_loss(weight, hidden[:5], target[:5])
+        fused_linear_orpo_loss(hidden[:5], weight, target[:5])
     with pytest.raises(ValueError, match="target"):
-        fused_linear_orpo_loss(weight, hidden, target[:, :-1])
+        fused_linear_orpo_loss(hidden, weight, target[:, :-1])
     with pytest.raises(ValueError, match="lin_weight"):
-        fused_linear_orpo_loss(weight[:, :-1], hidden, target)
+        fused_linear_orpo_loss(hidden, weight[:, :-1], target)
     with pytest.raises(ValueError, match="nll_target"):
-        fused_linear_orpo_loss(weight, hidden, target, nll_target=target[:2])
+        fused_linear_orpo_loss(hidden, weight, target, nll_target=target[:2])
     with pytest.raises(ValueError, match="temperature"):
         LigerFusedLinearORPOLoss(temperature=0.0)

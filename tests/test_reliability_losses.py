@@ -87,22 +87,22 @@ def test_functional_losses_and_objectives_check_the_same_settings() -> None:
     hidden, weight, target = rows(1)
     c, r = torch.randn(B), torch.randn(B)
     with pytest.raises(ValueError, match="beta"):
-        fused_linear_dpo_loss(weight, hidden, target, beta=0.0, loss_type="ipo", reference_free=True)
+        fused_linear_dpo_loss(hidden, weight, target, beta=0.0, loss_type="ipo", reference_free=True)
     with pytest.raises(ValueError, match="beta"):
         dpo_objective(c, r, c, r, beta=-1.0)
     with pytest.raises(ValueError, match="beta"):
-        fused_linear_simpo_loss(weight, hidden, target, beta=0.0)
+        fused_linear_simpo_loss(hidden, weight, target, beta=0.0)
     with pytest.raises(ValueError, match="label_smoothing"):
-        fused_linear_cpo_loss(weight, hidden, target, label_smoothing=1.01)
+        fused_linear_cpo_loss(hidden, weight, target, label_smoothing=1.01)
     with pytest.raises(ValueError, match="beta"):
-        fused_linear_orpo_loss(weight, hidden, target, beta=math.nan)
+        fused_linear_orpo_loss(hidden, weight, target, beta=math.nan)
     with pytest.raises(ValueError, match="beta"):
         orpo_objective(c, r, torch.tensor(1.0), beta=-0.1)
     labels = torch.tensor([True, False, True, False])
     with pytest.raises(ValueError, match="beta"):
-        fused_linear_kto_loss(weight, hidden, target, labels, beta=0.0, reference_free=True)
+        fused_linear_kto_loss(hidden, weight, target, labels, beta=0.0, reference_free=True)
     with pytest.raises(ValueError, match=r"kl must be a scalar .*got a tensor of shape \(4,\)"):
-        fused_linear_kto_loss(weight, hidden, target, labels, kl=torch.ones(4), reference_free=True)
+        fused_linear_kto_loss(hidden, weight, target, labels, kl=torch.ones(4), reference_free=True)
     with pytest.raises(ValueError, match=r"kl must be a scalar"):
         kto_objective(c, r, labels[:B], kl=torch.ones(B))
     with pytest.raises(ValueError, match="kl must be a finite number"):
@@ -111,10 +111,10 @@ def test_functional_losses_and_objectives_check_the_same_settings() -> None:
 
 def test_numpy_and_0d_tensor_settings_are_accepted_and_equal_to_floats() -> None:
     hidden, weight, target = rows(2)
-    want, _ = fused_linear_dpo_loss(weight, hidden, target, beta=0.25, temperature=0.5, reference_free=True)
+    want, _ = fused_linear_dpo_loss(hidden, weight, target, beta=0.25, temperature=0.5, reference_free=True)
     for beta, temperature in ((np.float32(0.25), np.float32(0.5)), (torch.tensor(0.25), torch.tensor(0.5)),
                               (np.float64(0.25), 0.5)):
-        got, _ = fused_linear_dpo_loss(weight, hidden, target, beta=beta, temperature=temperature,
+        got, _ = fused_linear_dpo_loss(hidden, weight, target, beta=beta, temperature=temperature,
                                        reference_free=True)
         assert torch.allclose(got, want, rtol=1e-6), (beta, temperature)
     loss_fn = LigerFusedLinearORPOLoss(beta=np.float32(0.5), ignore_index=np.int64(-100), temperature=np.float32(2.0))
@@ -146,10 +146,10 @@ def test_bad_reference_inputs_name_the_reference_argument() -> None:
         loss_fn(weight.detach().long(), hidden, target, ref_hidden=ref_hidden)  # the shared head is the policy's
     labels = torch.tensor([True, False, True, False])
     with pytest.raises(TypeError, match="ref_kl_hidden must be a floating-point tensor"):
-        fused_linear_kto_loss(weight, hidden, target, labels, ref_hidden=ref_hidden, kl_hidden=hidden.detach(),
+        fused_linear_kto_loss(hidden, weight, target, labels, ref_hidden=ref_hidden, kl_hidden=hidden.detach(),
                               kl_target=target, ref_kl_hidden=ref_hidden.long())
     with pytest.raises(ValueError, match="kl_target must have shape"):
-        fused_linear_kto_loss(weight, hidden, target, labels, ref_hidden=ref_hidden, kl_hidden=hidden.detach(),
+        fused_linear_kto_loss(hidden, weight, target, labels, ref_hidden=ref_hidden, kl_hidden=hidden.detach(),
                               kl_target=target[:, :-1], ref_kl_hidden=ref_hidden)
 
 
@@ -194,7 +194,7 @@ def test_triton_on_cpu_without_the_interpreter_says_what_to_do(monkeypatch) -> N
         lambda: linear_logprobs(h, weight, t, impl="triton"),
         lambda: fused_linear_cross_entropy(h, weight, t, impl="triton"),
         lambda: fused_linear_cross_entropy(h, weight, t, impl="triton", strategy="recompute"),
-        lambda: fused_linear_orpo_loss(weight, hidden, target, impl="triton"),
+        lambda: fused_linear_orpo_loss(hidden, weight, target, impl="triton"),
         lambda: rms_norm(h, torch.ones(H), impl="triton"),
     ):
         with pytest.raises(ValueError, match=message):
@@ -248,7 +248,7 @@ def test_orpo_objective_at_mean_logprob_near_zero_is_finite_and_matches_trl_belo
 
 def test_fused_orpo_with_a_vocabulary_of_one_and_a_certain_completion_is_finite() -> None:
     hidden, weight, target = rows(7, vocab=1)
-    loss, out = fused_linear_orpo_loss(weight, hidden, target, beta=0.5)
+    loss, out = fused_linear_orpo_loss(hidden, weight, target, beta=0.5)
     loss.backward()
     assert math.isfinite(loss.item()) and all(torch.isfinite(v).all() for v in out.values())
     assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
@@ -257,7 +257,7 @@ def test_fused_orpo_with_a_vocabulary_of_one_and_a_certain_completion_is_finite(
     hidden, weight, target = rows(8, scale=1.0)
     with torch.no_grad():
         hidden.copy_(weight[target.clamp(min=0)] * 400.0)
-    loss, out = fused_linear_orpo_loss(weight, hidden, target, beta=0.5)
+    loss, out = fused_linear_orpo_loss(hidden, weight, target, beta=0.5)
     loss.backward()
     assert out["chosen_logps"].max().item() > -1e-6  # at the clamp: TRL's form is NaN here
     assert math.isfinite(loss.item()) and torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()

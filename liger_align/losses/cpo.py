@@ -134,8 +134,8 @@ def cpo_objective(
 
 
 def fused_linear_cpo_loss(
-    lin_weight: torch.Tensor,
     hidden: torch.Tensor,
+    lin_weight: torch.Tensor,
     target: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
@@ -151,8 +151,8 @@ def fused_linear_cpo_loss(
     """CPO / SimPO / AlphaPO on ``hidden @ lin_weight.T + bias`` without materialising the logits.
 
     Args:
-        lin_weight: ``(V, H)``; bias ``(V,)`` or None.
         hidden: ``(2B, T, H)``, B chosen rows then B rejected rows; target ``(2B, T)`` already shifted.
+        lin_weight: ``(V, H)``; bias ``(V,)`` or None.
         beta, loss_type, cpo_alpha, label_smoothing, simpo_gamma, alpha: see :func:`cpo_objective`.
         average_log_prob: None (the loss type's TRL convention), True (averages) or False (sums); see
             :func:`cpo_averages_logps`.
@@ -193,8 +193,8 @@ def fused_linear_cpo_loss(
 
 
 def fused_linear_simpo_loss(
-    lin_weight: torch.Tensor,
     hidden: torch.Tensor,
+    lin_weight: torch.Tensor,
     target: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
@@ -210,7 +210,7 @@ def fused_linear_simpo_loss(
     ``simpo_gamma=gamma``; shapes and outputs as there. ``average_log_prob=False`` uses summed log-probs.
     """
     return fused_linear_cpo_loss(
-        lin_weight, hidden, target, bias, beta=beta, loss_type="simpo", cpo_alpha=0.0,
+        hidden, lin_weight, target, bias, beta=beta, loss_type="simpo", cpo_alpha=0.0,
         label_smoothing=label_smoothing, simpo_gamma=gamma,
         average_log_prob=check_flag("average_log_prob", average_log_prob), **logit_kwargs,
     )
@@ -248,7 +248,7 @@ class LigerFusedLinearCPOLoss(FusedLossModule):
     def forward(
         self, lin_weight: torch.Tensor, hidden: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return fused_linear_cpo_loss(lin_weight, hidden, target, bias, **self.config, **self.logit_kwargs)
+        return fused_linear_cpo_loss(hidden, lin_weight, target, bias, **self.config, **self.logit_kwargs)
 
 
 class LigerFusedLinearSimPOLoss(FusedLossModule):
@@ -281,5 +281,5 @@ class LigerFusedLinearSimPOLoss(FusedLossModule):
     def forward(
         self, lin_weight: torch.Tensor, hidden: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return fused_linear_simpo_loss(lin_weight, hidden, target, bias, **self.config, **self.logit_kwargs)
+        return fused_linear_simpo_loss(hidden, lin_weight, target, bias, **self.config, **self.logit_kwargs)
 

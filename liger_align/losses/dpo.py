@@ -166,8 +166,8 @@ def dpo_objective(
 
 
 def fused_linear_dpo_loss(
-    lin_weight: torch.Tensor,
     hidden: torch.Tensor,
+    lin_weight: torch.Tensor,
     target: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
@@ -190,8 +190,8 @@ def fused_linear_dpo_loss(
     """DPO (any TRL 1.16 ``loss_type``) on ``hidden @ lin_weight.T + bias`` without materialising the logits.
 
     Args:
-        lin_weight: ``(V, H)``; bias ``(V,)`` or None.
         hidden: ``(2B, T, H)``, B chosen rows then B rejected rows; target ``(2B, T)`` already shifted.
+        lin_weight: ``(V, H)``; bias ``(V,)`` or None.
         ref_hidden: ``(2B, T, H_ref)`` reference hidden states, projected without gradient through
             ``ref_weight (V, H_ref)`` and ``ref_bias`` (default: ``lin_weight`` and ``bias``).
         ref_chosen_logps, ref_rejected_logps: ``(B,)`` precomputed reference log-probs, instead (used as
@@ -320,7 +320,7 @@ class LigerFusedLinearDPOLoss(FusedLossModule):
         ref_rejected_logps: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return fused_linear_dpo_loss(
-            lin_weight, hidden, target, bias,
+            hidden, lin_weight, target, bias,
             ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
             ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
             **self.config, **self.logit_kwargs,

@@ -1,6 +1,8 @@
-"""Functional twins of the loss modules: ``loss, out = fused_linear_<x>_loss(lin_weight, hidden, target, ...)``.
+"""Functional twins of the loss modules: ``loss, out = fused_linear_<x>_loss(hidden, lin_weight, target, ...)``.
 
-Each is the function its ``LigerFusedLinear<X>Loss`` module calls; the cross-entropy is the kernel's.
+Each is the function its ``LigerFusedLinear<X>Loss`` module calls. Every functional takes the hidden states
+first, then the head's weight (``F.linear``'s order, like ``fused_linear_cross_entropy(hidden, weight, ...)``
+and ``fused_linear_medusa_loss``); the modules keep Liger-Kernel's call order ``(lin_weight, hidden, ...)``.
 """
 
 from __future__ import annotations

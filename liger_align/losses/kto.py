@@ -164,8 +164,8 @@ def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def fused_linear_kto_loss(
-    lin_weight: torch.Tensor,
     hidden: torch.Tensor,
+    lin_weight: torch.Tensor,
     target: torch.Tensor,
     preference_labels: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -190,8 +190,8 @@ def fused_linear_kto_loss(
     """KTO on ``hidden @ lin_weight.T + bias`` without materialising the logits; any mix of labels.
 
     Args:
-        lin_weight: ``(V, H)``; bias ``(V,)`` or None.
         hidden: ``(R, T, H)``; target ``(R, T)`` already shifted; preference_labels ``(R,)`` bool.
+        lin_weight: ``(V, H)``; bias ``(V,)`` or None.
         ref_hidden: ``(R, T, H_ref)`` reference hidden states, through ``ref_weight``/``ref_bias``
             (default: the policy's head) without gradient; or ``ref_logps`` ``(R,)`` precomputed;
             with neither, ``reference_free=True`` uses 0, else ``ValueError``.
@@ -334,7 +334,7 @@ class LigerFusedLinearKTOLoss(FusedLossModule):
         ref_kl_logps: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return fused_linear_kto_loss(
-            lin_weight, hidden, target, preference_labels, bias,
+            hidden, lin_weight, target, preference_labels, bias,
             ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps, kl=kl,
             kl_hidden=kl_hidden, kl_target=kl_target, ref_kl_hidden=ref_kl_hidden, ref_kl_logps=ref_kl_logps,
             **self.config, **self.logit_kwargs,

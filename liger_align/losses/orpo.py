@@ -95,8 +95,8 @@ def orpo_objective(
 
 
 def fused_linear_orpo_loss(
-    lin_weight: torch.Tensor,
     hidden: torch.Tensor,
+    lin_weight: torch.Tensor,
     target: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
@@ -108,8 +108,8 @@ def fused_linear_orpo_loss(
     """ORPO on ``hidden @ lin_weight.T + bias`` without materialising the logits.
 
     Args:
-        lin_weight: ``(V, H)`` lm_head weight; bias ``(V,)`` or None.
         hidden: ``(2B, T, H)``, the B chosen rows first, then the B rejected rows.
+        lin_weight: ``(V, H)`` lm_head weight; bias ``(V,)`` or None.
         target: ``(2B, T)`` integer, already shifted; ``ignore_index`` on prompt and padding.
         nll_target: ``(B, T)`` (or ``(2B, T)``, of which the chosen half is used) targets of the NLL
             term; TRL's trainer uses prompt + completion there. Default: the chosen half of ``target``.
@@ -213,6 +213,6 @@ class LigerFusedLinearORPOLoss(FusedLossModule):
         nll_target: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return fused_linear_orpo_loss(
-            lin_weight, hidden, target, bias, nll_target=nll_target, **self.config, **self.logit_kwargs
+            hidden, lin_weight, target, bias, nll_target=nll_target, **self.config, **self.logit_kwargs
         )
 
