@@ -15,6 +15,10 @@ With ``s_c = logp_c - ref_logp_c`` and ``s_r`` likewise (mapped through the f-di
 the average over its valid tokens instead of the sum; ``ipo`` and ``sigmoid_norm``, which already read
 averages, then do not divide again (the same loss under ``reverse_kl``; under another f-divergence the
 average is taken before ``f`` instead of after), and ``sft`` stays the NLL averaged over chosen tokens.
+
+Who uses this module: custom training loops. ``LigerDPOTrainer`` do not: they run TRL's own
+DPO loss code over our per-token log-probs (:func:`liger_align.kernels.linear_logprobs`, through TRL's
+fused-LM-head protocol); see docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
