@@ -16,7 +16,7 @@ the average over its valid tokens instead of the sum; ``ipo`` and ``sigmoid_norm
 averages, then do not divide again (the same loss under ``reverse_kl``; under another f-divergence the
 average is taken before ``f`` instead of after), and ``sft`` stays the NLL averaged over chosen tokens.
 
-Who uses this module: custom training loops. ``LigerDPOTrainer`` do not: they run TRL's own
+Who uses this module: custom training loops. ``LigerDPOTrainer`` does not: it runs TRL's own
 DPO loss code over our per-token log-probs (:func:`liger_align.kernels.linear_logprobs`, through TRL's
 fused-LM-head protocol); see docs/ARCHITECTURE.md.
 """

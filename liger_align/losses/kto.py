@@ -14,7 +14,7 @@ log-prob the average over its valid tokens: the policy's and ``ref_hidden``'s, a
 and ``ref_kl_hidden``). Precomputed ``ref_logps``, ``ref_kl_logps`` and ``kl`` are used as given.
 A precomputed ``kl`` is clamped at 0 as TRL does (Liger-Kernel uses it unclamped).
 
-Who uses this module: custom training loops. ``LigerKTOTrainer`` do not: they run TRL's own
+Who uses this module: custom training loops. ``LigerKTOTrainer`` does not: it runs TRL's own
 KTO loss code over our per-token log-probs (:func:`liger_align.kernels.linear_logprobs`, through TRL's
 fused-LM-head protocol); see docs/ARCHITECTURE.md.
 """
