@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._tokens import IGNORE_INDEX
 from ._checks import check_choice, check_int, check_num_items, check_real
 from ._cross_entropy_options import (
     CrossEntropyOutput,
@@ -179,7 +180,7 @@ def fused_linear_cross_entropy(
     target: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     ce_weight: torch.Tensor | None = None,

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from .._tokens import IGNORE_INDEX
 from ._checks import check_count, check_ignore_index, check_optional_positive, check_positive, check_real
 from ._dispatch import _IMPLS, use_triton
 from ._linear_chunks import (
@@ -46,7 +47,7 @@ class LogitOptions:
     :func:`liger_align.kernels.sequence_objective.choose_strategy`.
     """
 
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     temperature: float = 1.0
     softcap: float | None = None
     logit_scale: float = 1.0
@@ -247,7 +248,7 @@ def linear_logprobs(
     target: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     temperature: float = 1.0,
     softcap: float | None = None,
     logit_scale: float = 1.0,

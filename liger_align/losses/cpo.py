@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from typing_extensions import Unpack
 
+from .._tokens import IGNORE_INDEX
 from ..kernels._checks import check_non_negative, check_positive, check_real
 from ._module import FusedLossModule
 from ._paired import (
@@ -232,7 +233,7 @@ class LigerFusedLinearCPOLoss(FusedLossModule):
         alpha: float = 0.0,
         *,
         average_log_prob: bool | None = None,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         **logit_kwargs: Unpack[LogitKwargs],
     ) -> None:
         config = check_cpo_config(
@@ -264,7 +265,7 @@ class LigerFusedLinearSimPOLoss(FusedLossModule):
         label_smoothing: float = 0.0,
         *,
         average_log_prob: bool = True,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         **logit_kwargs: Unpack[LogitKwargs],
     ) -> None:
         config = check_cpo_config(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._tokens import IGNORE_INDEX
 from ..kernels._checks import check_choice, check_real
 from ..kernels._cross_entropy_options import CrossEntropyOutput, check_flag, check_lse_square_scale
 from ..kernels.fused_linear_cross_entropy import REDUCTIONS, fused_linear_cross_entropy
@@ -28,7 +29,7 @@ class LigerFusedLinearCrossEntropyLoss(FusedLossModule):
     def __init__(
         self,
         ce_weight: torch.Tensor | None = None,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         lse_square_scale: float = 0.0,
         label_smoothing: float = 0.0,
         reduction: str = "mean",

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 from typing_extensions import Unpack
 
+from .._tokens import IGNORE_INDEX
 from ..kernels._checks import as_real, check_positive, check_real, check_weights
 from ._dpo_objectives import _F_DIVERGENCE_LOSS_TYPES, DPO_LOSS_TYPES, F_DIVERGENCES, f_scores, one_dpo_loss
 from ._module import FusedLossModule
@@ -293,7 +294,7 @@ class LigerFusedLinearDPOLoss(FusedLossModule):
         f_alpha_divergence_coef: float = 0.5,
         reference_free: bool = False,
         average_log_prob: bool = False,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         **logit_kwargs: Unpack[LogitKwargs],
     ) -> None:
         loss_types, weights = check_dpo_config(

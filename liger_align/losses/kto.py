@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from typing_extensions import Unpack
 
+from .._tokens import IGNORE_INDEX
 from ..kernels._checks import check_non_negative, check_positive, check_real
 from ..kernels.linear_logprobs import LogitOptions
 from ._module import FusedLossModule
@@ -305,7 +306,7 @@ class LigerFusedLinearKTOLoss(FusedLossModule):
         *,
         reference_free: bool = False,
         average_log_prob: bool = False,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         **logit_kwargs: Unpack[LogitKwargs],
     ) -> None:
         config = check_kto_config(

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from typing_extensions import Unpack
 
+from .._tokens import IGNORE_INDEX
 from ..kernels._checks import check_non_negative
 from ._module import FusedLossModule
 from ._paired import LogitKwargs, check_flag, logit_options, logits_mean, sequence_logps, split_pairs
@@ -193,7 +194,7 @@ class LigerFusedLinearORPOLoss(FusedLossModule):
     def __init__(
         self,
         beta: float = 0.1,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         *,
         compute_nll_loss: bool = True,
         **logit_kwargs: Unpack[LogitKwargs],
