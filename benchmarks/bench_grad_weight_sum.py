@@ -30,7 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import GIB, bench_ms, plot_ratios, print_table, save_results  # noqa: E402
+import _runner  # noqa: E402
+from _common import bench_ms, plot_ratios, print_table, save_results  # noqa: E402
 
 from liger_align.kernels import grad_weight_sum as gws  # noqa: E402
 
@@ -121,18 +122,6 @@ def config_sweep(grads, hiddens, rep: int) -> list[dict]:
     return rows
 
 
-def extra_gib(fn, result_bytes: int) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    del out
-    return (peak - before - result_bytes) / GIB
-
-
 def run_shape(vocab: int, hidden: int, rows: int, n_chunks: int, rep: int) -> list[dict]:
     grads, hiddens = make_chunks(vocab, hidden, rows, n_chunks)
     ref = sum(g.double().t() @ h.double() for g, h in zip(grads, hiddens))
@@ -145,7 +134,7 @@ def run_shape(vocab: int, hidden: int, rows: int, n_chunks: int, rep: int) -> li
         del out
         ms = bench_ms(fn, [], warmup=100, rep=rep)
         rows_out.append({**base, "method": name, "ms": ms, "rel_err": err,
-                         "extra_gib": extra_gib(fn, vocab * hidden * 2)})
+                         "extra_gib": _runner.peak_memory(fn)[0]})  # beyond the returned (V, H) sum
     del ref
     for name, fn in chunk_methods(grads, hiddens).items():
         fn()

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _helpers import count_products
+from _reference import reference_logits
 from conftest import triton_runs_on
 
 from liger_align.kernels import sequence_objective as so
@@ -31,14 +32,8 @@ def _inputs(rows, length, width, vocab, *, dtype=torch.float32, masked_row=None,
     return hidden, weight, b, target
 
 
-def _ref_stats(hidden, weight, bias, target, *, softcap=None, temperature=1.0, logit_scale=1.0):
-    z = hidden.double() @ weight.double().t()
-    if bias is not None:
-        z = z + bias.double()
-    z = z * logit_scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    z = z / temperature
+def _ref_stats(hidden, weight, bias, target, **transform):
+    z = reference_logits(hidden, weight, bias, **transform)
     logp = torch.log_softmax(z, -1)
     valid = target != IGNORE
     picked = logp.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)
