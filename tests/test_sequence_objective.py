@@ -199,3 +199,24 @@ def test_bf16_pairs_over_several_chunks(monkeypatch, impl):
     _check(hidden, weight, bias, target, dpo_like(ref), (0, 1, 0, 1), impl=impl, chunk_bytes=45 * vocab * 2,
            tol=3e-2)
     assert len(calls) >= 2
+
+
+def test_losses_check_their_strategy_before_any_product(monkeypatch):
+    from liger_align.losses import LigerFusedLinearDPOLoss, LigerFusedLinearORPOLoss
+
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        LigerFusedLinearORPOLoss(strategy="fastest")
+    hidden, weight, _, target = _inputs(4, 9, 7, 101, seed=3)
+    calls = count_products(monkeypatch)
+    aot = LigerFusedLinearDPOLoss(loss_type="aot", strategy="grad_in_forward", reference_free=True)
+    with pytest.raises(ValueError, match="separable"):
+        aot(weight, hidden, target)
+    assert calls == []
+    # auto keeps AOT (which sorts the batch) on the recomputing path: products in the forward and the backward
+    loss, _ = LigerFusedLinearDPOLoss(loss_type="aot", reference_free=True)(weight, hidden, target)
+    forward_products = len(calls)
+    loss.backward()
+    assert forward_products >= 1 and len(calls) > forward_products
+    assert torch.isfinite(loss) and torch.isfinite(hidden.grad).all()
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        LigerFusedLinearORPOLoss(chunk_size=4)
