@@ -4,8 +4,10 @@
 - ``leaf_copies``: float64 leaves of the inputs, for the float64 references.
 - ``count_products``: counts the logit products of the fused linear ops (proves "several chunks ran").
 - The tiny Llama and Gemma models of the patch tests (``tiny_llama``, ``tiny_gemma``, ``batch``, ...).
-- The trainer tests' shared pieces (``tiny_model``, ``common_args``, ``assert_logs_match``, ...).
-- The example tests' shared pieces (``SCRIPTS``, ``run_script``, ``example_module``, ``example_main``).
+- The trainer tests' shared pieces (``tiny_model``, ``common_args``, ``assert_logs_match``, ...); the tokenizer,
+  tiny models and data they train on come from ``liger_align.testing``.
+- The example tests' shared pieces (``SCRIPTS``, ``run_script``, ``example_module``, ``example_main``): the only
+  part that touches ``examples/``.
 
 Random numbers: without an explicit seed the builders draw from the global generators, which the
 autouse ``seed`` fixture of ``conftest.py`` seeds from the test id, so every test is replayable.
@@ -197,53 +199,15 @@ def tiny_gemma(model_type: str, seed: int | None = None, **overrides):
 
 # ----------------------------------------------------------------------------- trainer tests
 
-ALIGNMENT = REPO / "examples" / "alignment"
 SKIP_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "eval_runtime",
              "eval_samples_per_second", "eval_steps_per_second", "total_flos"}
 
 
-def embedded():
-    """``examples/alignment/embedded.py``: the local tokenizer, tiny Llama and shipped data the trainer tests
-    train on. The library tests reach into ``examples/`` only here and in ``vlm_embedded``."""
-    if str(ALIGNMENT) not in sys.path:
-        sys.path.insert(0, str(ALIGNMENT))
-    import embedded as module
-
-    return module
-
-
-def build_tokenizer():
-    """The examples' local word-level tokenizer (see ``embedded.build_tokenizer``)."""
-    return embedded().build_tokenizer()
-
-
-def load_preference_dataset():
-    """The shipped preference data (``prompt``, ``chosen``, ``rejected``)."""
-    return embedded().load_preference_dataset()
-
-
-def to_unpaired(dataset):
-    """The unpaired (KTO) view of a paired data set."""
-    return embedded().to_unpaired(dataset)
-
-
-def build_tiny_llama(vocab_size: int, **kwargs: Any) -> torch.nn.Module:
-    """``embedded.build_tiny_llama``: a tiny Llama-3.2-shaped model whose weights depend only on ``seed``."""
-    return embedded().build_tiny_llama(vocab_size, **kwargs)
-
-
-def vlm_embedded():
-    """``examples/vlm/vlm_embedded.py``: the tiny Qwen2-VL, its processor and image preference rows."""
-    vlm = REPO / "examples" / "vlm"
-    if str(vlm) not in sys.path:
-        sys.path.insert(0, str(vlm))
-    import vlm_embedded as module
-
-    return module
-
-
 def tiny_model(tokenizer: Any, seed: int = 0) -> torch.nn.Module:
-    """A 2-layer Llama (hidden 32, 4 heads, 2 kv heads) sized to the tokenizer."""
+    """A 2-layer Llama (hidden 32, 4 heads, 2 kv heads) sized to the tokenizer (``liger_align.testing``'s
+    ``build_tiny_llama``: the weights depend only on ``seed``)."""
+    from liger_align.testing import build_tiny_llama
+
     return build_tiny_llama(
         len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -310,6 +274,7 @@ def assert_logs_match(expected: list[dict[str, Any]], actual: list[dict[str, Any
 
 # ----------------------------------------------------------------------------- example tests
 
+ALIGNMENT = REPO / "examples" / "alignment"
 SCRIPTS = {
     "orpo": ALIGNMENT / "run_orpo.py",
     "dpo": ALIGNMENT / "run_dpo.py",

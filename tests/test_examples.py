@@ -95,16 +95,17 @@ def test_missing_columns_is_a_clear_error(name: str, needed: str, tmp_path: Path
 
 
 def test_make_dataset_is_deterministic_and_matches_the_shipped_file(tmp_path: Path) -> None:
+    import embedded
     import make_dataset
 
     first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     make_dataset.main(["--output", str(first)])
     make_dataset.main(["--output", str(second)])
-    assert first.read_bytes() == second.read_bytes() == (ALIGNMENT / "data" / "preferences.jsonl").read_bytes()
+    assert first.read_bytes() == second.read_bytes() == embedded.DATA_PATH.read_bytes()
     rows = [json.loads(line) for line in first.read_text().splitlines()]
     assert len(rows) >= 200 and all(set(row) == {"prompt", "chosen", "rejected"} for row in rows)
     assert all(row["chosen"] != row["rejected"] for row in rows)
-    assert (ALIGNMENT / "data" / "preferences.jsonl").stat().st_size < 200_000
+    assert embedded.DATA_PATH.stat().st_size < 200_000
 
 
 def test_embedded_model_is_llama_3_2_shaped() -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import build_tiny_llama
 from transformers import LlamaModel
 
 from liger_align.losses.medusa import fused_linear_medusa_loss
@@ -18,6 +17,7 @@ from liger_align.models.medusa import (
     medusa_head_runners,
     save_medusa_heads,
 )
+from liger_align.testing import build_tiny_llama
 
 V = 97
 

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("medusa_example", ROOT / "examples" / "medusa" / "train.py")
-example = sys.modules.setdefault("medusa_example", importlib.util.module_from_spec(_spec))
-if not hasattr(example, "main"):
-    _spec.loader.exec_module(example)
 
 from liger_align.models.medusa import MEDUSA_HEADS_FILE, load_medusa_heads  # noqa: E402
+from liger_align.testing import build_tiny_llama, build_tokenizer  # noqa: E402
+from liger_align.testing.conversations import FILLER, RING, make_conversations, tokenize  # noqa: E402
 from liger_align.trainers import MedusaTrainer, MedusaTrainingArguments  # noqa: E402
 from liger_align.trainers.medusa import is_medusa_parameter  # noqa: E402
 
@@ -33,16 +28,15 @@ def data():
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq
 
-    rows = example.make_conversations(24, seed=1)
-    tokenizer = example.embedded.build_tokenizer(
-        [t["value"] for r in rows for t in r["conversations"]] + list(example.RING) + list(example.FILLER))
-    ids = example.tokenize(Dataset.from_list(rows), tokenizer, 160)
+    rows = make_conversations(24, seed=1)
+    tokenizer = build_tokenizer([t["value"] for r in rows for t in r["conversations"]] + list(RING) + list(FILLER))
+    ids = tokenize(Dataset.from_list(rows), tokenizer, 160)
     return tokenizer, ids, DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding="longest")
 
 
 def make_trainer(data, tmp: Path, use_liger: bool = True, **medusa) -> MedusaTrainer:
     tokenizer, ids, collator = data
-    model = example.embedded.build_tiny_llama(
+    model = build_tiny_llama(
         len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         pad_token_id=tokenizer.pad_token_id, seed=0,
     )

@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 import torch
-from _helpers import build_tokenizer, common_args, load_preference_dataset, tiny_model, to_unpaired
+from _helpers import common_args, tiny_model
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOConfig  # noqa: E402
 
 from liger_align.models.head_call import causal_lm  # noqa: E402
+from liger_align.testing import build_tokenizer, load_preference_dataset, to_unpaired  # noqa: E402
 from liger_align.trainers import LigerCPOTrainer, LigerDPOTrainer, LigerKTOTrainer, LigerORPOTrainer  # noqa: E402
 from liger_align.trainers._fused_forward import install_fused_forward  # noqa: E402
 

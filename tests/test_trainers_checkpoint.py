@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from _helpers import build_tokenizer, common_args, load_preference_dataset, tiny_model
+from _helpers import common_args, tiny_model
 from trl.experimental.orpo import ORPOConfig
 
+from liger_align.testing import build_tokenizer, load_preference_dataset
 from liger_align.trainers import LigerORPOTrainer, _versions
 
 pytestmark = pytest.mark.slow

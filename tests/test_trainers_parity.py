@@ -11,20 +11,12 @@ from typing import Any
 
 import pytest
 import torch
-from _helpers import (
-    Forbidden,
-    assert_logs_match,
-    build_tokenizer,
-    common_args,
-    load_preference_dataset,
-    no_logits_guard,
-    tiny_model,
-    to_unpaired,
-)
+from _helpers import Forbidden, assert_logs_match, common_args, no_logits_guard, tiny_model
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
+from liger_align.testing import build_tokenizer, load_preference_dataset, to_unpaired
 from liger_align.trainers import LigerCPOTrainer, LigerDPOTrainer, LigerKTOTrainer, LigerORPOTrainer
 
 pytestmark = pytest.mark.slow

@@ -9,17 +9,12 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-from _helpers import (  # noqa: E402
-    assert_logs_match,
-    build_tokenizer,
-    common_args,
-    load_preference_dataset,
-    tiny_model,
-)
+from _helpers import assert_logs_match, common_args, tiny_model  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOConfig  # noqa: E402
 
+from liger_align.testing import build_tokenizer, load_preference_dataset  # noqa: E402
 from liger_align.trainers import LigerDPOTrainer, LigerORPOTrainer  # noqa: E402
 
 pytestmark = pytest.mark.slow

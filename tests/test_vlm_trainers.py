@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _helpers import Forbidden, assert_logs_match, no_logits_guard, vlm_embedded
+from _helpers import Forbidden, assert_logs_match, no_logits_guard
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
+from liger_align.testing import tiny_qwen2_vl as embedded
 from liger_align.trainers import LigerDPOTrainer, LigerKTOTrainer
 
 pytestmark = pytest.mark.slow
-embedded = vlm_embedded()
 
 
 def unpaired(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -31,7 +31,7 @@ class ScriptArguments:
         default=None,
         metadata={
             "help": "A .jsonl/.json/.parquet/.csv file, a folder written by save_to_disk, or a hub data set name. "
-            "Default: the preference data shipped in examples/alignment/data."
+            "Default: the preference data shipped in liger_align/testing/data."
         },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of a hub data set."})

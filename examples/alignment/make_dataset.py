@@ -1,4 +1,4 @@
-"""Write the preference data set shipped with the examples: ``data/preferences.jsonl``.
+"""Write the preference data set shipped with the package: ``liger_align/testing/data/preferences.jsonl``.
 
 Each row is a ``prompt`` with a correct (``chosen``) and an incorrect (``rejected``) answer, drawn from
 four small task families whose preference a tiny model can learn in a few minutes of CPU:
@@ -10,7 +10,7 @@ four small task families whose preference a tiny model can learn in a few minute
 
 The output depends only on ``--seed`` and ``--rows``: running the script twice writes the same bytes.
 
-    python examples/alignment/make_dataset.py            # rewrites data/preferences.jsonl
+    python examples/alignment/make_dataset.py            # rewrites liger_align/testing/data/preferences.jsonl
     python examples/alignment/make_dataset.py --output /tmp/prefs.jsonl --rows 100
 """
 
@@ -22,7 +22,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "data" / "preferences.jsonl"
+DEFAULT_OUTPUT = Path(__file__).resolve().parents[2] / "liger_align" / "testing" / "data" / "preferences.jsonl"
 DEFAULT_ROWS = 480
 DEFAULT_SEED = 1234
 

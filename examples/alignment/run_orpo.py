@@ -3,8 +3,8 @@ Reference Model") using ``liger_align``'s memory-efficient ``LigerORPOTrainer``.
 
 With no arguments it runs the embedded default, on the GPU if there is one, in a few minutes of CPU
 otherwise: a tiny Llama-3.2-shaped model built from a config, a tokenizer built locally and the
-preference data shipped in ``data/preferences.jsonl``; it ends with a summary (steps, wall time,
-peak memory, held-out reward accuracy before and after)::
+preference data shipped in ``liger_align/testing/data/preferences.jsonl``; it ends with a summary (steps,
+wall time, peak memory, held-out reward accuracy before and after)::
 
     python examples/alignment/run_orpo.py
 

@@ -17,13 +17,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "examples" / "alignment")]
+sys.path[:0] = [str(ROOT)]
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from embedded import build_tiny_llama  # noqa: E402
 
 from liger_align.models.medusa import add_medusa_heads, save_medusa_heads  # noqa: E402
+from liger_align.testing import build_tiny_llama  # noqa: E402
 
 STEPS, ROWS, LR, VOCAB, LENGTH, HEADS = 2, 4, 0.5, 61, 23, 3
 

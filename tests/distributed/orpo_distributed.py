@@ -22,14 +22,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "examples" / "alignment"), str(Path(__file__).resolve().parent)]
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from _sharding import ZERO3, shard  # noqa: E402
-from embedded import build_tiny_llama, build_tokenizer, load_preference_dataset  # noqa: E402
 from trl.experimental.orpo import ORPOConfig  # noqa: E402
 
+from liger_align.testing import build_tiny_llama, build_tokenizer, load_preference_dataset  # noqa: E402
 from liger_align.trainers import LigerORPOTrainer  # noqa: E402
 
 STEPS, PAIRS_PER_STEP, LR = 3, 4, 0.5

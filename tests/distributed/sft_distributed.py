@@ -27,16 +27,16 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "examples" / "alignment"), str(Path(__file__).resolve().parent)]
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from _sharding import ZERO3, shard  # noqa: E402
-from embedded import build_tiny_llama, build_tokenizer, load_preference_dataset  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments  # noqa: E402
 
 from liger_align.models import apply_liger_kernel  # noqa: E402
+from liger_align.testing import build_tiny_llama, build_tokenizer, load_preference_dataset  # noqa: E402
 
 STEPS, ROWS_PER_STEP, LR = 3, 8, 0.5
 
