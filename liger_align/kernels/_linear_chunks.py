@@ -112,12 +112,19 @@ def valid_token_index(
     if num_items is not None and not (math.isfinite(read[2]) and read[2] > 0):
         raise_bad_num_items(read[2])
     if n_bad:
-        bad = target[out_of_range][:5].tolist()
-        raise ValueError(
-            f"target must lie in [0, V) = [0, {vocab}) or equal ignore_index={ignore_index}; "
-            f"{n_bad} values do not, e.g. {bad}"
-        )
+        raise_bad_targets(target, out_of_range, n_bad, vocab=vocab, ignore_index=ignore_index)
     return torch.nonzero_static(valid, size=n_valid).squeeze(1)
+
+
+def raise_bad_targets(
+    target: torch.Tensor, out_of_range: torch.Tensor, n_bad: int, *, vocab: int, ignore_index: int
+) -> None:
+    """Raise the ``ValueError`` for ``n_bad`` targets outside ``[0, V)`` (marked by ``out_of_range``), with examples."""
+    bad = target[out_of_range][:5].tolist()
+    raise ValueError(
+        f"target must lie in [0, V) = [0, {vocab}) or equal ignore_index={ignore_index}; "
+        f"{n_bad} values do not, e.g. {bad}"
+    )
 
 
 def chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, chunk_bytes: int | None) -> int:

@@ -29,7 +29,7 @@ import torch
 
 from ._checks import check_choice
 from ._dispatch import use_triton
-from ._linear_chunks import chunk_rows, compute_dtype, mm_fp32, project
+from ._linear_chunks import chunk_rows, compute_dtype, mm_fp32, project, raise_bad_targets
 from ._row_softmax import RowStats, fold_row_stats_, row_grad_
 from ._scale import save_gradients, scaled_gradients
 from .grad_weight_sum import GradWeightSum
@@ -106,11 +106,7 @@ class SequenceObjectiveFunction(torch.autograd.Function):
         read = torch.cat((n_tokens, out_of_range.sum().reshape(1))).tolist()  # the one host sync
         counts, n_bad = read[:rows], read[rows]
         if n_bad:
-            bad = target[out_of_range][:5].tolist()
-            raise ValueError(
-                f"target must lie in [0, V) = [0, {vocab}) or equal ignore_index={opts.ignore_index}; "
-                f"{n_bad} values do not, e.g. {bad}"
-            )
+            raise_bad_targets(target, out_of_range, n_bad, vocab=vocab, ignore_index=opts.ignore_index)
         n_valid = sum(counts)
         n_tokens = n_tokens.float()
         # Per-token values, summed per row after each chunk (a deterministic order, unlike index_add_).
