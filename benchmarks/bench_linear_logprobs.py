@@ -63,6 +63,11 @@ def logprob_methods(hidden, weight, target, chunk_mib=()) -> dict[str, Callable[
     return methods
 
 
+def _loss_of(out: Any) -> torch.Tensor:
+    """The loss of the fused CE's return value (a tensor, or a ``CrossEntropyOutput`` when extras are asked)."""
+    return out if isinstance(out, torch.Tensor) else out.loss
+
+
 def cross_entropy_methods(hidden, weight, target, chunk_mib=()) -> dict[str, Callable[[], Any] | str]:
     """fwd+bwd closures with the mean cross-entropy over valid tokens as the loss."""
     methods: dict[str, Callable[[], Any] | str] = {
@@ -70,6 +75,16 @@ def cross_entropy_methods(hidden, weight, target, chunk_mib=()) -> dict[str, Cal
         "liger_align_recompute": lambda: fused_linear_cross_entropy(
             hidden, weight, target, strategy="recompute").backward(),
     }
+    # Liger-Kernel's options switched on, one at a time (issue 13: each within 5% of the plain op)
+    class_weight = torch.rand(weight.shape[0], device=weight.device) + 0.5
+    options = {
+        "ce_weight": dict(ce_weight=class_weight), "z_loss": dict(lse_square_scale=1e-4, return_z_loss=True),
+        "token_accuracy": dict(return_token_accuracy=True), "label_smoothing": dict(label_smoothing=0.1),
+        "softcap": dict(softcap=30.0),
+    }
+    for name, kwargs in options.items():
+        methods[f"liger_align+{name}"] = lambda kwargs=kwargs: _loss_of(
+            fused_linear_cross_entropy(hidden, weight, target, **kwargs)).backward()
     for mib in chunk_mib:
         for strategy in ("grad_in_forward", "recompute"):
             methods[f"liger_align_{strategy}[{mib}MiB]"] = lambda mib=mib, s=strategy: fused_linear_cross_entropy(

@@ -128,6 +128,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         b = None if bias is None else bias.to(dtype)
         per_chunk = chunk_rows(rows_all.shape[0], vocab, dtype, opts.chunk_bytes)
         n_chunks = -(-rows_all.shape[0] // per_chunk)
+        per_chunk = -(-rows_all.shape[0] // max(n_chunks, 1)) if rows_all.shape[0] else per_chunk  # equal chunks
         # ``needs_input_grad`` is True under ``torch.no_grad()`` too: ``wanted`` (read outside) says
         # whether autograd will ever ask for these gradients.
         needs = tuple(n and w_ for n, w_ in zip(ctx.needs_input_grad[:3], wanted))
