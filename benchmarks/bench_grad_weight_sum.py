@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _runner  # noqa: E402
-from _common import bench_ms, plot_ratios, print_table, save_results  # noqa: E402
 
 from liger_align.kernels import grad_weight_sum as gws  # noqa: E402
 
@@ -118,7 +117,7 @@ def config_sweep(grads, hiddens, rep: int) -> list[dict]:
         run()
         name = (f"chunk:cfg {meta['BLOCK_V']}x{meta['H_SUB']}x{meta['BLOCK_H']} "
                 f"w{cfg.num_warps} s{cfg.num_stages}")
-        rows.append({"method": name, "ms": bench_ms(run, [], warmup=50, rep=rep)})
+        rows.append({"method": name, "ms": _runner.measure(run, warmup_ms=50, rep_ms=rep)})
     return rows
 
 
@@ -132,13 +131,13 @@ def run_shape(vocab: int, hidden: int, rows: int, n_chunks: int, rep: int) -> li
         out = fn()  # warm-up; the first GradWeightSum call autotunes the kernel (on a first chunk)
         err = None if name == "floor" else ((out.double() - ref).norm() / ref.norm()).item()
         del out
-        ms = bench_ms(fn, [], warmup=100, rep=rep)
+        ms = _runner.measure(fn, warmup_ms=100, rep_ms=rep)
         rows_out.append({**base, "method": name, "ms": ms, "rel_err": err,
                          "extra_gib": _runner.peak_memory(fn)[0]})  # beyond the returned (V, H) sum
     del ref
     for name, fn in chunk_methods(grads, hiddens).items():
         fn()
-        rows_out.append({**base, "method": name, "ms": bench_ms(fn, [], warmup=100, rep=rep)})
+        rows_out.append({**base, "method": name, "ms": _runner.measure(fn, warmup_ms=100, rep_ms=rep)})
     rows_out += [{**base, **r} for r in config_sweep(grads, hiddens, rep // 2)]
     by = {r["method"]: r["ms"] for r in rows_out}
     for r in rows_out:
@@ -174,11 +173,12 @@ def main() -> None:
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda, "dtype": "bf16", "command": " ".join([Path(sys.executable).name, *sys.argv])}
     print(f"# {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}")
-    print_table(rows, ["shape", "method", "ms", "x_fp32_buffer", "x_cublas_fp32", "x_floor", "extra_gib", "rel_err"])
-    print(f"wrote {save_results(NAME, rows, meta)}")
+    columns = ["shape", "method", "ms", "x_fp32_buffer", "x_cublas_fp32", "x_floor", "extra_gib", "rel_err"]
+    _runner.print_table(rows, columns)
+    print(f"wrote {_runner.save(NAME, rows, meta)}")
     whole = [r for r in rows if not r["method"].startswith("chunk:")]
-    plot_ratios(NAME, whole, group="shape", method="method", value="x_fp32_buffer",
-                title="grad-weight sum over 4 token chunks, time / fp32-buffer cuBLAS")
+    _runner.plot(NAME, whole, group=["shape"], values=[("x_fp32_buffer", "time / fp32-buffer cuBLAS")],
+                 title="grad-weight sum over 4 token chunks")
 
 
 if __name__ == "__main__":

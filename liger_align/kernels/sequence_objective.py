@@ -37,7 +37,6 @@ from .linear_logprobs import SEQUENCE_STRATEGIES, LogitOptions
 
 #: ``L(sum_logps (R,), n_tokens (R,), logit_sum (R,)) -> 0-d loss``, all fp32; must be separable over groups.
 RowObjective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-STRATEGIES = SEQUENCE_STRATEGIES
 #: With ``strategy="auto"``, the 3-product path may use at most this fraction of the free device memory.
 FREE_MEMORY_FRACTION = 0.5
 
@@ -247,7 +246,7 @@ def choose_strategy(
     :data:`FREE_MEMORY_FRACTION` of the device memory free now (CUDA), so a job that fits with the
     recomputing path keeps fitting.
     """
-    check_choice("strategy", strategy, STRATEGIES)
+    check_choice("strategy", strategy, SEQUENCE_STRATEGIES)
     if strategy == "grad_in_forward" and not separable:
         raise ValueError(
             "strategy='grad_in_forward' needs an objective separable over pairs/rows; this loss configuration is "
