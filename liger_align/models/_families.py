@@ -40,6 +40,7 @@ from ._layers import (
     uses_silu,
     uses_tanh_gelu,
 )
+from ._module_functions import plain_function
 from .head_call import unwrap_peft
 
 #: MLP kernel flag -> (replacement forward, "does this MLP use the kernel's activation?", activation, kernel).
@@ -96,9 +97,12 @@ def _patch_rope(handle: PatchHandle, family: ModelFamily) -> None:
 
 
 def patch_rope_function(handle: PatchHandle, modeling: types.ModuleType) -> None:
-    """Replace ``modeling.apply_rotary_pos_emb`` (module-wide) by liger-align's, keeping the original on it."""
-    current = modeling.apply_rotary_pos_emb
-    original = getattr(current, "original", current)
+    """Replace ``modeling.apply_rotary_pos_emb`` (module-wide) by liger-align's, keeping the original on it.
+
+    The original may be the plain function or transformers' hub-kernel ``Func`` module standing in for it
+    (see :mod:`._module_functions`); the replacement falls back to the plain function, and revert restores
+    whichever object the module held."""
+    original = plain_function(modeling.apply_rotary_pos_emb)
     handle.add(modeling, "apply_rotary_pos_emb", make_rope_function(original),
                f"{modeling.__name__}.apply_rotary_pos_emb")
 

@@ -20,7 +20,6 @@ probed and not patched: patch before sharding.
 
 from __future__ import annotations
 
-import inspect
 import sys
 import types
 from typing import Callable
@@ -39,6 +38,7 @@ from ._layers import (
     uses_silu,
     uses_tanh_gelu,
 )
+from ._module_functions import parameter_names, plain_function
 from .head_call import unwrap_peft
 
 _TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -105,11 +105,7 @@ def _probe_mlp(module: nn.Module) -> Callable | None:
 
 
 def _probe_rope(original: Callable, like: torch.Tensor, head_dim: int) -> bool:
-    try:
-        params = list(inspect.signature(original).parameters)
-    except (TypeError, ValueError):
-        return False
-    if params != _ROPE_PARAMS:
+    if parameter_names(original) != _ROPE_PARAMS:
         return False
     q, k = _probe_tensor((2, 3, 7, head_dim), like), _probe_tensor((2, 1, 7, head_dim), like) * 0.5
     angles = _probe_tensor((2, 7, head_dim), like).float()
@@ -188,7 +184,7 @@ def _generic_rope(handle: PatchHandle, base: nn.Module) -> None:
     if not callable(current) or like is None or head_dim is None:
         handle.skipped.append("RoPE (no apply_rotary_pos_emb in the model's modeling module)")
         return
-    original = getattr(current, "original", current)
+    original = plain_function(current)
     try:
         ok = like.device.type != "meta" and _probe_rope(original, like.detach(), head_dim)
     except Exception:  # a probe that cannot run proves nothing

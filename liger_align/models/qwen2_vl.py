@@ -36,6 +36,7 @@ from torch import nn
 from ._families import ModelFamily, _forward_slot, _patch_rope
 from ._handle import PatchHandle
 from ._layers import rms_norm_forward, swiglu_mlp_forward, uses_silu
+from ._module_functions import plain_function
 from ._vision_forward import vision_language_forward
 from ._vision_layers import (
     LigerLayerNorm,
@@ -107,7 +108,7 @@ def _patch_rope_functions(handle: PatchHandle, family: VisionLanguageFamily) -> 
     modeling = family.modeling()
     current = getattr(modeling, "apply_rotary_pos_emb_vision", None)
     if current is not None:
-        original = getattr(current, "original", current)
+        original = plain_function(current)
         handle.add(modeling, "apply_rotary_pos_emb_vision", make_vision_rope_function(original),
                    f"{modeling.__name__}.apply_rotary_pos_emb_vision")
         done.append("apply_rotary_pos_emb_vision (vision)")
