@@ -9,6 +9,7 @@ built from a config, a local tokenizer), and with no ``--dataset_name`` the ship
 - ``loading.py``: data sets (load, check, split) and the model with its tokenizer;
 - ``evaluation.py``: the held-out preference accuracy, independent of the trainers;
 - ``reporting.py``: the StepMeter, peak memory, the timed training, the printed and written summary.
+- ``vocabulary_check.py``: a warning when the embedded tokenizer reads user data as ``<unk>``.
 
 The other examples (SFT, Medusa, Qwen2-VL) put this folder on ``sys.path`` and use the same modules.
 Importing this module also quietens notices that do not concern the user (below).
@@ -38,6 +39,7 @@ from loading import (
 )
 from preflight import check_flags, check_output_dir
 from reporting import finish_run, step_meter, train_measured
+from vocabulary_check import warn_unknown_words
 
 # What the other examples and the tests use through this module (``common.<name>``), beside main.
 __all__ = [
@@ -76,6 +78,7 @@ def main(algorithm: Algorithm, argv: Sequence[str] | None = None) -> dict[str, A
     resume = check_output_dir(config, overwrite=script_args.overwrite_output_dir)
     train, held_out, pairs = prepare_datasets(algorithm, script_args, config.seed)
     model, tokenizer = load_model_and_tokenizer(script_args, config.seed)
+    warn_unknown_words(train, tokenizer, script_args)
 
     trainer_class = algorithm.liger_trainer if script_args.use_liger else algorithm.trl_trainer
     kwargs: dict[str, Any] = {}

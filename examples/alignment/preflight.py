@@ -1,13 +1,20 @@
-"""Checks the alignment examples run before anything is loaded: flag values and the output folder."""
+"""Checks the examples run before anything is loaded: flag values and the output folder.
+
+This module imports nothing heavy, so that any example (the Lightning one included) can check its
+``--output_dir`` before it loads a model or data.
+"""
 
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cli import ScriptArguments
-from transformers import TrainingArguments
+if TYPE_CHECKING:
+    from cli import ScriptArguments
+    from transformers import TrainingArguments
 
 
 def _bad_flag(flag: str, expected: str, value: Any) -> ValueError:
@@ -57,19 +64,24 @@ def check_flags(script_args: ScriptArguments, config: TrainingArguments) -> None
         raise _bad_flag("eval_size", "a fraction in (0, 1) or a whole number of rows", script_args.eval_size)
 
 
-def check_output_dir(config: TrainingArguments, *, overwrite: bool) -> str | None:
+def check_output_dir(config: TrainingArguments | Any, *, overwrite: bool) -> str | None:
     """Follow the Trainer's convention for ``--output_dir``; return the checkpoint to resume from (or None).
+
+    ``config`` is a ``TrainingArguments`` or any object with an ``output_dir`` (an ``argparse.Namespace``,
+    say); without a ``resume_from_checkpoint`` attribute the script has no resuming, and only the
+    refusal applies.
 
     - ``--resume_from_checkpoint PATH`` resumes from that folder; ``--resume_from_checkpoint last``
       (or ``true``) from the newest ``checkpoint-*`` in ``--output_dir``; either must exist.
     - Otherwise a non-empty ``--output_dir`` is refused (naming the checkpoints it holds) unless
-      ``--overwrite_output_dir``.
+      ``--overwrite_output_dir``. Nothing in it is deleted either way.
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     output_dir = Path(config.output_dir)
-    resume = config.resume_from_checkpoint
+    resumable = hasattr(config, "resume_from_checkpoint")
+    resume = getattr(config, "resume_from_checkpoint", None)
     if resume:
+        from transformers.trainer_utils import get_last_checkpoint
+
         if str(resume).lower() in ("last", "true"):
             last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
             if last is None:
@@ -90,9 +102,29 @@ def check_output_dir(config: TrainingArguments, *, overwrite: bool) -> str | Non
     held = f"checkpoints {checkpoints}" if checkpoints else f"{sum(1 for _ in output_dir.iterdir())} entries"
     hint = (
         f"pass --resume_from_checkpoint last (or {str(output_dir / checkpoints[-1])!r}) to continue, or "
-        if checkpoints else "pass "
+        if checkpoints and resumable else "pass "
     )
     raise ValueError(
         f"--output_dir {str(output_dir)!r} is not empty ({held}): {hint}--overwrite_output_dir to train into it "
         "anyway, or choose another --output_dir"
     )
+
+
+def _given(argv: Sequence[str], flag: str) -> bool:
+    return any(arg == f"--{flag}" or arg.startswith(f"--{flag}=") for arg in argv)
+
+
+def reruns_embedded_demo(argv: Sequence[str], *, model_flag: str = "model_name_or_path") -> bool:
+    """Whether ``argv`` names neither ``--output_dir`` nor ``--<model_flag>``: the embedded demo, whose
+    default folder (``outputs/<name>``) a new run overwrites, as re-running a demo should."""
+    return not _given(argv, "output_dir") and not _given(argv, model_flag)
+
+
+def check_output_dir_or_exit(config: TrainingArguments | Any, *, overwrite: bool) -> str | None:
+    """:func:`check_output_dir` for a command-line run: a refusal prints one line ``error: ...`` to stderr
+    and exits with status 2, as argparse does for a bad flag (``SystemExit(2)`` for in-process callers)."""
+    try:
+        return check_output_dir(config, overwrite=overwrite)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

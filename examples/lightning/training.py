@@ -49,6 +49,7 @@ for _path in (HERE, REPO / "examples" / "alignment", REPO):
 
 import mmlu_data  # noqa: E402
 from lightning_strategies import STRATEGIES, require_deepspeed, strategy_for  # noqa: E402
+from preflight import check_output_dir_or_exit, reruns_embedded_demo  # noqa: E402
 from reporting import write_summary  # noqa: E402
 
 from liger_align.models import apply_liger_kernel  # noqa: E402
@@ -274,13 +275,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_steps", type=int, help="optimizer steps (default: --max_epochs over the data)")
     p.add_argument("--max_epochs", type=int, help="passes over the data when --max_steps is not set (embedded: 70)")
     p.add_argument("--output_dir", default="outputs/lightning", help="run_summary.json and steps.jsonl go here")
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="train into a non-empty --output_dir anyway (its files are overwritten); without it a\n"
+                        "non-empty folder is refused (the embedded demo's default folder is rerun into)")
     p.add_argument("--use_liger", action=argparse.BooleanOptionalAction, default=True,
                    help="apply liger_align's kernels (--no-use_liger: the unpatched model)")
     p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="Hugging Face gradient checkpointing (fsdp checkpoints the decoder layers itself)")
     p.add_argument("--log_every", type=int, default=25, help="print the loss every N steps (0: never)")
     p.add_argument("--save_checkpoint", action="store_true", help="save a Lightning checkpoint in --output_dir")
-    return p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
+    args.overwrite_output_dir = args.overwrite_output_dir or reruns_embedded_demo(argv, model_flag="model")
+    return args
 
 
 def load_tokenizer_and_rows(args: argparse.Namespace) -> tuple[Any, list[dict], list[dict], str]:
@@ -339,6 +346,7 @@ def set_single_process_env() -> None:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Check everything, train, print the summary (rank 0) and return it (the liger patch is reverted after)."""
     args = parse_args(argv)
+    check_output_dir_or_exit(args, overwrite=args.overwrite_output_dir)  # before anything is loaded
     accelerator = resolve_accelerator(args.accelerator)
     check_strategy(args.strategy, accelerator)
     devices = resolve_devices(args.devices, accelerator)

@@ -38,6 +38,8 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "alignment"))
 import common  # noqa: E402
 import embedded  # noqa: E402
+from cli import AlignmentScriptArguments  # noqa: E402
+from preflight import check_output_dir_or_exit, reruns_embedded_demo  # noqa: E402
 
 common.add_repo_to_path()
 from liger_align.models.head_call import backbone, causal_lm, output_head  # noqa: E402
@@ -75,8 +77,8 @@ MEDUSA_EMBEDDED_DEFAULTS: dict[str, Any] = {
 
 
 @dataclass
-class MedusaScriptArguments(common.ScriptArguments):
-    """The examples' arguments plus the sequence length and the size of the generated data."""
+class MedusaScriptArguments(AlignmentScriptArguments):
+    """The examples' arguments (``--overwrite_output_dir`` included), the sequence length and the data's size."""
 
     max_length: int = field(default=2048, metadata={"help": "Longest tokenized conversation; longer ones are cut."})
     embedded_conversations: int = field(
@@ -156,11 +158,17 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse arguments, build everything, train, save the heads, print and return the summary."""
+    """Parse arguments, build everything, train, save the heads, print and return the summary.
+
+    A non-empty ``--output_dir`` is refused (``error: ...``, exit status 2) before anything is loaded,
+    unless ``--overwrite_output_dir`` or ``--resume_from_checkpoint``.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, config = common.parse_script_and_config(
         MedusaScriptArguments, MedusaTrainingArguments, name="medusa", embedded_defaults=MEDUSA_EMBEDDED_DEFAULTS,
         argv=argv,
     )
+    resume = check_output_dir_or_exit(config, overwrite=args.overwrite_output_dir or reruns_embedded_demo(argv))
     train, held_out = load_data(args, config.seed)
     model, tokenizer = load_model(args, train, config.seed)
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding="longest")
@@ -171,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data_collator=collator, callbacks=[meter], use_liger=args.use_liger,
     )
     measured = common.train_measured(
-        trainer, lambda: head_accuracy(trainer.model, held_ids, collator, config.per_device_eval_batch_size)
+        trainer, lambda: head_accuracy(trainer.model, held_ids, collator, config.per_device_eval_batch_size),
+        resume=resume,
     )
     measured["top1_start"], measured["top1_end"] = measured.pop("start"), measured.pop("end")  # one value a head
     described = {

@@ -45,6 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "alignment"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import tiny_models  # noqa: E402
+import vocabulary_check  # noqa: E402
+from cli import AlignmentScriptArguments  # noqa: E402
+from preflight import check_output_dir_or_exit, reruns_embedded_demo  # noqa: E402
 
 common.add_repo_to_path()
 from liger_align.models import PatchHandle, apply_liger_kernel, supported_model_types  # noqa: E402
@@ -53,8 +56,8 @@ SFT_EMBEDDED_DEFAULTS: dict[str, Any] = {"learning_rate": 3e-3, "num_train_epoch
 
 
 @dataclass
-class SFTScriptArguments(common.ScriptArguments):
-    """The alignment examples' arguments plus the sequence length (``TrainingArguments`` has none)."""
+class SFTScriptArguments(AlignmentScriptArguments):
+    """The alignment examples' arguments (``--overwrite_output_dir`` included) plus the sequence length."""
 
     max_length: int = field(default=1024, metadata={"help": "Longest tokenized example; longer ones are cut."})
     embedded_family: str | None = field(
@@ -161,11 +164,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse arguments, load and check everything, patch, train, save, print and return the summary.
 
     The patch is reverted when ``main`` returns or raises (in-process callers get transformers back).
+    A non-empty ``--output_dir`` is refused (``error: ...``, exit status 2) before anything is loaded,
+    unless ``--overwrite_output_dir`` or ``--resume_from_checkpoint``.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, config = common.parse_script_and_config(
         SFTScriptArguments, TrainingArguments, name="sft", embedded_defaults=SFT_EMBEDDED_DEFAULTS, argv=argv
     )
     check_script_args(args)
+    resume = check_output_dir_or_exit(config, overwrite=args.overwrite_output_dir or reruns_embedded_demo(argv))
     raw = common.load_raw_dataset(args.dataset_name, args.dataset_config)
     what = f"--dataset_name {args.dataset_name or str(common.embedded.DATA_PATH)!r} for SFT"
     if isinstance(raw, DatasetDict):
@@ -174,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raw = to_sft_columns(raw, what)
     train, held_out = common.split_dataset(raw, args, config.seed)
     model, tokenizer = load_model_and_tokenizer(args, config.seed)
+    vocabulary_check.warn_unknown_words(train, tokenizer, args)
     model_name = args.model_name_or_path or f"embedded tiny {args.embedded_family or 'llama'}"
     check_vocabulary(model, tokenizer, f"--model_name_or_path {model_name!r}")
     meter = common.step_meter(args, config)
@@ -189,7 +197,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             data_collator=make_collator(tokenizer),
             callbacks=[meter],
         )
-        measured = common.train_measured(trainer, lambda: {"eval_loss": trainer.evaluate()["eval_loss"]})
+        measured = common.train_measured(
+            trainer, lambda: {"eval_loss": trainer.evaluate()["eval_loss"]}, resume=resume
+        )
         described = {
             "algorithm": "sft",
             "family": handle.family,

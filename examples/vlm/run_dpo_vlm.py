@@ -35,7 +35,10 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "alignment")]
 import common  # noqa: E402
 import vlm_embedded as embedded  # noqa: E402
+import vocabulary_check  # noqa: E402
+from cli import AlignmentScriptArguments  # noqa: E402
 from loading import first_split, reference_copy  # noqa: E402
+from preflight import check_output_dir_or_exit, reruns_embedded_demo  # noqa: E402
 from vlm_loading import data_root, limit_threads, load_checkpoint  # noqa: E402
 
 common.add_repo_to_path()
@@ -48,8 +51,8 @@ DPO_VLM_EMBEDDED_DEFAULTS: dict[str, Any] = {
 
 
 @dataclass
-class DPOVLMScriptArguments(common.ScriptArguments):
-    """The examples' arguments plus the embedded data set's sizes."""
+class DPOVLMScriptArguments(AlignmentScriptArguments):
+    """The examples' arguments (``--overwrite_output_dir`` included) plus the embedded data set's sizes."""
 
     train_pairs: int = field(default=480, metadata={"help": "Embedded default: generated training pairs."})
     eval_pairs: int = field(default=48, metadata={"help": "Embedded default: generated held-out pairs."})
@@ -112,13 +115,20 @@ def image_preference_accuracy(model: Any, collator: Any, pairs: Any, batch_size:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse arguments, build everything, train, save; print and return the summary."""
+    """Parse arguments, build everything, train, save; print and return the summary.
+
+    A non-empty ``--output_dir`` is refused (``error: ...``, exit status 2) before anything is loaded,
+    unless ``--overwrite_output_dir`` or ``--resume_from_checkpoint``.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, config = common.parse_script_and_config(
         DPOVLMScriptArguments, DPOConfig, name="dpo_vlm", embedded_defaults=DPO_VLM_EMBEDDED_DEFAULTS, argv=argv
     )
+    resume = check_output_dir_or_exit(config, overwrite=args.overwrite_output_dir or reruns_embedded_demo(argv))
     limit_threads(args, config)
     model, processor = load_model(args, config.seed)
     train, held_out = load_pairs(args, config.seed)
+    vocabulary_check.warn_unknown_words(train, processor.tokenizer, args)
     kwargs: dict[str, Any] = {}
     if args.model_name_or_path is None:  # TRL loads the reference from the model's path; the embedded model has none
         kwargs["ref_model"] = reference_copy(model)
@@ -135,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             trainer.model, trainer.data_collator, held_out, batch_size=config.per_device_eval_batch_size)
         return out
 
-    measured = common.train_measured(trainer, metrics)
+    measured = common.train_measured(trainer, metrics, resume=resume)
     described = {
         "algorithm": "dpo (images)",
         "trainer": type(trainer).__name__,

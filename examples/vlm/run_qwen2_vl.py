@@ -35,7 +35,10 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "alignment")]
 import common  # noqa: E402
 import vlm_embedded as embedded  # noqa: E402
+import vocabulary_check  # noqa: E402
+from cli import AlignmentScriptArguments  # noqa: E402
 from loading import first_split  # noqa: E402
+from preflight import check_output_dir_or_exit, reruns_embedded_demo  # noqa: E402
 from vlm_collator import VisionSFTCollator, uses_mm_token_type_ids  # noqa: E402
 from vlm_loading import data_root, limit_threads, load_checkpoint  # noqa: E402
 
@@ -50,8 +53,8 @@ VLM_EMBEDDED_DEFAULTS: dict[str, Any] = {
 
 
 @dataclass
-class VLMScriptArguments(common.ScriptArguments):
-    """The examples' arguments plus the sequence length and the embedded data set's sizes."""
+class VLMScriptArguments(AlignmentScriptArguments):
+    """The examples' arguments (``--overwrite_output_dir`` included), the sequence length, the embedded data's sizes."""
 
     max_length: int = field(default=1024, metadata={"help": "Longest row in tokens (image tokens included)."})
     train_images: int = field(default=480, metadata={"help": "Embedded default: generated training images."})
@@ -137,13 +140,20 @@ def colour_accuracy(model: Any, collator: VisionSFTCollator, rows: list[dict[str
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse arguments, build everything, train, save; print and return the summary."""
+    """Parse arguments, build everything, train, save; print and return the summary.
+
+    A non-empty ``--output_dir`` is refused (``error: ...``, exit status 2) before anything is loaded,
+    unless ``--overwrite_output_dir`` or ``--resume_from_checkpoint``.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, config = common.parse_script_and_config(
         VLMScriptArguments, TrainingArguments, name="qwen2_vl", embedded_defaults=VLM_EMBEDDED_DEFAULTS, argv=argv
     )
+    resume = check_output_dir_or_exit(config, overwrite=args.overwrite_output_dir or reruns_embedded_demo(argv))
     limit_threads(args, config)
     model, tokenizer, image_processor = load_model(args, config.seed)
     train, held_out = load_data(args, config.seed)
+    vocabulary_check.warn_unknown_words(getattr(train, "rows", train), tokenizer, args)
     collator = VisionSFTCollator(tokenizer, image_processor, max_length=args.max_length,
                                  mm_token_type_ids=uses_mm_token_type_ids(model))
     patched: dict[str, str] = {}
@@ -163,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             out["colour_accuracy"] = colour_accuracy(model, collator, held_out)
         return out
 
-    measured = common.train_measured(trainer, metrics)
+    measured = common.train_measured(trainer, metrics, resume=resume)
     described = {
         "algorithm": "sft (vision-language)",
         "trainer": "Trainer" + (" + liger_align Qwen2-VL patch" if args.use_liger else ""),
