@@ -318,3 +318,21 @@ def test_cuda_num_items_is_checked_in_the_ops_one_host_read(strategy) -> None:
     assert syncs(num_items_in_batch=items) == syncs()
     with pytest.raises(ValueError, match="num_items_in_batch must be a finite number > 0, got 0"):
         fused_linear_cross_entropy(h, w, t, strategy=strategy, num_items_in_batch=torch.zeros((), device="cuda"))
+
+
+def test_reference_dtype_mismatch_names_the_reference_arguments() -> None:
+    """A bf16 ``ref_hidden`` with an fp32 ``ref_weight`` is refused naming those two, not the policy's."""
+    from liger_align.losses import LigerFusedLinearDPOLoss
+
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 7, 16, requires_grad=True)
+    weight = torch.randn(37, 16, requires_grad=True)
+    target = torch.randint(0, 37, (4, 7))
+    target[:, :2] = -100
+    loss_fn = LigerFusedLinearDPOLoss(beta=0.1)
+    with pytest.raises(TypeError, match=r"ref_hidden \(torch.bfloat16\) and ref_weight \(torch.float32\)"):
+        loss_fn(weight, hidden, target, ref_hidden=hidden.detach().bfloat16(), ref_weight=weight.detach())
+    from liger_align.losses import LigerFusedLinearORPOLoss
+
+    with pytest.raises(TypeError, match=r"^hidden \(torch.bfloat16\) and (lin_)?weight \(torch.float32\)"):
+        LigerFusedLinearORPOLoss()(weight, hidden.detach().bfloat16(), target)

@@ -51,6 +51,11 @@ def check_linear_inputs(
         raise TypeError(f"{w_name} must be a floating-point tensor, got dtype {weight.dtype}")
     if target.dtype.is_floating_point or target.dtype == torch.bool or target.is_complex():
         raise TypeError(f"{t_name} must be an integer tensor (int64), got dtype {target.dtype}")
+    if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+        raise TypeError(
+            f"{h_name} ({hidden.dtype}) and {w_name} ({weight.dtype}) must share a dtype outside autocast: cast one "
+            f"(e.g. {w_name}.to({h_name}.dtype)) or run under torch.autocast"
+        )
     if hidden.dim() != 2:
         raise ValueError(f"{h_name} must have shape (N, H), got {tuple(hidden.shape)}")
     if weight.dim() != 2:
