@@ -95,3 +95,19 @@ def test_overwrite_flag_accepts_a_non_empty_dir(name: str, tmp_path: Path) -> No
     with pytest.raises(SystemExit) as refused:
         preflight.check_output_dir_or_exit(config, overwrite=False)
     assert refused.value.code == 2
+
+
+def test_resume_without_a_checkpoint_says_how_to_make_a_run_resumable(tmp_path: Path) -> None:
+    """``--resume_from_checkpoint last`` after a default run (which saves no checkpoint-*): the error says which
+    flags make a run resumable."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(REPO / "examples" / "alignment"))
+    from preflight import check_output_dir
+
+    (tmp_path / "model.safetensors").write_text("")
+    config = SimpleNamespace(output_dir=str(tmp_path), resume_from_checkpoint="last")
+    with pytest.raises(ValueError, match=r"no checkpoint-\* folder .*--save_strategy steps --save_steps N"):
+        check_output_dir(config, overwrite=False)
+    (tmp_path / "checkpoint-3").mkdir()
+    assert check_output_dir(config, overwrite=False) == str(tmp_path / "checkpoint-3")

@@ -86,7 +86,9 @@ def check_output_dir(config: TrainingArguments | Any, *, overwrite: bool) -> str
             last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
             if last is None:
                 raise ValueError(
-                    f"--resume_from_checkpoint {resume}: no checkpoint-* folder in --output_dir {str(output_dir)!r}"
+                    f"--resume_from_checkpoint {resume}: no checkpoint-* folder in --output_dir {str(output_dir)!r}; "
+                    "the embedded default saves none (--save_strategy no): to make a run resumable, train it with "
+                    "--save_strategy steps --save_steps N (or --save_strategy epoch)"
                 )
             return last
         if not Path(resume).is_dir():
