@@ -63,6 +63,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     for key, start in summary["start"].items():
         end = summary["end"].get(key, math.nan)
         print(f"  {key.removeprefix('eval_')}".ljust(40) + f"{start:<10.3f} {end:.3f}")
+    rewards = [summary["start"].get(f"eval_rewards/{side}") for side in ("chosen", "rejected")]
+    if summary["start"].get("eval_rewards/accuracies") == 0 and all(r is not None and r == 0 for r in rewards):
+        print("  (at the start the policy is the reference: every reward is 0, and a tie counts as a miss)")
     print(f"saved model and tokenizer to {summary['output_dir']}")
 
 

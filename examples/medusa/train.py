@@ -153,6 +153,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(f"held-out top-1 ({summary['eval_rows']} conversations)   start    end")
     for k, (start, end) in enumerate(zip(summary["top1_start"], summary["top1_end"], strict=True)):
         name = "model head (t+1)" if k == 0 else f"medusa head {k} (t+{k + 1})"
+        if k == 0 and summary["stage"] == 1:
+            name += " [frozen]"  # stage 1 trains the Medusa heads only: the model head keeps its value
         print(f"  {name:<34}{start:.3f}    {end:.3f}")
     print(f"saved the heads to {summary['output_dir']}")
 
