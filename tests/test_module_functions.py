@@ -6,6 +6,7 @@ revert puts back the very object the module held."""
 from __future__ import annotations
 
 import copy
+import importlib
 import inspect
 import warnings
 from inspect import Parameter, Signature
@@ -16,12 +17,24 @@ from _helpers import assert_same_grads, batch, loss_and_grads, tiny_llama
 from _reference import rel_err
 from test_apply import tiny
 from torch import nn
-from transformers.models.llama import modeling_llama
-from transformers.models.qwen3 import modeling_qwen3
 
 from liger_align.models import apply_liger_kernel, apply_liger_kernel_to_llama
 from liger_align.models._layers import make_rope_function
 from liger_align.models._module_functions import parameter_names, plain_function
+
+
+def _modeling(family: str):
+    """The modeling module as imported now (a test elsewhere may have re-imported transformers' modules)."""
+    return importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+
+
+def _current_tiny_llama() -> nn.Module:
+    """:func:`tiny_llama` built from the classes of the modeling module as imported now, so the attention reads
+    the very module global the family patch replaces."""
+    built = tiny_llama()
+    model = _modeling("llama").LlamaForCausalLM(built.config)
+    model.load_state_dict(built.state_dict())
+    return model.train()
 
 
 def _plain(modeling) -> object:
@@ -58,8 +71,14 @@ def wrapped_like_transformers(func):
 
 @pytest.fixture(params=["plain", "wrapped"])
 def rope_form(request, monkeypatch):
-    """Puts the plain or the wrapped RoPE into llama's and qwen3's modeling modules for one test."""
-    for modeling in (modeling_llama, modeling_qwen3):
+    """Puts the plain or the wrapped RoPE into llama's and qwen3's modeling modules for one test.
+
+    The patch registry is emptied for the test (and restored after): a handle that an earlier test left alive
+    (a trainer not yet garbage-collected) would otherwise count the module function as patched already."""
+    from liger_align.models import _handle
+
+    monkeypatch.setattr(_handle, "_REGISTRY", {})
+    for modeling in (_modeling("llama"), _modeling("qwen3")):
         plain = _plain(modeling)
         monkeypatch.setattr(modeling, "apply_rotary_pos_emb",
                             plain if request.param == "plain" else wrapped_like_transformers(plain))
@@ -67,6 +86,7 @@ def rope_form(request, monkeypatch):
 
 
 def test_plain_function_and_parameter_names_for_each_form():
+    modeling_llama = _modeling("llama")
     plain = _plain(modeling_llama)
     wrapped = wrapped_like_transformers(plain)
     hand = _hand_made_wrapper(plain)
@@ -85,15 +105,17 @@ def test_plain_function_and_parameter_names_for_each_form():
 
 
 def test_family_patch_takes_either_form_and_revert_restores_it(rope_form):
+    modeling_llama = _modeling("llama")
     held = modeling_llama.apply_rotary_pos_emb
     assert isinstance(held, nn.Module) == (rope_form == "wrapped")
-    ref = tiny_llama()
+    ref = _current_tiny_llama()
     model = copy.deepcopy(ref)
     ids, labels = batch()
     want, want_grads = loss_and_grads(ref, ids, labels)
     handle = apply_liger_kernel_to_llama(model=model)
     patched = modeling_llama.apply_rotary_pos_emb
-    assert patched is not held and patched.original is _plain(modeling_llama)
+    assert patched is not held, (handle.patched, handle.skipped, modeling_llama.__name__)
+    assert patched.original is _plain(modeling_llama)
     got, got_grads = loss_and_grads(model, ids, labels)
     assert rel_err(got.loss, want.loss) < 1e-5
     assert_same_grads(got_grads, want_grads, 1e-4)
@@ -102,6 +124,7 @@ def test_family_patch_takes_either_form_and_revert_restores_it(rope_form):
 
 
 def test_generic_patch_probes_either_form(rope_form):
+    modeling_qwen3 = _modeling("qwen3")
     held = modeling_qwen3.apply_rotary_pos_emb
     ref = tiny("qwen3")
     model = copy.deepcopy(ref)
@@ -122,6 +145,7 @@ def test_generic_patch_probes_either_form(rope_form):
 
 def test_wrapped_rope_runs_the_kernel_not_the_wrapper(monkeypatch):
     """After the patch, attention calls liger-align's RoPE (the module global), not the wrapper's forward."""
+    modeling_llama = _modeling("llama")
     plain = _plain(modeling_llama)
     calls = []
 
@@ -130,8 +154,11 @@ def test_wrapped_rope_runs_the_kernel_not_the_wrapper(monkeypatch):
         return plain(*args, **kwargs)
 
     counting.__signature__ = inspect.signature(plain)
+    from liger_align.models import _handle
+
+    monkeypatch.setattr(_handle, "_REGISTRY", {})  # see rope_form
     monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", _hand_made_wrapper(counting))
-    model = tiny_llama()
+    model = _current_tiny_llama()
     ids, labels = batch()
     with apply_liger_kernel_to_llama(model=model):
         model(input_ids=ids, labels=labels).loss.backward()
