@@ -4,7 +4,7 @@ A modeling module's function can reach us in three forms:
 
 - the plain Python function (transformers without the ``kernels`` package, e.g. 5.17);
 - an ``nn.Module`` instance standing in for it (transformers >= 5.2x with ``kernels`` importable:
-  ``use_kernel_func_from_hub`` turns the function into a ``Func`` module whose ``forward(*args, **kwargs)``
+  ``use_kernel_forward_from_hub`` on a function turns it into a ``Func`` module whose ``forward(*args, **kwargs)``
   calls the function, and whose ``forward`` carries the function's signature);
 - liger-align's own replacement, which keeps what it replaced on ``.original``.
 
