@@ -6,7 +6,6 @@ revert puts back the very object the module held."""
 from __future__ import annotations
 
 import copy
-import importlib
 import inspect
 import warnings
 from inspect import Parameter, Signature
@@ -17,24 +16,12 @@ from _helpers import assert_same_grads, batch, loss_and_grads, tiny_llama
 from _reference import rel_err
 from test_apply import tiny
 from torch import nn
+from transformers.models.llama import modeling_llama
+from transformers.models.qwen3 import modeling_qwen3
 
 from liger_align.models import apply_liger_kernel, apply_liger_kernel_to_llama
 from liger_align.models._layers import make_rope_function
 from liger_align.models._module_functions import parameter_names, plain_function
-
-
-def _modeling(family: str):
-    """The modeling module as imported now (a test elsewhere may have re-imported transformers' modules)."""
-    return importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-
-
-def _current_tiny_llama() -> nn.Module:
-    """:func:`tiny_llama` built from the classes of the modeling module as imported now, so the attention reads
-    the very module global the family patch replaces."""
-    built = tiny_llama()
-    model = _modeling("llama").LlamaForCausalLM(built.config)
-    model.load_state_dict(built.state_dict())
-    return model.train()
 
 
 def _plain(modeling) -> object:
@@ -42,6 +29,32 @@ def _plain(modeling) -> object:
     fn = plain_function(modeling.apply_rotary_pos_emb)
     assert inspect.isfunction(fn) and fn.__name__ == "apply_rotary_pos_emb"
     return fn
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """The patch registry emptied for one test (and restored after): a handle that an earlier test left alive
+    (a trainer not yet garbage-collected) would otherwise count the module function as patched already."""
+    from liger_align.models import _handle
+
+    monkeypatch.setattr(_handle, "_REGISTRY", {})
+
+
+def _patch_matches_transformers(ref: nn.Module, patch, modeling) -> None:
+    """Patch a copy of ``ref`` with ``patch(model)``: RoPE replaced with the plain original kept, the loss and every
+    gradient those of ``ref``; revert puts back the very object ``modeling`` held."""
+    held = modeling.apply_rotary_pos_emb
+    model = copy.deepcopy(ref)
+    ids, labels = batch()
+    want, want_grads = loss_and_grads(ref, ids, labels)
+    handle = patch(model)
+    assert not any("RoPE" in s for s in handle.skipped), handle.skipped
+    assert modeling.apply_rotary_pos_emb is not held and modeling.apply_rotary_pos_emb.original is _plain(modeling)
+    got, got_grads = loss_and_grads(model, ids, labels)
+    assert rel_err(got.loss, want.loss) < 1e-5
+    assert_same_grads(got_grads, want_grads, 1e-4)
+    handle.revert()
+    assert modeling.apply_rotary_pos_emb is held
 
 
 def _hand_made_wrapper(func):
@@ -70,15 +83,9 @@ def wrapped_like_transformers(func):
 
 
 @pytest.fixture(params=["plain", "wrapped"])
-def rope_form(request, monkeypatch):
-    """Puts the plain or the wrapped RoPE into llama's and qwen3's modeling modules for one test.
-
-    The patch registry is emptied for the test (and restored after): a handle that an earlier test left alive
-    (a trainer not yet garbage-collected) would otherwise count the module function as patched already."""
-    from liger_align.models import _handle
-
-    monkeypatch.setattr(_handle, "_REGISTRY", {})
-    for modeling in (_modeling("llama"), _modeling("qwen3")):
+def rope_form(request, monkeypatch, fresh_registry):
+    """Puts the plain or the wrapped RoPE into llama's and qwen3's modeling modules for one test."""
+    for modeling in (modeling_llama, modeling_qwen3):
         plain = _plain(modeling)
         monkeypatch.setattr(modeling, "apply_rotary_pos_emb",
                             plain if request.param == "plain" else wrapped_like_transformers(plain))
@@ -86,14 +93,13 @@ def rope_form(request, monkeypatch):
 
 
 def test_plain_function_and_parameter_names_for_each_form():
-    modeling_llama = _modeling("llama")
     plain = _plain(modeling_llama)
     wrapped = wrapped_like_transformers(plain)
     hand = _hand_made_wrapper(plain)
     for form in (plain, wrapped, hand, make_rope_function(wrapped), make_rope_function(plain)):
         assert plain_function(form) is plain
-        assert parameter_names(form if not hasattr(form, "original") else form.original) == [
-            "q", "k", "cos", "sin", "unsqueeze_dim"]
+    for form in (plain, wrapped, hand):
+        assert parameter_names(form) == ["q", "k", "cos", "sin", "unsqueeze_dim"]
     assert parameter_names(lambda *a, **k: None) == ["a", "k"]
 
     class Opaque(nn.Module):  # a module with no closed-over function: itself, still callable
@@ -105,47 +111,23 @@ def test_plain_function_and_parameter_names_for_each_form():
 
 
 def test_family_patch_takes_either_form_and_revert_restores_it(rope_form):
-    modeling_llama = _modeling("llama")
-    held = modeling_llama.apply_rotary_pos_emb
-    assert isinstance(held, nn.Module) == (rope_form == "wrapped")
-    ref = _current_tiny_llama()
-    model = copy.deepcopy(ref)
-    ids, labels = batch()
-    want, want_grads = loss_and_grads(ref, ids, labels)
-    handle = apply_liger_kernel_to_llama(model=model)
-    patched = modeling_llama.apply_rotary_pos_emb
-    assert patched is not held, (handle.patched, handle.skipped, modeling_llama.__name__)
-    assert patched.original is _plain(modeling_llama)
-    got, got_grads = loss_and_grads(model, ids, labels)
-    assert rel_err(got.loss, want.loss) < 1e-5
-    assert_same_grads(got_grads, want_grads, 1e-4)
-    handle.revert()
-    assert modeling_llama.apply_rotary_pos_emb is held
+    assert isinstance(modeling_llama.apply_rotary_pos_emb, nn.Module) == (rope_form == "wrapped")
+    _patch_matches_transformers(tiny_llama(), lambda model: apply_liger_kernel_to_llama(model=model), modeling_llama)
 
 
 def test_generic_patch_probes_either_form(rope_form):
-    modeling_qwen3 = _modeling("qwen3")
-    held = modeling_qwen3.apply_rotary_pos_emb
-    ref = tiny("qwen3")
-    model = copy.deepcopy(ref)
-    ids, labels = batch()
-    want, want_grads = loss_and_grads(ref, ids, labels)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the generic patch's one warning is tested in test_apply
-        handle = apply_liger_kernel(model)
-    assert handle.family == "generic"
-    assert not any("RoPE" in s for s in handle.skipped), handle.skipped
-    assert modeling_qwen3.apply_rotary_pos_emb.original is _plain(modeling_qwen3)
-    got, got_grads = loss_and_grads(model, ids, labels)
-    assert rel_err(got.loss, want.loss) < 1e-5
-    assert_same_grads(got_grads, want_grads, 1e-4)
-    handle.revert()
-    assert modeling_qwen3.apply_rotary_pos_emb is held
+    def generic(model: nn.Module):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the generic patch's one warning is tested in test_apply
+            handle = apply_liger_kernel(model)
+        assert handle.family == "generic"
+        return handle
+
+    _patch_matches_transformers(tiny("qwen3"), generic, modeling_qwen3)
 
 
-def test_wrapped_rope_runs_the_kernel_not_the_wrapper(monkeypatch):
+def test_wrapped_rope_runs_the_kernel_not_the_wrapper(monkeypatch, fresh_registry):
     """After the patch, attention calls liger-align's RoPE (the module global), not the wrapper's forward."""
-    modeling_llama = _modeling("llama")
     plain = _plain(modeling_llama)
     calls = []
 
@@ -154,11 +136,8 @@ def test_wrapped_rope_runs_the_kernel_not_the_wrapper(monkeypatch):
         return plain(*args, **kwargs)
 
     counting.__signature__ = inspect.signature(plain)
-    from liger_align.models import _handle
-
-    monkeypatch.setattr(_handle, "_REGISTRY", {})  # see rope_form
     monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", _hand_made_wrapper(counting))
-    model = _current_tiny_llama()
+    model = tiny_llama()
     ids, labels = batch()
     with apply_liger_kernel_to_llama(model=model):
         model(input_ids=ids, labels=labels).loss.backward()
