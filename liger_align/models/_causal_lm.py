@@ -96,19 +96,21 @@ def head_outputs(
     shift_labels: torch.LongTensor | None,
     logprob_targets: torch.LongTensor | None,
     num_items_in_batch: torch.Tensor | int | None,
+    fuse: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(loss, logits, logps)`` of ``self``'s output head on the last hidden states ``hidden (B, T, H)``.
 
     The part of the patched forward after the backbone, shared by every causal LM and vision-language
     model patch: the fused loss in training, the fused ``logprob_targets`` log-probs, or the logits
-    (see the module docstring). The vocabulary comes from the text config.
+    (see the module docstring). The vocabulary comes from the text config. ``fuse=True`` takes the fused
+    loss outside training too (the probe of :mod:`._any_causal_lm`).
     """
     target = None
     if shift_labels is not None:
         target = shift_labels
     elif labels is not None:
         target = next_token_targets(labels)
-    fuse_loss = target is not None and (self.training or logprob_targets is not None)
+    fuse_loss = target is not None and (self.training or fuse or logprob_targets is not None)
     if target is not None:
         _check_targets("labels", target, hidden)
     if logprob_targets is not None:
@@ -171,14 +173,14 @@ def pop_loss_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 def fused_output(
     self: nn.Module, outputs: Any, out_cls: type, *, logits_to_keep: int | torch.Tensor,
     labels: torch.Tensor | None, logprob_targets: torch.Tensor | None, shift_labels: torch.Tensor | None,
-    num_items_in_batch: torch.Tensor | int | None,
+    num_items_in_batch: torch.Tensor | int | None, fuse: bool = False,
 ) -> Any:
     """``out_cls`` (a ``ModelOutput`` with ``loss``, ``logits``, ``logps``) from the backbone's ``outputs``:
     :func:`head_outputs` on its last hidden states (after ``logits_to_keep``), every other field passed through."""
     hidden = _keep(outputs.last_hidden_state, logits_to_keep)
     loss, logits, logps = head_outputs(
         self, hidden, labels=labels, shift_labels=shift_labels, logprob_targets=logprob_targets,
-        num_items_in_batch=num_items_in_batch,
+        num_items_in_batch=num_items_in_batch, fuse=fuse,
     )
     passthrough = {
         f.name: getattr(outputs, f.name, None) for f in fields(out_cls) if f.name not in ("loss", "logits", "logps")

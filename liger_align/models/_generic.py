@@ -11,9 +11,10 @@ state is untouched) before anything is patched:
   SwiGLU / GeGLU forward;
 - the modeling module's ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)``: against the RoPE kernel.
 
-The causal-LM forward is never replaced here: a model's own forward may scale the hidden states or the
-logits, add an auxiliary (MoE router) loss or return extra outputs, and a generic replacement would drop
-them silently. So the logits are still built; :func:`patch_generic` says so in the handle's ``skipped``.
+- the causal-LM forward: the fused loss (no logits in training) only where the model's own forward is
+  proven, on a probe input, to be the cross-entropy of its linear head over the last hidden states (plus
+  the MoE router's auxiliary loss); see :mod:`._any_causal_lm`. Otherwise the logits are still built and
+  the handle's ``skipped`` says why.
 Modules whose parameters are sharded (DeepSpeed ZeRO-3, FSDP2 DTensors) or on the meta device are not
 probed and not patched: patch before sharding.
 """
@@ -27,6 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ._any_causal_lm import probe_fused_head
 from ._families import _forward_slot, patch_rope_function
 from ._handle import PatchHandle
 from ._layers import (
@@ -169,10 +171,11 @@ def patch_generic(model: nn.Module, *, rope: bool = True, rms_norm: bool = True,
         if rope:
             _generic_rope(handle, base)
     if fused_linear_cross_entropy:
-        handle.skipped.append(
-            f"the fused loss ({type(base).__name__}.forward is model-specific: a generic replacement could drop "
-            "hidden-state or logit scaling, MoE auxiliary losses or extra outputs; the logits are still built)"
-        )
+        forward, why = probe_fused_head(base)
+        if forward is None:
+            handle.skipped.append(f"the fused loss ({why}; the logits are still built)")
+        else:
+            handle.add(base, _forward_slot(base), forward, f"{type(base).__name__}.forward")
     return handle
 
 

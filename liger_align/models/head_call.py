@@ -21,6 +21,7 @@ forward*: every hook of whatever owns the weight runs around it, for the forward
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -154,6 +155,22 @@ def logit_options(lm: nn.Module) -> dict[str, Any]:
         scale = 1.0 / config.logits_scaling
     softcap = getattr(config, "final_logit_softcapping", None)
     return {"softcap": softcap, "logit_scale": 1.0 if scale is None else float(scale)}
+
+
+def router_aux_loss(lm: nn.Module, router_logits: Any, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The MoE load-balancing loss the model's own forward would add, or None when it has no router logits."""
+    if router_logits is None:
+        return None
+    module = importlib.import_module(type(lm).__module__)
+    loss_fn = getattr(module, "load_balancing_loss_func", None)
+    if loss_fn is None:
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func as loss_fn
+    config = text_config(lm)
+    names = ("num_experts", "num_local_experts", "n_routed_experts")
+    experts = next((getattr(config, n) for n in names if getattr(config, n, None)), None)
+    experts = experts or getattr(lm, "num_experts", None)
+    top_k = getattr(config, "num_experts_per_tok", None) or getattr(lm, "num_experts_per_tok", None)
+    return loss_fn(router_logits, experts, top_k, attention_mask)
 
 
 def _full(param: torch.Tensor | None) -> torch.Tensor | None:

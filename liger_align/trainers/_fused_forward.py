@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import logging
 import types
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..models.head_call import (
@@ -35,6 +33,7 @@ from ..models.head_call import (
     backbone_kwargs,
     call_through_head,
     output_head,
+    router_aux_loss,
     text_config,
 )
 
@@ -77,22 +76,6 @@ class FusedForwardState:
 def fused_state(lm: nn.Module) -> FusedForwardState:
     """The :class:`FusedForwardState` of ``lm`` (a causal LM with the fused forward installed)."""
     return lm.__dict__[_STATE]
-
-
-def _router_aux_loss(lm: nn.Module, router_logits: Any, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """The MoE load-balancing loss the model's own forward would add, or None when it has no router logits."""
-    if router_logits is None:
-        return None
-    module = importlib.import_module(type(lm).__module__)
-    loss_fn = getattr(module, "load_balancing_loss_func", None)
-    if loss_fn is None:
-        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func as loss_fn
-    config = text_config(lm)
-    names = ("num_experts", "num_local_experts", "n_routed_experts")
-    experts = next((getattr(config, n) for n in names if getattr(config, n, None)), None)
-    experts = experts or getattr(lm, "num_experts", None)
-    top_k = getattr(config, "num_experts_per_tok", None) or getattr(lm, "num_experts_per_tok", None)
-    return loss_fn(router_logits, experts, top_k, attention_mask)
 
 
 def install_fused_forward(
@@ -144,7 +127,7 @@ def install_fused_forward(
         hidden, body_out = backbone_hidden(self, args, body_kwargs)
         aux = None
         if body_kwargs.get("output_router_logits"):
-            aux = _router_aux_loss(self, getattr(body_out, "router_logits", None), body_kwargs.get("attention_mask"))
+            aux = router_aux_loss(self, getattr(body_out, "router_logits", None), body_kwargs.get("attention_mask"))
         head = output_head(self)
         if liger_head is not None:
             return {"head": call_through_head(head, hidden, liger_head), "aux_loss": aux}
