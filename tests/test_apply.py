@@ -240,5 +240,5 @@ def test_bad_labels_are_named(model_type):
             model(input_ids=ids, labels=labels.float())
         too_big = labels.clone()
         too_big[1, 3] = VOCAB  # e.g. a tokenizer with more tokens than the head has rows
-        with pytest.raises(ValueError, match="labels: token ids"):
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, V\) = \[0, 1003\)"):
             model(input_ids=ids, labels=too_big)

@@ -63,7 +63,7 @@ def test_bad_labels_are_named():
             model(input_ids=ids, labels=labels.float())
         bad = labels.clone()
         bad[0, -1] = VOCAB + 4
-        with pytest.raises(ValueError, match=r"labels: token ids must lie in \[0, V\)"):
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, V\)"):
             model(input_ids=ids, labels=bad)
 
 

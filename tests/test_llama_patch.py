@@ -240,16 +240,23 @@ def test_apply_liger_kernel_other_families(cls, config_cls):
         assert_same_grads(got_grads, want_grads, 1e-4)
 
 
-def test_unsupported_model_type_warns_and_is_left_alone():
+def test_unsupported_model_type_gets_only_the_proven_fused_loss():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50))
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50)).train()
+    ids = torch.randint(0, 50, (2, 9))
+    torch.manual_seed(5)  # GPT-2 trains with dropout: the same draws on both sides
+    want = model(input_ids=ids, labels=ids).loss
     before = {n: type(m).forward for n, m in model.named_modules()}
-    with pytest.warns(UserWarning, match="model_type='gpt2'.*left unchanged"):
+    with pytest.warns(UserWarning, match=r"model_type='gpt2'.*1 patched \(GPT2LMHeadModel.forward\).*unchanged"):
         handle = apply_liger_kernel(model)
-    assert handle.patched == []
-    assert all("forward" not in vars(m) for m in model.modules())
-    assert {n: type(m).forward for n, m in model.named_modules()} == before
+    assert handle.patched == ["GPT2LMHeadModel.forward"]  # no RMSNorm, gated MLP or RoPE to patch
+    assert all("forward" not in vars(m) for m in model.modules() if m is not model)
+    torch.manual_seed(5)
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits is None and torch.allclose(out.loss, want, rtol=1e-5)
+    handle.revert()
+    assert {n: type(m).forward for n, m in model.named_modules()} == before and "forward" not in vars(model)
     with pytest.raises(TypeError, match="unknown flags"):
         apply_liger_kernel(model, layer_norms=True)  # layer_norm is a (Qwen2-VL) flag
 

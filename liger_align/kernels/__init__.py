@@ -3,9 +3,11 @@
 - :func:`linear_logprobs`: fused linear -> per-token target log-prob, the base of every loss.
 - :func:`fused_linear_cross_entropy`: fused linear cross-entropy on the same row passes.
 - :func:`rms_norm`, :func:`rope`, :func:`swiglu`, :func:`geglu`: the model kernels (Llama, Qwen2, Mistral, Gemma).
+- :func:`check_linear_inputs`: the shape/dtype/device checks of a fused head's tensors, for the losses.
 - :func:`layer_norm`: LayerNorm with optional bias (vision towers, e.g. Qwen2-VL).
 """
 
+from ._linear_chunks import DEFAULT_CHUNK_BYTES, check_linear_inputs
 from .fused_linear_cross_entropy import CrossEntropyOutput, fused_linear_cross_entropy
 from .geglu import geglu
 from .layer_norm import layer_norm
@@ -15,10 +17,12 @@ from .rope import rope
 from .swiglu import swiglu
 
 __all__ = [
+    "DEFAULT_CHUNK_BYTES",
     "CrossEntropyOutput",
     "LinearLogProbs",
     "LogitOptions",
     "fused_linear_cross_entropy",
+    "check_linear_inputs",
     "geglu",
     "layer_norm",
     "linear_logprobs",

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import _describe, check_non_negative
+from .._checks import check_non_negative
 from ._row_softmax import RowStats
 
 _WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -39,13 +39,6 @@ class CrossEntropyOutput(NamedTuple):
     z_loss: torch.Tensor | None = None
     token_accuracy: torch.Tensor | None = None
     is_top1: torch.Tensor | None = None
-
-
-def check_flag(name: str, value: object) -> bool:
-    """``value`` when it is a ``bool``; ``TypeError`` naming ``name`` otherwise."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {_describe(value)}")
-    return value
 
 
 def check_lse_square_scale(value: object) -> float:

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ._checks import raise_bad_num_items
+from .._checks import TargetOutOfRangeError, raise_bad_num_items
 
 # Default budget of one logits buffer. On an H200 (bf16, V=128256), 512 MiB was measurably faster
 # than 256 MiB for both vocabulary slices (fewer, wider products) and token chunks (fewer fp32
@@ -101,7 +101,7 @@ def valid_token_index(
     One host synchronisation per call: it reads the count of valid and of out-of-range targets
     together, to size the products over valid tokens only and to reject bad targets. A
     ``num_items`` (a 0-d tensor: ``num_items_in_batch`` on an accelerator, see
-    :func:`~liger_align.kernels._checks.check_num_items`) is read in the same synchronisation and
+    :func:`~liger_align._checks.check_num_items`) is read in the same synchronisation and
     must be finite and positive.
     """
     valid = target != ignore_index
@@ -123,10 +123,7 @@ def raise_bad_targets(
 ) -> None:
     """Raise the ``ValueError`` for ``n_bad`` targets outside ``[0, V)`` (marked by ``out_of_range``), with examples."""
     bad = target[out_of_range][:5].tolist()
-    raise ValueError(
-        f"target must lie in [0, V) = [0, {vocab}) or equal ignore_index={ignore_index}; "
-        f"{n_bad} values do not, e.g. {bad}"
-    )
+    raise TargetOutOfRangeError("target", count=n_bad, examples=bad, vocab=vocab, ignore_index=ignore_index)
 
 
 def chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, chunk_bytes: int | None) -> int:

@@ -22,13 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .._checks import check_choice, check_flag, check_int, check_num_items, check_real
 from .._tokens import IGNORE_INDEX
-from ._checks import check_choice, check_int, check_num_items, check_real
 from ._cross_entropy_options import (
     CrossEntropyOutput,
     CrossEntropyTerms,
     check_ce_weight,
-    check_flag,
     check_lse_square_scale,
 )
 from ._dispatch import use_triton
@@ -46,7 +45,7 @@ from .linear_logprobs import LogitOptions, linear_token_objective
 
 REDUCTIONS = ("mean", "sum", "none")
 STRATEGIES = ("auto", "grad_in_forward", "recompute")
-__all__ = ["CrossEntropyOutput", "FusedLinearCrossEntropyFunction", "TokenChunkGrads", "fused_linear_cross_entropy"]
+__all__ = ["CrossEntropyOutput", "FusedLinearCrossEntropyFunction", "fused_linear_cross_entropy"]
 
 
 class TokenChunkGrads:

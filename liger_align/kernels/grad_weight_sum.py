@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_int
+from .._checks import check_int
 from ._dispatch import check_triton_runs, kernels_interpreted, triton_available
 from ._linear_chunks import addmm_fp32_
 

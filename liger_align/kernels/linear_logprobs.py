@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from .._checks import check_count, check_ignore_index, check_optional_positive, check_positive, check_real
 from .._tokens import IGNORE_INDEX
-from ._checks import check_count, check_ignore_index, check_optional_positive, check_positive, check_real
 from ._dispatch import _IMPLS, use_triton
 from ._linear_chunks import (
     addmm_fp32_,

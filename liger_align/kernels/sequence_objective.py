@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_choice
+from .._checks import check_choice
 from ._dispatch import use_triton
 from ._linear_chunks import chunk_rows, compute_dtype, mm_fp32, project, raise_bad_targets
 from ._row_softmax import RowStats, fold_row_stats_, row_grad_

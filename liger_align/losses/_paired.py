@@ -11,8 +11,7 @@ from typing import Any, NamedTuple, TypedDict
 import torch
 from typing_extensions import Unpack
 
-from ..kernels._checks import check_choice  # noqa: F401  (re-exported for the losses)
-from ..kernels._linear_chunks import check_linear_inputs
+from ..kernels import check_linear_inputs
 from ..kernels.linear_logprobs import LogitOptions
 from ._sequences import SequenceStats, sequence_stats
 
@@ -79,13 +78,6 @@ def split_pairs(stats: SequenceStats) -> Halves:
     first = SequenceStats(*(t[:half] for t in stats))
     second = SequenceStats(*(t[half:] for t in stats))
     return Halves(first, second)
-
-
-def check_flag(name: str, value: Any) -> bool:
-    """``value`` as a Python ``bool``; ``TypeError`` naming ``name`` for anything else (``1``, ``"yes"``, a tensor)."""
-    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
-        return bool(value)
-    raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
 
 
 def sequence_logps(stats: SequenceStats, average: bool) -> torch.Tensor:

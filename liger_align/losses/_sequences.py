@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..kernels._linear_chunks import check_linear_inputs
+from ..kernels import check_linear_inputs
 from ..kernels.linear_logprobs import LogitOptions, linear_token_objective
 from ..kernels.sequence_objective import choose_strategy, sequence_objective
 

@@ -24,13 +24,11 @@ import torch
 import torch.nn.functional as F
 from typing_extensions import Unpack
 
+from .._checks import check_choice, check_flag, check_non_negative, check_positive, check_real
 from .._tokens import IGNORE_INDEX
-from ..kernels._checks import check_non_negative, check_positive, check_real
 from ._module import FusedLossModule
 from ._paired import (
     LogitKwargs,
-    check_choice,
-    check_flag,
     logit_options,
     logits_mean,
     sequence_logps,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_choice, check_flag, check_non_negative, check_real
 from .._tokens import IGNORE_INDEX
-from ..kernels._checks import check_choice, check_real
-from ..kernels._cross_entropy_options import CrossEntropyOutput, check_flag, check_lse_square_scale
+from ..kernels import CrossEntropyOutput
 from ..kernels.fused_linear_cross_entropy import REDUCTIONS, fused_linear_cross_entropy
 from ._module import FusedLossModule
 
@@ -44,7 +44,7 @@ class LigerFusedLinearCrossEntropyLoss(FusedLossModule):
     ) -> None:
         check_choice("reduction", reduction, REDUCTIONS)
         label_smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
-        lse_square_scale = check_lse_square_scale(lse_square_scale)
+        lse_square_scale = check_non_negative("lse_square_scale", lse_square_scale)
         check_flag("return_z_loss", return_z_loss)
         check_flag("return_token_accuracy", return_token_accuracy)
         if ce_weight is not None and (not isinstance(ce_weight, torch.Tensor) or ce_weight.dim() != 1):

@@ -28,14 +28,12 @@ from collections.abc import Sequence
 import torch
 from typing_extensions import Unpack
 
+from .._checks import as_real, check_choice, check_flag, check_positive, check_real, check_weights
 from .._tokens import IGNORE_INDEX
-from ..kernels._checks import as_real, check_positive, check_real, check_weights
 from ._dpo_objectives import _F_DIVERGENCE_LOSS_TYPES, DPO_LOSS_TYPES, F_DIVERGENCES, f_scores, one_dpo_loss
 from ._module import FusedLossModule
 from ._paired import (
     LogitKwargs,
-    check_choice,
-    check_flag,
     check_vector,
     logit_options,
     logits_mean,

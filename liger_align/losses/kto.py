@@ -26,14 +26,12 @@ from typing import Any
 import torch
 from typing_extensions import Unpack
 
+from .._checks import check_choice, check_flag, check_non_negative, check_positive, check_real
 from .._tokens import IGNORE_INDEX
-from ..kernels._checks import check_non_negative, check_positive, check_real
 from ..kernels.linear_logprobs import LogitOptions
 from ._module import FusedLossModule
 from ._paired import (
     LogitKwargs,
-    check_choice,
-    check_flag,
     check_vector,
     logit_options,
     logits_mean,

@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from .._tokens import IGNORE_INDEX
-from ..kernels._linear_chunks import DEFAULT_CHUNK_BYTES
+from ..kernels import DEFAULT_CHUNK_BYTES
 from ..kernels.fused_linear_cross_entropy import STRATEGIES, fused_linear_cross_entropy
+from ..kernels.grad_weight_sum import GradWeightSum
 from ._medusa_weights import SCHEDULERS, check_scheduler, medusa_loss_weights, medusa_schedule
 
 __all__ = [
@@ -103,17 +104,17 @@ def _check_inputs(hidden, labels, heads, weights, num_items_in_batch, strategy) 
 def _single_chunk_bytes(rows: int, weight: torch.Tensor, compute: torch.dtype, needs_grad: bool) -> int | None:
     """The logits budget that fits all ``rows`` in one chunk, when that needs less memory than chunking.
 
-    Chunked, grad-weight is summed over token chunks in an fp32 ``(V, H)`` buffer (unless the weight is
-    fp32 itself); in one chunk it is a single product, rounded once (plus an fp32 temporary when the
-    weight's dtype differs from the compute dtype). The single chunk is also the faster one.
+    Chunked, grad-weight is summed over token chunks by :class:`GradWeightSum` (its extra buffer, e.g.
+    the bf16 residual of the compensated sum); in one chunk it is a single product, rounded once (plus an
+    fp32 temporary when the weight's dtype differs from the compute dtype). The single chunk is also the
+    faster one.
     """
     vocab, hidden_size = weight.shape
     elt = torch.empty((), dtype=compute).element_size()
     single = rows * vocab * elt
     if not needs_grad or single <= DEFAULT_CHUNK_BYTES:
         return None
-    fp32_weight = weight.dtype in (torch.float32, torch.float64)
-    chunked_extra = DEFAULT_CHUNK_BYTES + (0 if fp32_weight else vocab * hidden_size * 4)
+    chunked_extra = DEFAULT_CHUNK_BYTES + GradWeightSum.extra_bytes(vocab, hidden_size, weight.dtype, n_chunks=2)
     single_extra = single + (0 if weight.dtype == compute else vocab * hidden_size * 4)
     return single if single_extra <= chunked_extra else None
 
@@ -147,7 +148,7 @@ def fused_linear_medusa_loss(
         softcap, logit_scale: the model's logit transform, applied to head 0 only (Medusa heads are linear).
         chunk_bytes, strategy, impl: as in :func:`~liger_align.kernels.fused_linear_cross_entropy`;
             ``chunk_bytes=None`` puts a head's valid rows in one chunk when that needs less memory than
-            token chunks with an fp32 grad-weight buffer (:func:`_single_chunk_bytes`).
+            token chunks with :class:`GradWeightSum`'s buffer (:func:`_single_chunk_bytes`).
         materialize_logits: compute every head's loss from its ``(M_k, V)`` logits and an fp32
             log-softmax instead (Medusa's own way: the same model and loss, for comparison).
 

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from typing_extensions import Unpack
 
+from .._checks import check_flag, check_non_negative
 from .._tokens import IGNORE_INDEX
-from ..kernels._checks import check_non_negative
 from ._module import FusedLossModule
-from ._paired import LogitKwargs, check_flag, logit_options, logits_mean, sequence_logps, split_pairs
+from ._paired import LogitKwargs, logit_options, logits_mean, sequence_logps, split_pairs
 from ._sequences import SequenceStats, check_rows, fused_sequence_loss
 
 #: Largest argument of :func:`log1mexp` (see the module docstring): ``log(1 - exp(-1e-6)) ~ -13.8``.

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .._checks import TargetOutOfRangeError
 from .._tokens import IGNORE_INDEX, next_token_targets
 from ..kernels import fused_linear_cross_entropy, linear_logprobs
 from .head_call import call_through_head, is_tuner_layer, logit_options, output_head, text_config
@@ -157,11 +158,8 @@ def head_outputs(
 
         try:
             loss, logps = call_through_head(output_head(self), hidden, fused)
-        except ValueError as err:  # name the caller's argument, not the kernel's
-            if str(err).startswith("target must lie in"):
-                name = "labels" if fuse_loss else "logprob_targets"
-                raise ValueError(f"{name}: token ids {str(err)[len('target '):]}") from None
-            raise
+        except TargetOutOfRangeError as err:  # name the caller's argument, not the kernel's
+            raise err.renamed("labels" if fuse_loss else "logprob_targets") from None
     return loss, logits, logps
 
 

@@ -59,7 +59,8 @@ def apply_liger_kernel(model: nn.Module, *, model_type: str | None = None, **fla
     Returns:
         A :class:`PatchHandle`; ``handle.family`` is the model type whose patches ran, ``handle.patched``
         what was patched. A model type without a family gets the generic patch (``family="generic"``:
-        only layers, and the fused-loss forward, proven equal on a probe input, see ``_generic``) and ONE ``UserWarning`` that names what was and was not patched.
+        only layers, and the fused-loss forward, proven equal on a probe input, see ``_generic``) and ONE
+        ``UserWarning`` that names what was and was not patched.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, an unknown flag, or a flag that is not a bool.

@@ -261,5 +261,3 @@ def apply_liger_kernel_to_qwen2_5_vl(
     return patch_vision_language(QWEN2_5_VL, model=model, rope=rope, rms_norm=rms_norm, swiglu=swiglu,
                                  layer_norm=layer_norm, fused_linear_cross_entropy=fused_linear_cross_entropy)
 
-
-APPLY_BY_MODEL_TYPE = {"qwen2_vl": apply_liger_kernel_to_qwen2_vl, "qwen2_5_vl": apply_liger_kernel_to_qwen2_5_vl}

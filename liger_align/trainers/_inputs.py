@@ -12,7 +12,7 @@ import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ..kernels._checks import check_count, check_non_negative, check_positive, check_real
+from .._checks import check_count, check_non_negative, check_positive, check_real
 
 PAIRED = ("chosen", "rejected")
 UNPAIRED = ("completion", "label")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -25,8 +24,6 @@ from ._fused_forward import install_fused_forward
 from ._inputs import bound_arguments, check_config, check_datasets
 from ._trl_protocol import liger_fused_lm_head_for
 
-logger = logging.getLogger(__name__)
-
 
 def apply_model_patches(model: nn.Module | None) -> Any:
     """Apply liger-align's kernel patches to ``model`` when its architecture is supported; return the handle or None.
@@ -36,12 +33,8 @@ def apply_model_patches(model: nn.Module | None) -> Any:
     if model is None:
         return None
     lm = causal_lm(model)
-    try:
-        # The causal-LM forward is ours (install_fused_forward); only the layer kernels are wanted.
-        return apply_liger_kernel(lm, fused_linear_cross_entropy=False)
-    except NotImplementedError as err:
-        logger.info("no liger-align model patches for %s: %s", type(lm).__name__, err)
-        return None
+    # The causal-LM forward is ours (install_fused_forward); only the layer kernels are wanted.
+    return apply_liger_kernel(lm, fused_linear_cross_entropy=False)
 
 
 class LigerTrainerMixin:

@@ -13,7 +13,7 @@ from packaging.version import InvalidVersion, Version
 
 #: ``name -> (lowest supported, first unsupported)``; both bounds are PEP 440 versions.
 SUPPORTED: dict[str, tuple[str, str]] = {
-    "trl": ("1.15", "2"),
+    "trl": ("1.16", "2"),  # the fused-LM-head protocol of DPO/KTO
     "transformers": ("4.56.2", "6"),
 }
 

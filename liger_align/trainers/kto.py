@@ -10,17 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-try:  # TRL >= 1.16: promoted to the stable API
-    from trl import KTOTrainer
-except ImportError:  # pragma: no cover - TRL 1.15
-    from trl.experimental.kto import KTOTrainer
+from trl import KTOTrainer
 
 from ._mixin import LigerTrainerMixin, with_flag_signature
 
 
 @with_flag_signature
 class LigerKTOTrainer(LigerTrainerMixin, KTOTrainer):
-    """Drop-in for ``trl.KTOTrainer`` / ``trl.experimental.kto.KTOTrainer`` (same arguments, config, metrics).
+    """Drop-in for ``trl.KTOTrainer`` (same arguments, config, metrics).
 
     Extra keyword ``use_liger_kernel_patches`` (default True): apply liger-align's model patches to
     the policy and the reference model when the architecture is supported.

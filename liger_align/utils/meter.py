@@ -18,6 +18,12 @@ measured step the accelerator's peak-memory counters are reset, so the peaks cov
 
 Each step gives one JSON record (kept in ``meter.records``; a line of ``jsonl_path`` if given, one file
 per rank when ``world_size > 1``: ``<stem>.rank<r><suffix>``). Imports torch and the standard library only.
+
+:meth:`StepMeter.summary` reports one statistic over the measured steps, the median, and names it
+(``"statistic": "median step"``): ``median_step_s`` is the median of the steps' ``step_s``, and
+``tokens_per_s`` / ``global_tokens_per_s`` the medians of the steps' own rates (with the same tokens in
+every step: the tokens of a step over the median step time). A median is not pulled by an outlier step
+(a checkpoint save, an evaluation, a recompilation), which a mean over the steps would spread into both.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from typing import Any
 import torch
 
 _MIB = 2**20
+#: The statistic of :meth:`StepMeter.summary` over the measured steps, as its ``statistic`` field names it.
+STATISTIC = "median step"
 
 
 def _backend(device: torch.device) -> Any:
@@ -220,16 +228,23 @@ class StepMeter:
     # -- the result --------------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
-        """Figures over the measured (post-warm-up) steps; ``None`` values when no step was measured."""
+        """Figures over the measured (post-warm-up) steps; ``None`` values when no step was measured.
+
+        ``statistic`` names how the step figures are taken (``"median step"``, see the module docstring):
+        ``median_step_s``, ``tokens_per_s`` and ``global_tokens_per_s`` are medians over the measured steps.
+        """
         measured = [r for r in self.records if not r["warmup"]]
-        seconds = sum(r["step_s"] for r in measured)
+
+        def median(key: str) -> float | None:
+            return statistics.median(r[key] for r in measured) if measured else None
+
         out: dict[str, Any] = {
             "steps_measured": len(measured),
             "warmup_steps": self.warmup_steps,
-            "median_step_s": statistics.median(r["step_s"] for r in measured) if measured else None,
-            "mean_step_s": seconds / len(measured) if measured else None,
-            "tokens_per_s": sum(r["tokens"] for r in measured) / seconds if seconds > 0 else None,
-            "global_tokens_per_s": sum(r["global_tokens"] for r in measured) / seconds if seconds > 0 else None,
+            "statistic": STATISTIC,
+            "median_step_s": median("step_s"),
+            "tokens_per_s": median("tokens_per_s"),
+            "global_tokens_per_s": median("global_tokens_per_s"),
             "peak_allocated_mib": max((r["peak_allocated_mib"] for r in measured), default=None),
             "peak_reserved_mib": max((r["peak_reserved_mib"] for r in measured), default=None),
             "memory_kind": self.memory_kind if self.device is not None else None,

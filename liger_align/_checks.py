@@ -172,6 +172,14 @@ def raise_bad_num_items(value: float) -> None:
     raise ValueError(f"num_items_in_batch must be a finite number > 0, got {value:g}")
 
 
+def check_flag(name: str, value: object) -> bool:
+    """``value`` as a Python ``bool`` (a numpy bool too); ``TypeError`` naming ``name`` otherwise (``1``, ``"yes"``,
+    a tensor)."""
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {_describe(value)}")
+
+
 def check_choice(name: str, value: Any, valid: Sequence[str]) -> str:
     """``value`` when it is one of ``valid`` (strings); ``ValueError`` naming ``name`` otherwise (None included)."""
     if not isinstance(value, str):
@@ -179,3 +187,23 @@ def check_choice(name: str, value: Any, valid: Sequence[str]) -> str:
     if value not in valid:
         raise ValueError(f"{name} must be one of {list(valid)}, got {value!r}")
     return value
+
+
+class TargetOutOfRangeError(ValueError):
+    """Token ids outside ``[0, V)`` that are not ``ignore_index``: ``count`` of them, ``examples`` (at most 5).
+
+    ``name`` is the argument the message names; a caller that passed the ids under another name re-raises
+    :meth:`renamed` (no message text is parsed).
+    """
+
+    def __init__(self, name: str, *, count: int, examples: list[int], vocab: int, ignore_index: int) -> None:
+        self.name, self.count, self.examples, self.vocab, self.ignore_index = name, count, examples, vocab, ignore_index
+        super().__init__(
+            f"{name} must lie in [0, V) = [0, {vocab}) or equal ignore_index={ignore_index}; {count} values do not, "
+            f"e.g. {examples}"
+        )
+
+    def renamed(self, name: str) -> TargetOutOfRangeError:
+        """The same error naming ``name``."""
+        return TargetOutOfRangeError(name, count=self.count, examples=self.examples, vocab=self.vocab,
+                                     ignore_index=self.ignore_index)
