@@ -335,3 +335,118 @@ def test_cuda_triton_matches_reference(dtype, strategy, option, monkeypatch):
                chunk_bytes=32 * 5003 * 4)
     assert len(calls) >= 3
     _check(got, hidden, weight, bias, target, ce_weight, opts, reduction="mean", tol=TOLERANCE[dtype])
+
+
+# ----------------------------------------------------------------------- use_token_scaling, return_predicted_tokens
+
+
+def _scaled_reference(hidden, weight, bias, target, *, ce_weight=None, label_smoothing=0.0, lse_square_scale=0.0,
+                      softcap=None, ignore_index=-100, reduction="mean"):
+    """float64: each token's loss (z-loss included) times its detached target probability, reduced as the op;
+    and the argmax ids (-1 where ignored)."""
+    z = hidden @ weight.t() + bias
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    w64 = None if ce_weight is None else ce_weight.double()
+    valid = target != ignore_index
+    per_token = F.cross_entropy(z, target, weight=w64, label_smoothing=label_smoothing, ignore_index=ignore_index,
+                                reduction="none")
+    lse = torch.logsumexp(z, 1)
+    per_token = per_token + lse_square_scale * lse**2 * valid
+    q = torch.softmax(z, 1).gather(1, target.clamp(min=0)[:, None])[:, 0].detach()
+    scaled = per_token * q * valid
+    predicted = torch.where(valid, z.argmax(1), -1)
+    if reduction == "none":
+        return scaled, predicted, z
+    if reduction == "sum":
+        return scaled.sum(), predicted, z
+    denominator = valid.sum() if w64 is None else (w64[target.clamp(min=0)] * valid).sum()
+    return scaled.sum() / denominator, predicted, z
+
+
+def _check_predicted(got: torch.Tensor, want: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.dtype == torch.int64 and got.shape == want.shape and not got.requires_grad
+    assert torch.equal(got == -1, want == -1)
+    if dtype == torch.float32:
+        assert torch.equal(got, want)
+    else:  # bf16 logits may round a near-tie the other way: the id picked is a maximum within bf16's step
+        rows = (got != want).nonzero()[:, 0]
+        assert rows.numel() <= 1
+        for r in rows.tolist():
+            assert z[r, want[r]] - z[r, got[r]] <= 2e-2 * z[r].abs().max()
+
+
+SCALING_OPTIONS = {"plain": {}, "all": {"ce_weight": True, "label_smoothing": 0.1, "lse_square_scale": 1e-2,
+                                       "softcap": 3.0}}
+
+
+def _token_scaling_case(impl, strategy, reduction, option, dtype, *, n, h, v, chunk_bytes, seed):
+    opts = SCALING_OPTIONS[option]
+    hidden, weight, bias, target, ce_weight = _inputs(n, h, v, dtype, seed=seed)
+    kwargs = {k: val for k, val in opts.items() if k != "ce_weight"}
+    got = fused_linear_cross_entropy(
+        hidden, weight, target, bias, ce_weight=ce_weight if opts.get("ce_weight") else None, reduction=reduction,
+        impl=impl, strategy=strategy, chunk_bytes=chunk_bytes, use_token_scaling=True, return_predicted_tokens=True,
+        **kwargs,
+    )
+    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    ref, predicted, z = _scaled_reference(*leaves, target, ce_weight=ce_weight if opts.get("ce_weight") else None,
+                                          reduction=reduction, **kwargs)
+    assert isinstance(got, CrossEntropyOutput) and got.z_loss is None and got.token_accuracy is None
+    tol = TOLERANCE[dtype]
+    assert got.loss.shape == ref.shape and rel_err(got.loss, ref) < tol
+    _check_predicted(got.predicted_tokens, predicted, z.detach(), dtype)
+    upstream = torch.rand(ref.shape, generator=torch.Generator().manual_seed(5)) + 0.5
+    grads = torch.autograd.grad(got.loss, (hidden, weight, bias), upstream)
+    want = torch.autograd.grad(ref, leaves, upstream.double())
+    for name, g, r in zip(("hidden", "weight", "bias"), grads, want):
+        assert rel_err(g, r) < tol, name
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("option", list(SCALING_OPTIONS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_scaling_and_predicted_tokens_torch_path(strategy, reduction, option, dtype):
+    if strategy == "grad_in_forward" and reduction == "none":
+        pytest.skip("per-token losses need the recomputing strategy")
+    _token_scaling_case("torch", strategy, reduction, option, dtype, n=37, h=29, v=1003, chunk_bytes=4 * 1003 * 4,
+                        seed=31)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("option", list(SCALING_OPTIONS))
+def test_token_scaling_and_predicted_tokens_triton_interpreter(strategy, option):
+    if not triton_runs_on("cpu"):
+        pytest.skip("Triton's interpreter is not on")
+    reduction = "mean" if strategy == "grad_in_forward" else "none"
+    # 601 columns in slices of 256 (recompute) and rows in chunks: the argmax is folded across slices
+    _token_scaling_case("triton", strategy, reduction, option, torch.float32, n=13, h=16, v=601,
+                        chunk_bytes=2 * 601 * 4, seed=32)
+
+
+def test_predicted_tokens_take_the_first_maximum_across_slices():
+    hidden = torch.ones(3, 4)
+    weight = torch.zeros(601, 4)
+    weight[[5, 300, 599]] = 1.0  # three tied maxima, in three different vocabulary slices of 256
+    weight[10] = 0.5
+    target = torch.tensor([1, -100, 2])
+    for strategy in STRATEGIES:
+        for impl in ["torch"] + (["triton"] if triton_runs_on("cpu") else []):
+            out = fused_linear_cross_entropy(hidden, weight, target, impl=impl, strategy=strategy, chunk_bytes=256 * 4,
+                                             return_predicted_tokens=True)
+            assert out.predicted_tokens.tolist() == [5, -1, 5], (strategy, impl)
+
+
+def test_module_takes_the_two_options_and_checks_them():
+    hidden, weight, bias, target, _ = _inputs(11, 8, 97, torch.float32, seed=33)
+    loss_fn = LigerFusedLinearCrossEntropyLoss(use_token_scaling=True, return_predicted_tokens=True)
+    out = loss_fn(weight, hidden, target, bias)
+    want = fused_linear_cross_entropy(hidden, weight, target, bias, use_token_scaling=True,
+                                      return_predicted_tokens=True)
+    assert torch.equal(out.loss, want.loss) and torch.equal(out.predicted_tokens, want.predicted_tokens)
+    with pytest.raises(TypeError, match="use_token_scaling must be a bool"):
+        LigerFusedLinearCrossEntropyLoss(use_token_scaling=1)
+    with pytest.raises(TypeError, match="return_predicted_tokens must be a bool"):
+        fused_linear_cross_entropy(hidden, weight, target, return_predicted_tokens="yes")

@@ -10,6 +10,10 @@ The row pass folds ``sum_v c_v z_iv`` (only when ``c`` and ``eps > 0``); the gra
 ``d loss_i / d z_iv = a_i onehot_iv + b_i c_v / V - (a_i + b_i) p_iv + g_i p_iv`` with
 ``a_i = -(1 - eps) c_y u_i``, ``b_i = -eps u_i`` and ``g_i = b_i (1 - C / V) + 2 s lse_i u_i``
 (``C = sum_v c_v``, ``u_i`` the upstream factor); each option is off (no extra work) when unused.
+
+Token scaling (Liger-Kernel's ``use_token_scaling``): ``loss_i`` (z-loss included) is multiplied by
+``q_i = p_i[y] = exp(z_iy - lse_i)``, the target's probability, held constant (detached), so the
+gradient is ``q_i`` times the one above: ``u_i`` becomes ``q_i u_i``.
 """
 
 from __future__ import annotations
@@ -33,12 +37,15 @@ class CrossEntropyOutput(NamedTuple):
     ``z_loss``: ``s * lse_i**2`` reduced as the loss (same denominator), without gradient (its gradient
     is in ``loss``). ``token_accuracy``: 0-d fp32, the fraction of valid tokens whose target is the argmax
     (a tie counts as a hit; 0 when every token is ignored). ``is_top1``: as with ``return_top1``.
+    ``predicted_tokens``: int64 shaped like target, each token's argmax vocabulary id (the first maximal
+    one), ``-1`` where ignored.
     """
 
     loss: torch.Tensor
     z_loss: torch.Tensor | None = None
     token_accuracy: torch.Tensor | None = None
     is_top1: torch.Tensor | None = None
+    predicted_tokens: torch.Tensor | None = None
 
 
 def check_lse_square_scale(value: object) -> float:
@@ -79,7 +86,9 @@ class CrossEntropyTerms:
     """The per-row terms of the loss above for one call: ``alpha = -(1 - eps)``, ``beta = -eps``.
 
     ``class_weight``: ``(V,)`` fp32 or None; ``z_scale``: ``s``; ``want_z``: report the z-loss part;
-    ``want_top1``: fill ``is_top1`` (the recomputing op otherwise fills it with the distribution stats only).
+    ``want_top1``: fill ``is_top1`` (the recomputing op otherwise fills it with the distribution stats only);
+    ``token_scaling``: scale each token's loss by its detached target probability (module docstring);
+    ``want_argmax``: fold each row's argmax id (``predicted_tokens``).
     """
 
     alpha: float
@@ -88,6 +97,8 @@ class CrossEntropyTerms:
     z_scale: float = 0.0
     want_z: bool = False
     want_top1: bool = False
+    token_scaling: bool = False
+    want_argmax: bool = False
 
     @property
     def weighted_smoothing(self) -> bool:
@@ -95,7 +106,12 @@ class CrossEntropyTerms:
         return self.class_weight is not None and self.beta != 0.0
 
     def row_stats(self, rows: int, device: torch.device, *, distribution: bool = False) -> RowStats:
-        return RowStats(rows, device, distribution=distribution, weighted=self.weighted_smoothing)
+        return RowStats(rows, device, distribution=distribution, weighted=self.weighted_smoothing,
+                        argmax=self.want_argmax)
+
+    def token_scale(self, stats: RowStats, lse: torch.Tensor) -> torch.Tensor | None:
+        """``q_i = exp(z_iy - lse_i)`` ``(M,)`` fp32 (no gradient) with token scaling, else None."""
+        return torch.exp(stats.target_logit - lse) if self.token_scaling else None
 
     def fold_kwargs(self) -> dict:
         return {"class_weight": self.class_weight} if self.weighted_smoothing else {}

@@ -45,9 +45,9 @@ if triton_available():
     def _row_stats_kernel(
         logits_ptr, stride, target_ptr, max_ptr, sum_exp_ptr, target_logit_ptr, logit_sum_ptr,
         z_sum_exp_ptr, sq_sum_exp_ptr, weighted_sum_ptr, class_weight_ptr,
-        vocab_start, n_cols, logit_scale, softcap, inv_temperature,
+        vocab_start, n_cols, logit_scale, softcap, inv_temperature, argmax_ptr,
         HAS_SOFTCAP: tl.constexpr, DISTRIBUTION: tl.constexpr, BLOCK: tl.constexpr,
-        HAS_CLASS_WEIGHT: tl.constexpr = False,
+        HAS_CLASS_WEIGHT: tl.constexpr = False, ARGMAX: tl.constexpr = False,
     ):
         row = tl.program_id(0).to(tl.int64)
         row_ptr = logits_ptr + row * stride
@@ -58,6 +58,8 @@ if triton_available():
         sq_sum_exp = tl.load(sq_sum_exp_ptr + row)
         if HAS_CLASS_WEIGHT:
             weighted_sum = tl.load(weighted_sum_ptr + row)
+        if ARGMAX:
+            best = tl.load(argmax_ptr + row)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             in_row = cols < n_cols
@@ -69,7 +71,11 @@ if triton_available():
                 c = tl.load(class_weight_ptr + vocab_start + cols, mask=in_row, other=0.0)
                 weighted_sum += tl.sum(z_or_zero * c, axis=0)
             z = tl.where(in_row, z, -float("inf"))
-            new_max = tl.maximum(running_max, tl.max(z, axis=0))
+            block_max = tl.max(z, axis=0)
+            if ARGMAX:  # the first maximal column; a later block wins only with a strictly larger maximum
+                first = tl.min(tl.where(z == block_max, cols, n_cols), axis=0)
+                best = tl.where(block_max > running_max, (first + vocab_start).to(tl.int64), best)
+            new_max = tl.maximum(running_max, block_max)
             rescale = tl.exp(running_max - new_max)
             e = tl.exp(z - new_max)
             sum_exp = sum_exp * rescale + tl.sum(e, axis=0)
@@ -82,6 +88,8 @@ if triton_available():
         tl.store(logit_sum_ptr + row, logit_sum)
         if HAS_CLASS_WEIGHT:
             tl.store(weighted_sum_ptr + row, weighted_sum)
+        if ARGMAX:
+            tl.store(argmax_ptr + row, best)
         if DISTRIBUTION:
             tl.store(z_sum_exp_ptr + row, z_sum_exp)
             tl.store(sq_sum_exp_ptr + row, sq_sum_exp)
@@ -154,11 +162,14 @@ class RowStats:
 
     With ``distribution=True`` it also folds ``sum_v exp(z_v - max) z_v`` and ``sum_v exp(2 (z_v - max))``
     for the entropy and ``log sum_v p_v^2`` (metrics; no gradient flows through them). With
-    ``weighted=True``, ``weighted_logit_sum`` folds ``sum_v c_v z_v`` (``class_weight`` of the fold).
+    ``weighted=True``, ``weighted_logit_sum`` folds ``sum_v c_v z_v`` (``class_weight`` of the fold). With
+    ``argmax=True``, ``argmax`` (int64) holds the vocabulary id of each row's first maximal logit.
     """
 
-    def __init__(self, rows: int, device: torch.device, *, distribution: bool = False, weighted: bool = False) -> None:
+    def __init__(self, rows: int, device: torch.device, *, distribution: bool = False, weighted: bool = False,
+                 argmax: bool = False) -> None:
         self.distribution = distribution
+        self.argmax = torch.zeros(rows, device=device, dtype=torch.int64) if argmax else None
         self.weighted_logit_sum = torch.zeros(rows, device=device) if weighted else None
         self.running_max = torch.full((rows,), float("-inf"), device=device)
         self.sum_exp = torch.zeros(rows, device=device)
@@ -199,7 +210,10 @@ def fold_row_stats_(
         raise ValueError("class_weight must be given exactly when the RowStats were built with weighted=True")
     if not triton_path:
         z = _torch_transform(logits, logit_scale, softcap, temperature)
-        new_max = torch.maximum(stats.running_max, z.amax(1))
+        block_max, first = z.max(1)
+        if stats.argmax is not None:  # torch.max returns the first maximal index; later slices need a larger max
+            stats.argmax.copy_(torch.where(block_max > stats.running_max, first + vocab_start, stats.argmax))
+        new_max = torch.maximum(stats.running_max, block_max)
         rescale = torch.exp(stats.running_max - new_max)
         e = torch.exp(z - new_max[:, None])
         stats.sum_exp.mul_(rescale).add_(e.sum(1))
@@ -223,8 +237,10 @@ def fold_row_stats_(
         stats.logit_sum if class_weight is None else stats.weighted_logit_sum,
         stats.logit_sum if class_weight is None else class_weight,
         vocab_start, n_cols, float(logit_scale), float(softcap or 1.0), 1.0 / temperature,
+        stats.running_max if stats.argmax is None else stats.argmax,  # unused pointer when off
         HAS_SOFTCAP=softcap is not None, DISTRIBUTION=stats.distribution,
         BLOCK=min(_STATS_BLOCK, triton.next_power_of_2(n_cols)), **({} if class_weight is None else _WEIGHTED),
+        **({"ARGMAX": True} if stats.argmax is not None else {}),
     )
 
 

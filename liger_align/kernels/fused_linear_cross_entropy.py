@@ -113,7 +113,10 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     mean_v z_iv`` without class weights and z-loss); ``denominator`` is a 0-d fp32 tensor (the valid
     tokens' count or weight sum, ``num_items_in_batch`` or 1). Also returns, without gradient,
     ``is_top1 (N,)`` bool from the same row pass (False where ignored), the z-loss part ``sum_i s lse_i^2
-    / denominator`` (None unless ``terms.want_z``) and the token accuracy (None unless ``want_accuracy``).
+    / denominator`` (None unless ``terms.want_z``), the token accuracy (None unless ``want_accuracy``) and
+    the argmax ids ``(N,)`` int64, -1 where ignored (None unless ``terms.want_argmax``). With
+    ``terms.token_scaling`` each ``loss_i`` (and its z-loss part, and its gradient) is scaled by the
+    detached target probability.
     """
 
     @staticmethod
@@ -138,6 +141,9 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
         z_total = torch.zeros_like(total) if terms.want_z else None
         is_top1 = torch.zeros(target.shape[0], device=hidden.device, dtype=torch.bool)
+        predicted = None
+        if terms.want_argmax:
+            predicted = torch.full((target.shape[0],), -1, device=hidden.device, dtype=torch.int64)
         buffer = torch.empty((per_chunk, vocab), device=hidden.device, dtype=dtype) if rows_all.numel() else None
         any_grad = any(needs)
         for start in range(0, rows_all.shape[0], per_chunk):
@@ -149,11 +155,15 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             fold_row_stats_(stats, logits, chunk_target, 0, **opts.row_kwargs(triton_path), **terms.fold_kwargs())
             lse = stats.lse()
             is_top1.index_copy_(0, rows, stats.is_top1())
-            total += terms.value(stats, lse, chunk_target, vocab).sum()
+            if predicted is not None:
+                predicted.index_copy_(0, rows, stats.argmax)
+            scale = terms.token_scale(stats, lse)
+            factor = 1.0 if scale is None else scale
+            total += (terms.value(stats, lse, chunk_target, vocab) * factor).sum()
             if z_total is not None:
-                z_total += lse.square().sum()
+                z_total += (lse.square() * factor).sum()
             if any_grad:
-                a, b_coef, options = terms.grad_coefficients(chunk_target, lse, inv_denominator)
+                a, b_coef, options = terms.grad_coefficients(chunk_target, lse, inv_denominator * factor)
                 row_grad_(
                     logits, chunk_target, lse, a, b_coef, vocab_start=0, vocab=vocab, **opts.row_kwargs(triton_path),
                     **options,
@@ -164,9 +174,9 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         if z_total is not None:
             z_total = z_total * (terms.z_scale * inv_denominator)
         accuracy = is_top1.sum() / max(rows_all.shape[0], 1) if want_accuracy else None
-        ctx.mark_non_differentiable(*(t for t in (is_top1, z_total, accuracy) if t is not None))
+        ctx.mark_non_differentiable(*(t for t in (is_top1, z_total, accuracy, predicted) if t is not None))
         ctx.set_materialize_grads(False)  # no zero tensors for the metrics' (unused) gradients
-        return total * inv_denominator, is_top1, z_total, accuracy
+        return total * inv_denominator, is_top1, z_total, accuracy, predicted
 
     @staticmethod
     def backward(ctx, grad_loss, *_grad_metrics):
@@ -196,6 +206,8 @@ def fused_linear_cross_entropy(
     return_top1: bool = False,
     return_z_loss: bool = False,
     return_token_accuracy: bool = False,
+    use_token_scaling: bool = False,
+    return_predicted_tokens: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | CrossEntropyOutput:
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``target``, matching ``F.cross_entropy``.
 
@@ -229,11 +241,16 @@ def fused_linear_cross_entropy(
         return_z_loss: also return the z-loss part (reduced as the loss, without gradient).
         return_token_accuracy: also return the 0-d fraction of valid tokens whose target is the argmax
             (a target tied with the maximum counts as a hit; Liger-Kernel takes the first maximal index).
+        use_token_scaling: multiply each token's loss (z-loss included) by its target probability
+            ``p_i[y_i] = exp(z_iy - lse_i)``, detached (Liger-Kernel's option; ``p`` here is of the
+            transformed logits: scale, softcap and temperature). The denominator is unchanged.
+        return_predicted_tokens: also return each token's argmax vocabulary id (int64, shaped like target,
+            the first maximal id, ``-1`` where ignored), from the same row pass.
 
     Returns:
-        the loss; ``(loss, is_top1)`` with ``return_top1`` alone; with ``return_z_loss`` or
-        ``return_token_accuracy``, a :class:`CrossEntropyOutput` ``(loss, z_loss, token_accuracy,
-        is_top1)`` whose fields not asked for are None.
+        the loss; ``(loss, is_top1)`` with ``return_top1`` alone; with ``return_z_loss``,
+        ``return_token_accuracy`` or ``return_predicted_tokens``, a :class:`CrossEntropyOutput` ``(loss,
+        z_loss, token_accuracy, is_top1, predicted_tokens)`` whose fields not asked for are None.
 
     A batch whose tokens are all ignored gives 0 and zero gradients (``F.cross_entropy`` gives NaN).
     """
@@ -241,7 +258,8 @@ def fused_linear_cross_entropy(
     label_smoothing = check_real("label_smoothing", label_smoothing, low=0.0, high=1.0)
     lse_square_scale = check_lse_square_scale(lse_square_scale)
     for name, flag in (("return_top1", return_top1), ("return_z_loss", return_z_loss),
-                       ("return_token_accuracy", return_token_accuracy)):
+                       ("return_token_accuracy", return_token_accuracy), ("use_token_scaling", use_token_scaling),
+                       ("return_predicted_tokens", return_predicted_tokens)):
         check_flag(name, flag)
     if num_items_in_batch is not None and reduction != "mean":
         raise ValueError(f"num_items_in_batch applies to reduction='mean' only, got reduction={reduction!r}")
@@ -283,12 +301,13 @@ def fused_linear_cross_entropy(
         denominator = (target != opts.ignore_index).sum().clamp(min=1).float()
     terms = CrossEntropyTerms(
         -(1.0 - label_smoothing), -label_smoothing, class_weight, lse_square_scale, return_z_loss,
-        return_top1 or return_token_accuracy,
+        return_top1 or return_token_accuracy, bool(use_token_scaling), bool(return_predicted_tokens),
     )
     z_loss = accuracy = None
     if strategy == "recompute":
-        plain = class_weight is None and not lse_square_scale and not terms.want_top1
-        per_token, _, _, _, is_top1, z_token = linear_token_objective(
+        plain = class_weight is None and not lse_square_scale and not (
+            terms.want_top1 or terms.token_scaling or terms.want_argmax)
+        per_token, _, _, _, is_top1, z_token, predicted = linear_token_objective(
             hidden, weight, target, bias, target_weight=terms.alpha, mean_weight=terms.beta, opts=opts,
             num_items=deferred,
             terms=None if plain else terms,
@@ -299,11 +318,12 @@ def fused_linear_cross_entropy(
         if return_token_accuracy:
             accuracy = is_top1.sum() / (target != opts.ignore_index).sum().clamp(min=1)
     else:
-        loss, is_top1, z_loss, accuracy = FusedLinearCrossEntropyFunction.apply(
+        loss, is_top1, z_loss, accuracy, predicted = FusedLinearCrossEntropyFunction.apply(
             hidden, weight, bias, target.long(), denominator, deferred,
             CrossEntropyPass(opts, terms, wanted, bool(return_token_accuracy)),
         )
-    if return_z_loss or return_token_accuracy:
+    if return_z_loss or return_token_accuracy or return_predicted_tokens:
         top1 = is_top1.reshape(out_shape) if return_top1 else None
-        return CrossEntropyOutput(loss, z_loss, accuracy, top1)
+        tokens = predicted.reshape(out_shape) if return_predicted_tokens else None
+        return CrossEntropyOutput(loss, z_loss, accuracy, top1, tokens)
     return (loss, is_top1.reshape(out_shape)) if return_top1 else loss

@@ -119,9 +119,11 @@ class TokenObjective:
 class LinearTokenObjectiveFunction(torch.autograd.Function):
     """Per-token objective of :class:`TokenObjective`, shape ``(N,)``, and metrics without gradient.
 
-    Outputs: ``(value, logit_mean, entropy, log_sum_sq_probs, is_top1, z_loss)``, each
+    Outputs: ``(value, logit_mean, entropy, log_sum_sq_probs, is_top1, z_loss, predicted)``, each
     ``(N,)``; entropy and log_sum_sq_probs are empty unless ``distribution`` is True, is_top1 unless it is
-    or ``terms.want_top1``, z_loss unless ``terms.want_z``. Backward recomputes the logits slice by slice.
+    or ``terms.want_top1``, z_loss unless ``terms.want_z``, predicted (int64 argmax ids, -1 where ignored)
+    unless ``terms.want_argmax``. With ``terms.token_scaling`` value and z_loss are scaled by the detached
+    target probability, and so is the gradient. Backward recomputes the logits slice by slice.
     """
 
     @staticmethod
@@ -140,14 +142,17 @@ class LinearTokenObjectiveFunction(torch.autograd.Function):
         top1 = distribution or (terms is not None and terms.want_top1)
         is_top1 = torch.zeros(hidden.shape[0] if top1 else 0, device=hidden.device, dtype=torch.bool)
         z_loss = value.new_zeros(hidden.shape[0] if terms is not None and terms.want_z else 0)
+        want_argmax = terms is not None and terms.want_argmax
+        predicted = torch.full((hidden.shape[0] if want_argmax else 0,), -1, device=hidden.device, dtype=torch.int64)
         lse = torch.zeros(n_valid, device=hidden.device, dtype=torch.float32)
+        scale = lse.new_zeros(0)
         if n_valid:
             w = weight.to(dtype)
             b = None if bias is None else bias.to(dtype)
             h = hidden.index_select(0, rows).to(dtype)
             valid_target = target.index_select(0, rows)
             stats = RowStats(n_valid, hidden.device, distribution=distribution, weighted=bool(
-                terms is not None and terms.weighted_smoothing))
+                terms is not None and terms.weighted_smoothing), argmax=want_argmax)
             fold_extra = {} if terms is None else terms.fold_kwargs()
             width = slice_cols(n_valid, vocab, dtype, opts.chunk_bytes)
             buffer = torch.empty(n_valid * width, device=hidden.device, dtype=dtype)
@@ -160,23 +165,29 @@ class LinearTokenObjectiveFunction(torch.autograd.Function):
             if terms is None:
                 value.index_copy_(0, rows, alpha * (stats.target_logit - lse) + beta * (z_mean - lse))
             else:
-                value.index_copy_(0, rows, terms.value(stats, lse, valid_target, vocab))
+                token_scale = terms.token_scale(stats, lse)
+                factor = 1.0 if token_scale is None else token_scale
+                value.index_copy_(0, rows, terms.value(stats, lse, valid_target, vocab) * factor)
                 if terms.want_z:
-                    z_loss.index_copy_(0, rows, terms.z_scale * lse * lse)
+                    z_loss.index_copy_(0, rows, terms.z_scale * lse * lse * factor)
+                if want_argmax:
+                    predicted.index_copy_(0, rows, stats.argmax)
+                if token_scale is not None:
+                    scale = token_scale
             logit_mean.index_copy_(0, rows, z_mean)
             if distribution:
                 entropy.index_copy_(0, rows, stats.entropy())
                 log_sum_sq.index_copy_(0, rows, stats.log_sum_sq_probs())
             if top1:
                 is_top1.index_copy_(0, rows, stats.is_top1())
-        ctx.save_for_backward(hidden, weight, bias, target, rows, lse)
+        ctx.save_for_backward(hidden, weight, bias, target, rows, lse, scale)
         ctx.spec, ctx.dtype, ctx.triton_path = spec, dtype, triton_path
-        ctx.mark_non_differentiable(logit_mean, entropy, log_sum_sq, is_top1, z_loss)
-        return value, logit_mean, entropy, log_sum_sq, is_top1, z_loss
+        ctx.mark_non_differentiable(logit_mean, entropy, log_sum_sq, is_top1, z_loss, predicted)
+        return value, logit_mean, entropy, log_sum_sq, is_top1, z_loss, predicted
 
     @staticmethod
     def backward(ctx, grad_value, *_grad_metrics):
-        hidden, weight, bias, target, rows, lse = ctx.saved_tensors
+        hidden, weight, bias, target, rows, lse, scale = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_bias = need_bias and bias is not None
         vocab, n_valid = weight.shape[0], rows.shape[0]
@@ -192,6 +203,8 @@ class LinearTokenObjectiveFunction(torch.autograd.Function):
         h = hidden.index_select(0, rows).to(dtype)
         valid_target = target.index_select(0, rows)
         upstream = grad_value.float().index_select(0, rows)
+        if scale.numel():  # token scaling: the detached target probability scales the gradient too
+            upstream = upstream * scale
         if spec.terms is None:
             a_coef, b_coef, grad_extra = spec.target_weight * upstream, spec.mean_weight * upstream, {}
         else:
@@ -228,7 +241,7 @@ def linear_token_objective(
 ) -> tuple[torch.Tensor, ...]:
     """Checked entry to :class:`LinearTokenObjectiveFunction`.
 
-    Returns ``(value, logit_mean, entropy, log_sum_sq_probs, is_top1, z_loss)``, each ``(N,)``; the
+    Returns ``(value, logit_mean, entropy, log_sum_sq_probs, is_top1, z_loss, predicted)``, each ``(N,)``; the
     metrics are empty unless asked for (``distribution``, ``terms``: see the Function). ``num_items``: a
     0-d accelerator tensor checked ``> 0`` in the op's one host synchronisation (see
     :func:`._linear_chunks.valid_token_index`); ``names``: the caller's names of the inputs, for the
@@ -277,7 +290,7 @@ def linear_logprobs(
         weight and bias), ``logit_mean`` and, on request, the distribution statistics (no gradient).
     """
     opts = LogitOptions(ignore_index, temperature, softcap, logit_scale, chunk_bytes, impl)
-    logps, logit_mean, entropy, log_sum_sq, is_top1, _ = linear_token_objective(
+    logps, logit_mean, entropy, log_sum_sq, is_top1, *_ = linear_token_objective(
         hidden, weight, target, bias, target_weight=1.0, mean_weight=0.0, opts=opts, distribution=distribution_stats
     )
     if not distribution_stats:

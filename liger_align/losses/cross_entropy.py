@@ -18,10 +18,12 @@ class LigerFusedLinearCrossEntropyLoss(FusedLossModule):
     ``(V, H)``, hidden ``(N, H)`` or ``(B, T, H)``, target ``(N,)`` or ``(B, T)`` already shifted, bias
     ``(V,)`` or None. Returns a 0-d loss (``reduction="mean"`` over valid tokens, or their weight sum
     with ``ce_weight``, or over ``num_items_in_batch`` when given; ``"sum"``), or per-token losses shaped
-    like target (``"none"``); with ``return_z_loss``/``return_token_accuracy`` a
+    like target (``"none"``); with ``return_z_loss``/``return_token_accuracy``/``return_predicted_tokens`` a
     :class:`~liger_align.kernels.CrossEntropyOutput`. The options, with Liger-Kernel's names:
     ``ce_weight`` (per-class weights ``(V,)``, a buffer: it follows ``.to(device)``), ``lse_square_scale``
-    (z-loss), ``return_z_loss``, ``return_token_accuracy``, ``label_smoothing``, ``softcap``; see
+    (z-loss), ``return_z_loss``, ``return_token_accuracy``, ``use_token_scaling`` (each token's loss times
+    its detached target probability), ``return_predicted_tokens`` (argmax ids, -1 where ignored),
+    ``label_smoothing``, ``softcap``; see
     :func:`liger_align.kernels.fused_linear_cross_entropy` for their exact semantics. The first seven
     arguments come in Liger-Kernel's order; the others are keyword-only.
     """
@@ -37,6 +39,8 @@ class LigerFusedLinearCrossEntropyLoss(FusedLossModule):
         return_z_loss: bool = False,
         *,
         return_token_accuracy: bool = False,
+        use_token_scaling: bool = False,
+        return_predicted_tokens: bool = False,
         temperature: float = 1.0,
         logit_scale: float = 1.0,
         chunk_bytes: int | None = None,
@@ -47,6 +51,8 @@ class LigerFusedLinearCrossEntropyLoss(FusedLossModule):
         lse_square_scale = check_non_negative("lse_square_scale", lse_square_scale)
         check_flag("return_z_loss", return_z_loss)
         check_flag("return_token_accuracy", return_token_accuracy)
+        check_flag("use_token_scaling", use_token_scaling)
+        check_flag("return_predicted_tokens", return_predicted_tokens)
         if ce_weight is not None and (not isinstance(ce_weight, torch.Tensor) or ce_weight.dim() != 1):
             shape = tuple(ce_weight.shape) if isinstance(ce_weight, torch.Tensor) else type(ce_weight).__name__
             raise TypeError(f"ce_weight must be a 1-d tensor of shape (V,) or None, got {shape}")
@@ -54,6 +60,7 @@ class LigerFusedLinearCrossEntropyLoss(FusedLossModule):
             dict(
                 reduction=reduction, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
                 return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
+                use_token_scaling=use_token_scaling, return_predicted_tokens=return_predicted_tokens,
             ),
             ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
             chunk_bytes=chunk_bytes, impl=impl,
