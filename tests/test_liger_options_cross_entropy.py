@@ -371,7 +371,7 @@ def _check_predicted(got: torch.Tensor, want: torch.Tensor, z: torch.Tensor, dty
         assert torch.equal(got, want)
     else:  # bf16 logits may round a near-tie the other way: the id picked is a maximum within bf16's step
         rows = (got != want).nonzero()[:, 0]
-        assert rows.numel() <= 1
+        assert rows.numel() <= max(1, got.numel() // 50)
         for r in rows.tolist():
             assert z[r, want[r]] - z[r, got[r]] <= 2e-2 * z[r].abs().max()
 
@@ -380,9 +380,9 @@ SCALING_OPTIONS = {"plain": {}, "all": {"ce_weight": True, "label_smoothing": 0.
                                        "softcap": 3.0}}
 
 
-def _token_scaling_case(impl, strategy, reduction, option, dtype, *, n, h, v, chunk_bytes, seed):
+def _token_scaling_case(impl, strategy, reduction, option, dtype, *, n, h, v, chunk_bytes, seed, device="cpu"):
     opts = SCALING_OPTIONS[option]
-    hidden, weight, bias, target, ce_weight = _inputs(n, h, v, dtype, seed=seed)
+    hidden, weight, bias, target, ce_weight = _inputs(n, h, v, dtype, seed=seed, device=device)
     kwargs = {k: val for k, val in opts.items() if k != "ce_weight"}
     got = fused_linear_cross_entropy(
         hidden, weight, target, bias, ce_weight=ce_weight if opts.get("ce_weight") else None, reduction=reduction,
@@ -396,7 +396,7 @@ def _token_scaling_case(impl, strategy, reduction, option, dtype, *, n, h, v, ch
     tol = TOLERANCE[dtype]
     assert got.loss.shape == ref.shape and rel_err(got.loss, ref) < tol
     _check_predicted(got.predicted_tokens, predicted, z.detach(), dtype)
-    upstream = torch.rand(ref.shape, generator=torch.Generator().manual_seed(5)) + 0.5
+    upstream = (torch.rand(ref.shape, generator=torch.Generator().manual_seed(5)) + 0.5).to(device)
     grads = torch.autograd.grad(got.loss, (hidden, weight, bias), upstream)
     want = torch.autograd.grad(ref, leaves, upstream.double())
     for name, g, r in zip(("hidden", "weight", "bias"), grads, want):
@@ -424,6 +424,16 @@ def test_token_scaling_and_predicted_tokens_triton_interpreter(strategy, option)
     # 601 columns in slices of 256 (recompute) and rows in chunks: the argmax is folded across slices
     _token_scaling_case("triton", strategy, reduction, option, torch.float32, n=13, h=16, v=601,
                         chunk_bytes=2 * 601 * 4, seed=32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_token_scaling_and_predicted_tokens_cuda(dtype, strategy):
+    reduction = "mean" if strategy == "grad_in_forward" else "none"
+    _token_scaling_case(None, strategy, reduction, "all", dtype, n=301, h=96, v=5003, chunk_bytes=32 * 5003 * 4,
+                        seed=34, device="cuda")
 
 
 def test_predicted_tokens_take_the_first_maximum_across_slices():
