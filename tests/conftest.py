@@ -92,7 +92,7 @@ def loss_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     (where the objective is separable; a non-separable one keeps recompute)."""
     from liger_align.losses import _sequences
 
-    real = _sequences.choose_strategy
+    real = _sequences.sequence_strategy
     path = request.param
 
     def forced(strategy, *args, separable, **kwargs):
@@ -100,7 +100,7 @@ def loss_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
             strategy = path
         return real(strategy, *args, separable=separable, **kwargs)
 
-    monkeypatch.setattr(_sequences, "choose_strategy", forced)
+    monkeypatch.setattr(_sequences, "sequence_strategy", forced)
     LOSS_PATH["current"] = path
     yield path
     LOSS_PATH["current"] = None

@@ -133,7 +133,7 @@ def test_bad_shapes():
         fused_linear_cross_entropy(hidden, weight[:, :8], target, b)
 
 
-def test_auto_strategy_respects_the_grad_buffer_budget(monkeypatch):
+def test_auto_strategy_respects_the_extra_memory_budget(monkeypatch):
     import importlib
 
     module = importlib.import_module("liger_align.kernels.fused_linear_cross_entropy")
@@ -144,7 +144,7 @@ def test_auto_strategy_respects_the_grad_buffer_budget(monkeypatch):
     hidden, weight, b, target = _inputs((7,), 16, 101, torch.bfloat16, "cpu")
     fused_linear_cross_entropy(hidden, weight, target, b)
     assert calls == []
-    fused_linear_cross_entropy(hidden, weight, target, b, max_grad_buffer_bytes=weight.numel())
+    fused_linear_cross_entropy(hidden, weight, target, b, max_extra_bytes=weight.numel())
     assert calls == [1]
 
 

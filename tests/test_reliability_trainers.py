@@ -18,7 +18,7 @@ from trl.experimental.orpo import ORPOConfig  # noqa: E402
 from liger_align.models.head_call import causal_lm  # noqa: E402
 from liger_align.testing import build_tokenizer, load_preference_dataset, to_unpaired  # noqa: E402
 from liger_align.trainers import LigerCPOTrainer, LigerDPOTrainer, LigerKTOTrainer, LigerORPOTrainer  # noqa: E402
-from liger_align.trainers._fused_forward import install_fused_forward  # noqa: E402
+from liger_align.trainers._head_forward import install_trainer_forward  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -70,11 +70,11 @@ def test_installing_twice_keeps_accelerates_autocast_wrapper(tokenizer: Any) -> 
     from accelerate import Accelerator
 
     model = tiny_model(tokenizer)
-    install_fused_forward(model)
+    install_trainer_forward(model)
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
     prepared = accelerator.prepare_model(model, evaluation_mode=True)
     wrapper = prepared.forward
-    install_fused_forward(prepared, outputs=("entropy",))
+    install_trainer_forward(prepared, outputs=("entropy",))
     assert prepared.forward == wrapper
     seen = []
     ids = torch.randint(3, len(tokenizer), (2, 9))

@@ -161,18 +161,18 @@ def test_one_backward_per_forward_and_bad_targets():
 def test_choose_strategy():
     hidden, weight, _, _ = _inputs(4, 9, 7, 101, seed=1)
     opts = LogitOptions()
-    assert so.choose_strategy("auto", hidden, weight, separable=True, group_rows=2, opts=opts) == "grad_in_forward"
-    assert so.choose_strategy("auto", hidden, weight, separable=False, group_rows=2, opts=opts) == "recompute"
-    assert so.choose_strategy(
+    assert so.sequence_strategy("auto", hidden, weight, separable=True, group_rows=2, opts=opts) == "grad_in_forward"
+    assert so.sequence_strategy("auto", hidden, weight, separable=False, group_rows=2, opts=opts) == "recompute"
+    assert so.sequence_strategy(
         "auto", hidden, weight, separable=True, group_rows=2, opts=opts, max_extra_bytes=0
     ) == "recompute"
     with torch.no_grad():
-        assert so.choose_strategy("auto", hidden, weight, separable=True, group_rows=2, opts=opts) == "recompute"
-    assert so.choose_strategy("recompute", hidden, weight, separable=True, group_rows=2, opts=opts) == "recompute"
+        assert so.sequence_strategy("auto", hidden, weight, separable=True, group_rows=2, opts=opts) == "recompute"
+    assert so.sequence_strategy("recompute", hidden, weight, separable=True, group_rows=2, opts=opts) == "recompute"
     with pytest.raises(ValueError, match="separable"):
-        so.choose_strategy("grad_in_forward", hidden, weight, separable=False, group_rows=2, opts=opts)
+        so.sequence_strategy("grad_in_forward", hidden, weight, separable=False, group_rows=2, opts=opts)
     with pytest.raises(ValueError, match="strategy"):
-        so.choose_strategy("fast", hidden, weight, separable=True, group_rows=2, opts=opts)
+        so.sequence_strategy("fast", hidden, weight, separable=True, group_rows=2, opts=opts)
 
 
 @pytest.mark.gpu

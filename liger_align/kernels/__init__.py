@@ -8,6 +8,7 @@
 """
 
 from ._linear_chunks import DEFAULT_CHUNK_BYTES, check_linear_inputs
+from ._strategy import STRATEGIES
 from .fused_linear_cross_entropy import CrossEntropyOutput, fused_linear_cross_entropy
 from .geglu import geglu
 from .layer_norm import layer_norm
@@ -18,6 +19,7 @@ from .swiglu import swiglu
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
+    "STRATEGIES",
     "CrossEntropyOutput",
     "LinearLogProbs",
     "LogitOptions",

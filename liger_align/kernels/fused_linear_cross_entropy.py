@@ -12,8 +12,9 @@ Two strategies, picked with ``strategy=``:
   (:class:`~liger_align.kernels.linear_logprobs.LinearTokenObjectiveFunction`): 4 products, and only
   an ``(M, Vc)`` logits slice and an ``(M, H)`` fp32 buffer of extra memory.
 
-``"auto"`` takes ``"grad_in_forward"`` when the reduction allows it, unless the grad-weight
-accumulator's extra buffer would exceed ``max_grad_buffer_bytes``.
+``"auto"`` takes ``"grad_in_forward"`` when the reduction allows it and its extra memory (the logits
+chunk and the grad-weight accumulator's buffer) fits ``max_extra_bytes`` and half the free device memory
+(:mod:`._strategy`, the same choice as the sequence losses').
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import check_choice, check_flag, check_int, check_num_items, check_real
+from .._checks import check_choice, check_flag, check_num_items, check_real
 from .._tokens import IGNORE_INDEX
 from ._cross_entropy_options import (
     CrossEntropyOutput,
@@ -40,11 +41,11 @@ from ._linear_chunks import (
 )
 from ._row_softmax import fold_row_stats_, row_grad_
 from ._scale import save_gradients, scaled_gradients
+from ._strategy import STRATEGIES, choose_strategy, grad_in_forward_extra_bytes
 from .grad_weight_sum import GradWeightSum
 from .linear_logprobs import LogitOptions, linear_token_objective
 
 REDUCTIONS = ("mean", "sum", "none")
-STRATEGIES = ("auto", "grad_in_forward", "recompute")
 __all__ = ["CrossEntropyOutput", "FusedLinearCrossEntropyFunction", "fused_linear_cross_entropy"]
 
 
@@ -157,13 +158,14 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             is_top1.index_copy_(0, rows, stats.is_top1())
             if predicted is not None:
                 predicted.index_copy_(0, rows, stats.argmax)
-            scale = terms.token_scale(stats, lse)
-            factor = 1.0 if scale is None else scale
-            total += (terms.value(stats, lse, chunk_target, vocab) * factor).sum()
+            scale = terms.token_scale(stats, lse)  # None unless use_token_scaling: no extra op on the plain path
+            value = terms.value(stats, lse, chunk_target, vocab)
+            total += (value if scale is None else value * scale).sum()
             if z_total is not None:
-                z_total += (lse.square() * factor).sum()
+                z_total += (lse.square() if scale is None else lse.square() * scale).sum()
             if any_grad:
-                a, b_coef, options = terms.grad_coefficients(chunk_target, lse, inv_denominator * factor)
+                upstream = inv_denominator if scale is None else inv_denominator * scale
+                a, b_coef, options = terms.grad_coefficients(chunk_target, lse, upstream)
                 row_grad_(
                     logits, chunk_target, lse, a, b_coef, vocab_start=0, vocab=vocab, **opts.row_kwargs(triton_path),
                     **options,
@@ -202,7 +204,7 @@ def fused_linear_cross_entropy(
     chunk_bytes: int | None = None,
     impl: str | None = None,
     strategy: str = "auto",
-    max_grad_buffer_bytes: int | None = None,
+    max_extra_bytes: int | None = None,
     return_top1: bool = False,
     return_z_loss: bool = False,
     return_token_accuracy: bool = False,
@@ -234,8 +236,8 @@ def fused_linear_cross_entropy(
         chunk_bytes: budget of one logits buffer (default 512 MiB): ``(C, V)`` token chunks with
             ``"grad_in_forward"``, ``(M, Vc)`` vocabulary slices with ``"recompute"``.
         strategy: ``"auto"``, ``"grad_in_forward"`` or ``"recompute"`` (module docstring).
-        max_grad_buffer_bytes: with ``"auto"``, the largest grad-weight accumulator buffer allowed
-            (default: no limit).
+        max_extra_bytes: with ``"auto"``, the most memory ``"grad_in_forward"`` may need beyond
+            ``"recompute"`` (logits chunk and accumulator buffer; default: no fixed cap, half the free memory).
         return_top1: also return ``is_top1`` (bool, shaped like target, False where ignored): whether
             the target is the argmax of its logits, read from the same row pass (no extra product).
         return_z_loss: also return the z-loss part (reduced as the loss, without gradient).
@@ -271,10 +273,6 @@ def fused_linear_cross_entropy(
     else:
         out_shape = getattr(target, "shape", None)
     check_choice("strategy", strategy, STRATEGIES)
-    if strategy == "grad_in_forward" and reduction == "none":
-        raise ValueError("strategy='grad_in_forward' needs reduction 'mean' or 'sum', got reduction='none'")
-    if max_grad_buffer_bytes is not None:
-        max_grad_buffer_bytes = check_int("max_grad_buffer_bytes", max_grad_buffer_bytes, low=0)
     check_linear_inputs(hidden, weight, target, bias)
     class_weight = check_ce_weight(ce_weight, weight)
     opts = LogitOptions(ignore_index, temperature, softcap, logit_scale, chunk_bytes, impl)
@@ -283,10 +281,13 @@ def fused_linear_cross_entropy(
     wanted = tuple(
         torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
-    if strategy == "auto":
-        buffer_bytes = GradWeightSum.extra_bytes(*weight.shape, weight.dtype, n_chunks=2) if wanted[1] else 0
-        fits = max_grad_buffer_bytes is None or buffer_bytes <= max_grad_buffer_bytes
-        strategy = "grad_in_forward" if reduction != "none" and fits and any(wanted) else "recompute"
+    strategy = choose_strategy(
+        strategy, separable=reduction != "none", wanted=any(wanted), device=hidden.device,
+        extra_bytes=grad_in_forward_extra_bytes(
+            hidden.shape[0], weight, compute_dtype(hidden, weight), chunk_bytes=chunk_bytes, weight_grad=wanted[1]
+        ),
+        max_extra_bytes=max_extra_bytes, not_separable="needs reduction 'mean' or 'sum', got reduction='none'",
+    )
     deferred = None
     if reduction != "mean":
         denominator = torch.ones((), device=hidden.device)

@@ -29,13 +29,12 @@ from ._linear_chunks import (
     valid_token_index,
 )
 from ._row_softmax import RowStats, fold_row_stats_, row_grad_
+from ._strategy import STRATEGIES
 
 if TYPE_CHECKING:
     from ._cross_entropy_options import CrossEntropyTerms
 
 
-#: How a sequence loss forms its gradient (:func:`liger_align.kernels.sequence_objective.choose_strategy`).
-SEQUENCE_STRATEGIES = ("auto", "grad_in_forward", "recompute")
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ class LogitOptions:
 
     ``strategy`` (the sequence losses only; the per-token ops here always recompute): ``"auto"``,
     ``"grad_in_forward"`` (3 products) or ``"recompute"`` (4 products); see
-    :func:`liger_align.kernels.sequence_objective.choose_strategy`.
+    :mod:`liger_align.kernels._strategy`.
     """
 
     ignore_index: int = IGNORE_INDEX
@@ -68,8 +67,8 @@ class LogitOptions:
             raise ValueError(f"logit_scale must be a finite non-zero number, got {self.logit_scale!r}")
         if self.impl not in _IMPLS:
             raise ValueError(f"impl must be one of {list(_IMPLS)}, got {self.impl!r}")
-        if self.strategy not in SEQUENCE_STRATEGIES:
-            raise ValueError(f"strategy must be one of {list(SEQUENCE_STRATEGIES)}, got {self.strategy!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
         for key, value in values.items():
             object.__setattr__(self, key, value)
 
@@ -166,10 +165,14 @@ class LinearTokenObjectiveFunction(torch.autograd.Function):
                 value.index_copy_(0, rows, alpha * (stats.target_logit - lse) + beta * (z_mean - lse))
             else:
                 token_scale = terms.token_scale(stats, lse)
-                factor = 1.0 if token_scale is None else token_scale
-                value.index_copy_(0, rows, terms.value(stats, lse, valid_target, vocab) * factor)
-                if terms.want_z:
-                    z_loss.index_copy_(0, rows, terms.z_scale * lse * lse * factor)
+                token_value = terms.value(stats, lse, valid_target, vocab)
+                z_token = terms.z_scale * lse * lse if terms.want_z else None
+                if token_scale is not None:
+                    token_value = token_value * token_scale
+                    z_token = None if z_token is None else z_token * token_scale
+                value.index_copy_(0, rows, token_value)
+                if z_token is not None:
+                    z_loss.index_copy_(0, rows, z_token)
                 if want_argmax:
                     predicted.index_copy_(0, rows, stats.argmax)
                 if token_scale is not None:

@@ -17,7 +17,7 @@ forward serves one backward (a second one raises).
 Compared with the recomputing base (:mod:`.linear_logprobs`, 4 products) this keeps, between forward
 and backward, grad-hidden ``(N, H)`` and grad-weight ``(V, H)`` in the inputs' dtypes, and needs during
 the forward a ``(C, V)`` logits chunk of at least one whole group and the accumulator's helper buffer.
-:func:`choose_strategy` picks the path by that memory (see its docstring).
+:func:`sequence_strategy` picks the path by that memory (:mod:`._strategy`).
 """
 
 from __future__ import annotations
@@ -27,18 +27,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import check_choice
 from ._dispatch import use_triton
 from ._linear_chunks import chunk_rows, compute_dtype, mm_fp32, project, raise_bad_targets
 from ._row_softmax import RowStats, fold_row_stats_, row_grad_
 from ._scale import save_gradients, scaled_gradients
+from ._strategy import choose_strategy, grad_in_forward_extra_bytes
 from .grad_weight_sum import GradWeightSum
-from .linear_logprobs import SEQUENCE_STRATEGIES, LogitOptions
+from .linear_logprobs import LogitOptions
 
 #: ``L(sum_logps (R,), n_tokens (R,), logit_sum (R,)) -> 0-d loss``, all fp32; must be separable over groups.
 RowObjective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-#: With ``strategy="auto"``, the 3-product path may use at most this fraction of the free device memory.
-FREE_MEMORY_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -207,60 +205,22 @@ def sequence_objective(
     )
 
 
-def three_product_extra_bytes(
-    hidden: torch.Tensor, weight: torch.Tensor, *, group_rows: int, opts: LogitOptions
-) -> int:
-    """Upper bound of the memory the 3-product path needs beyond the recomputing one, in bytes.
-
-    Its logits chunk (at least ``group_rows * T`` tokens, the largest group) and the grad-weight
-    accumulator's helper buffer; grad-hidden and grad-weight exist on both paths. Read from shapes only:
-    no host synchronisation.
-    """
-    rows, length = hidden.shape[0], hidden.shape[1]
-    dtype = compute_dtype(hidden.reshape(-1, hidden.shape[-1]), weight)
-    vocab, width = weight.shape
-    element = torch.empty((), dtype=dtype).element_size()
-    tokens = max(chunk_rows(rows * length, vocab, dtype, opts.chunk_bytes), group_rows * length)
-    logits = min(tokens, rows * length) * vocab * element
-    accumulator = GradWeightSum.extra_bytes(vocab, width, weight.dtype, n_chunks=2) if weight.requires_grad else 0
-    return logits + accumulator
-
-
-def free_device_bytes(device: torch.device) -> int | None:
-    """Memory free for new tensors on ``device`` (driver-free plus cached-unused), or None off CUDA."""
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-
-
-def choose_strategy(
+def sequence_strategy(
     strategy: str, hidden: torch.Tensor, weight: torch.Tensor, *, separable: bool, group_rows: int,
     opts: LogitOptions, max_extra_bytes: int | None = None,
 ) -> str:
-    """``"grad_in_forward"`` (3 products) or ``"recompute"`` (4 products) for a sequence loss.
-
-    ``strategy`` forces a path (``"grad_in_forward"`` needs a separable objective); ``"auto"`` takes the
-    3-product path when the objective is separable, a gradient is wanted, and its extra memory
-    (:func:`three_product_extra_bytes`) is at most ``max_extra_bytes`` (default: no fixed cap) and at most
-    :data:`FREE_MEMORY_FRACTION` of the device memory free now (CUDA), so a job that fits with the
-    recomputing path keeps fitting.
-    """
-    check_choice("strategy", strategy, SEQUENCE_STRATEGIES)
-    if strategy == "grad_in_forward" and not separable:
-        raise ValueError(
-            "strategy='grad_in_forward' needs an objective separable over pairs/rows; this loss configuration is "
-            "not (it couples the batch's rows): use strategy='recompute' or 'auto'"
-        )
-    if strategy != "auto":
-        return strategy
+    """``"grad_in_forward"`` (3 products) or ``"recompute"`` (4 products) for a sequence loss on
+    ``hidden (R, T, H)``: :func:`~._strategy.choose_strategy` with a chunk of at least ``group_rows`` whole rows."""
+    rows, length = hidden.shape[0], hidden.shape[1]
+    dtype = compute_dtype(hidden.reshape(-1, hidden.shape[-1]), weight)
     wanted = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    if not (separable and wanted):
-        return "recompute"
-    extra = three_product_extra_bytes(hidden, weight, group_rows=group_rows, opts=opts)
-    if max_extra_bytes is not None and extra > max_extra_bytes:
-        return "recompute"
-    free = free_device_bytes(hidden.device)
-    if free is not None and extra > FREE_MEMORY_FRACTION * free:
-        return "recompute"
-    return "grad_in_forward"
+    extra = grad_in_forward_extra_bytes(
+        rows * length, weight, dtype, group_tokens=group_rows * length, chunk_bytes=opts.chunk_bytes,
+        weight_grad=weight.requires_grad,
+    )
+    return choose_strategy(
+        strategy, separable=separable, wanted=wanted, extra_bytes=extra, device=hidden.device,
+        max_extra_bytes=max_extra_bytes,
+        not_separable="needs an objective separable over pairs/rows; this loss configuration is not (it couples the "
+                      "batch's rows): use strategy='recompute' or 'auto'",
+    )

@@ -25,7 +25,7 @@ class LogitKwargs(TypedDict, total=False):
     (None), ``logit_scale`` (1.0): ``z = softcap * tanh(logit_scale * raw / softcap) / temperature``.
     ``chunk_bytes`` (512 MiB): budget of one logits buffer. ``impl`` (None): ``"triton"``/``"torch"``
     forces a path. ``strategy`` (``"auto"``): ``"grad_in_forward"`` (3 products) or ``"recompute"``
-    (4 products), see :func:`liger_align.kernels.sequence_objective.choose_strategy`.
+    (4 products), see :func:`liger_align.kernels.sequence_objective.sequence_strategy`.
     """
 
     ignore_index: int

@@ -12,7 +12,7 @@ import torch
 
 from ..kernels import check_linear_inputs
 from ..kernels.linear_logprobs import LogitOptions, linear_token_objective
-from ..kernels.sequence_objective import choose_strategy, sequence_objective
+from ..kernels.sequence_objective import sequence_objective, sequence_strategy
 
 #: The losses' names of ``(hidden, weight, target, bias)``, as their error messages spell them.
 POLICY_NAMES = ("hidden", "lin_weight", "target", "bias")
@@ -117,7 +117,7 @@ def fused_sequence_loss(
     row with its NLL rows); ``separable``: whether ``objective`` is a sum over those groups (given the
     token counts, which are known up front) — only then can the gradient be formed chunk by chunk
     (:mod:`liger_align.kernels.sequence_objective`). ``strategy``: ``"auto"`` (by memory, see
-    :func:`~liger_align.kernels.sequence_objective.choose_strategy`), ``"grad_in_forward"`` (3 products)
+    :func:`~liger_align.kernels.sequence_objective.sequence_strategy`), ``"grad_in_forward"`` (3 products)
     or ``"recompute"`` (4 products, any objective, several backwards allowed). ``metrics(stats, out)``
     (optional) completes ``objective``'s detached outputs once, after the pass: the place for metrics that
     would cost a host synchronisation (boolean indexing), since the 3-product path evaluates ``objective``
@@ -125,7 +125,7 @@ def fused_sequence_loss(
     """
     check_linear_inputs(hidden.reshape(-1, hidden.shape[-1]), weight, target.reshape(-1), bias, names=names)
     group_rows = max(row_groups.count(g) for g in set(row_groups)) if row_groups else 1
-    path = choose_strategy(strategy, hidden, weight, separable=separable, group_rows=group_rows, opts=opts)
+    path = sequence_strategy(strategy, hidden, weight, separable=separable, group_rows=group_rows, opts=opts)
     if path == "recompute":
         stats = sequence_stats(hidden, weight, target, bias, opts, names=names)
         loss, out = objective(stats)

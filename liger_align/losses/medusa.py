@@ -32,8 +32,7 @@ import torch
 from torch import nn
 
 from .._tokens import IGNORE_INDEX
-from ..kernels import DEFAULT_CHUNK_BYTES
-from ..kernels.fused_linear_cross_entropy import STRATEGIES, fused_linear_cross_entropy
+from ..kernels import DEFAULT_CHUNK_BYTES, STRATEGIES, fused_linear_cross_entropy
 from ..kernels.grad_weight_sum import GradWeightSum
 from ._medusa_weights import SCHEDULERS, check_scheduler, medusa_loss_weights, medusa_schedule
 

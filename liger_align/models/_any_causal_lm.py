@@ -8,9 +8,9 @@ loss that :func:`probe_fused_head` rebuilds from the backbone's hidden states mu
 own. ``transform`` is what the config declares (Cohere's ``logit_scale``, Granite's ``logits_scaling``,
 Gemma 2's soft-capping, see :func:`~.head_call.logit_options`).
 
-:func:`fused_any_causal_lm_forward`, set on the instance, then runs the fused loss when training with
-labels (or with ``logprob_targets``) and the model's own forward otherwise (evaluation, generation), so
-nothing but the training loss path changes. A model the probe cannot prove (meta or sharded weights,
+The proven model then gets the SFT handler of its fused forward (:mod:`.fused_forward`): the fused loss
+when training with labels (or given ``logprob_targets``), the model's own forward otherwise (evaluation,
+generation), so nothing but the training loss path changes. A model the probe cannot prove (meta or sharded weights,
 another head, a forward that computes something else) keeps its own forward; the reason is returned.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -74,6 +73,8 @@ def _fused_call(lm: nn.Module, named: dict[str, Any], out_cls: type, *, fuse: bo
 
 def _bind(lm: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The call's arguments by name, as the model's own forward takes them (its ``**kwargs`` flattened in)."""
+    kwargs = dict(kwargs)
+    logprob_targets = kwargs.pop("logprob_targets", None)
     signature = inspect.signature(type(lm).forward)
     bound = signature.bind(lm, *args, **kwargs)
     named = dict(bound.arguments)
@@ -83,25 +84,25 @@ def _bind(lm: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
             named.update(named.pop(name, {}))
         elif param.kind is inspect.Parameter.VAR_POSITIONAL and named.pop(name, ()):
             raise TypeError(f"{type(lm).__name__}.forward got extra positional arguments; pass them by name")
+    named["logprob_targets"] = logprob_targets
     return named
 
 
-def make_fused_forward(out_cls: type) -> Callable[..., Any]:
-    """The instance forward for a probed model whose own forward returns ``out_cls`` (``logps`` is added)."""
+def wants_fused_loss(lm: nn.Module, kwargs: dict[str, Any]) -> bool:
+    """The SFT handler's trigger: ``logprob_targets``, or labels (or ``shift_labels``) while training."""
+    labelled = kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None
+    return kwargs.get("logprob_targets") is not None or (lm.training and labelled)
+
+
+def fused_loss_handler(out_cls: type) -> Callable[[nn.Module, tuple, dict[str, Any]], Any]:
+    """The SFT handler's ``run`` for a probed model whose own forward returns ``out_cls`` (``logps`` is added)."""
     fused_cls = _with_logps(out_cls)
 
-    def fused_any_causal_lm_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        """The fused loss when training with labels or given ``logprob_targets``; the model's own forward otherwise."""
-        labelled = kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None
-        if kwargs.get("logprob_targets") is None and not (self.training and labelled):
-            kwargs.pop("logprob_targets", None)
-            return type(self).forward(self, *args, **kwargs)
-        return_dict = kwargs.get("return_dict")
-        out = _fused_call(self, _bind(self, args, kwargs), fused_cls)
-        return out.to_tuple() if return_dict is False else out
+    def run(lm: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+        out = _fused_call(lm, _bind(lm, args, kwargs), fused_cls)
+        return out.to_tuple() if kwargs.get("return_dict") is False else out
 
-    fused_any_causal_lm_forward._liger_align = True  # type: ignore[attr-defined]
-    return fused_any_causal_lm_forward
+    return run
 
 
 def _close(got: torch.Tensor | None, want: torch.Tensor | None) -> bool:
@@ -114,7 +115,9 @@ def _close(got: torch.Tensor | None, want: torch.Tensor | None) -> bool:
 
 
 def probe_fused_head(lm: nn.Module) -> tuple[Callable[..., Any] | None, str]:
-    """``(forward, "")`` when ``lm``'s own forward is proven to be the fused one's, else ``(None, reason)``.
+    """``(run, "")`` when ``lm``'s own forward is proven to be the fused one's, else ``(None, reason)``.
+
+    ``run`` is the handler of :func:`wants_fused_loss` calls, for :func:`~.fused_forward.install_handler`.
 
     ``lm`` is the transformers model (PEFT unwrapped). Its training mode and the global random state
     are left as they were.
@@ -153,4 +156,4 @@ def probe_fused_head(lm: nn.Module) -> tuple[Callable[..., Any] | None, str]:
         return None, f"{name}.forward computes other logits than its lm_head on the last hidden state"
     if not _close(got_loss, want.loss):
         return None, f"{name}.forward's loss is not the cross-entropy of its logits"
-    return types.MethodType(make_fused_forward(out_cls), lm), ""
+    return fused_loss_handler(out_cls), ""

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ._any_causal_lm import probe_fused_head
+from ._any_causal_lm import probe_fused_head, wants_fused_loss
 from ._families import _forward_slot, patch_rope_function
 from ._handle import PatchHandle
 from ._layers import (
@@ -41,6 +41,7 @@ from ._layers import (
     uses_tanh_gelu,
 )
 from ._module_functions import parameter_names, plain_function
+from .fused_forward import install_handler
 from .head_call import unwrap_peft
 
 _TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -171,11 +172,11 @@ def patch_generic(model: nn.Module, *, rope: bool = True, rms_norm: bool = True,
         if rope:
             _generic_rope(handle, base)
     if fused_linear_cross_entropy:
-        forward, why = probe_fused_head(base)
-        if forward is None:
+        run, why = probe_fused_head(base)
+        if run is None:
             handle.skipped.append(f"the fused loss ({why}; the logits are still built)")
         else:
-            handle.add(base, _forward_slot(base), forward, f"{type(base).__name__}.forward")
+            handle.extend(install_handler(base, "sft", wants_fused_loss, run, last=True))
     return handle
 
 

@@ -88,6 +88,16 @@ class PatchHandle:
         self._undos.append(patch_attr(owner, name, new))
         self.patched.append(label)
 
+    def on_revert(self, undo: Callable[[], None]) -> None:
+        """Run ``undo`` when the handle reverts (before the attribute patches added earlier are undone)."""
+        self._undos.append(undo)
+
+    def extend(self, other: PatchHandle) -> None:
+        """Take over ``other``'s patches (reverted with this handle, after the ones added before)."""
+        self.patched.extend(other.patched)
+        self._undos.extend(other._undos)
+        other.patched, other._undos = [], []
+
     def summary(self) -> str:
         """E.g. ``"gemma2: 12 patched (model.layers.*.mlp.forward x2, ...); not patched: ..."``."""
         groups = Counter(re.sub(r"\.\d+\.", ".*.", label) for label in self.patched)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +14,7 @@ from transformers.utils import ModelOutput
 
 from .._tokens import IGNORE_INDEX
 from ..losses.medusa import HeadFn, HeadRunner, fused_linear_medusa_loss
+from .fused_forward import install_handler
 from .head_call import (
     backbone,
     backbone_hidden,
@@ -24,8 +24,6 @@ from .head_call import (
     logit_options,
     output_head,
 )
-
-_INSTALLED = "_liger_align_medusa_forward"
 
 
 class ResBlock(nn.Module):
@@ -184,38 +182,37 @@ def _run_head(head: MedusaHead, rows: torch.Tensor, fn: HeadFn) -> Any:
     return head(rows, fn)
 
 
+_MEDUSA_KEYWORDS = ("medusa_labels", "medusa_weights", "medusa_num_items", "medusa_freeze_backbone",
+                    "medusa_ignore_index", "medusa_chunk_bytes", "medusa_strategy", "medusa_materialize_logits")
+
+
+def _wants_medusa(lm: nn.Module, kwargs: dict[str, Any]) -> bool:
+    return kwargs.get("medusa_labels") is not None
+
+
+def _run_medusa(lm: nn.Module, args: tuple, kwargs: dict[str, Any]) -> MedusaCausalLMOutput:
+    """With ``medusa_labels (B, T)`` (unshifted): the backbone, then Medusa's weighted loss over the model's
+    head and every Medusa head (``medusa_weights``: ``K + 1`` values, default all 1; ``medusa_num_items``:
+    scalar or ``(K+1,)`` denominators; ``medusa_materialize_logits``: Medusa's own logits path, for
+    comparison)."""
+    options = {k: kwargs.pop(k) for k in _MEDUSA_KEYWORDS if k in kwargs}
+    labels = options["medusa_labels"]
+    with torch.no_grad() if options.get("medusa_freeze_backbone", False) else contextlib.nullcontext():
+        hidden, _ = backbone_hidden(lm, args, backbone_kwargs(kwargs))
+    runners = medusa_head_runners(lm)
+    weights = options.get("medusa_weights")
+    weights = [1.0] * len(runners) if weights is None else list(weights)
+    result = fused_linear_medusa_loss(
+        hidden, labels.to(hidden.device), runners, weights,
+        ignore_index=options.get("medusa_ignore_index", IGNORE_INDEX), num_items_in_batch=options.get(
+            "medusa_num_items"), chunk_bytes=options.get("medusa_chunk_bytes"),
+        strategy=options.get("medusa_strategy", "auto"),
+        materialize_logits=options.get("medusa_materialize_logits", False), **logit_options(lm),
+    )
+    return MedusaCausalLMOutput(**result._asdict())
+
+
 def _install_forward(lm: nn.Module) -> None:
-    """Give ``lm`` the Medusa forward (idempotent); without ``medusa_labels`` it calls the previous forward."""
-    current = lm.__dict__.get("forward")
-    if current is not None and getattr(current, _INSTALLED, False):
-        return
-    original = lm.forward
-
-    @functools.wraps(type(lm).forward)
-    def forward(
-        self: nn.Module, *args: Any, medusa_labels: torch.Tensor | None = None,
-        medusa_weights: Sequence[float] | None = None, medusa_num_items: Any = None,
-        medusa_freeze_backbone: bool = False, medusa_ignore_index: int = IGNORE_INDEX,
-        medusa_chunk_bytes: int | None = None, medusa_strategy: str = "auto",
-        medusa_materialize_logits: bool = False, **kwargs: Any,
-    ) -> Any:
-        """Without ``medusa_labels``: the model's own forward. With ``medusa_labels (B, T)`` (unshifted):
-        backbone, then Medusa's weighted loss over the model's head and every Medusa head
-        (``medusa_weights``: ``K + 1`` values, default all 1; ``medusa_num_items``: scalar or ``(K+1,)``
-        denominators; ``medusa_materialize_logits``: Medusa's own logits path, for comparison). Returns
-        :class:`MedusaCausalLMOutput`."""
-        if medusa_labels is None:
-            return original(*args, **kwargs)
-        with torch.no_grad() if medusa_freeze_backbone else contextlib.nullcontext():
-            hidden, _ = backbone_hidden(self, args, backbone_kwargs(kwargs))
-        runners = medusa_head_runners(self)
-        weights = [1.0] * len(runners) if medusa_weights is None else list(medusa_weights)
-        result = fused_linear_medusa_loss(
-            hidden, medusa_labels.to(hidden.device), runners, weights, ignore_index=medusa_ignore_index,
-            num_items_in_batch=medusa_num_items, chunk_bytes=medusa_chunk_bytes, strategy=medusa_strategy,
-            materialize_logits=medusa_materialize_logits, **logit_options(self),
-        )
-        return MedusaCausalLMOutput(**result._asdict())
-
-    setattr(forward, _INSTALLED, True)
-    lm.forward = types.MethodType(forward, lm)
+    """Add the Medusa handler to ``lm``'s fused forward (idempotent); without ``medusa_labels`` the model's own
+    forward runs."""
+    install_handler(lm, "medusa", _wants_medusa, _run_medusa)

@@ -2,7 +2,7 @@
 
 - :class:`LigerTrainerMixin`: ``use_liger_kernel_patches``, the input checks before TRL tokenises,
   the model patches (before PEFT wraps a model given as an instance), the fused forward
-  (:mod:`._fused_forward`), the head call under the accelerator's autocast, and TRL's paired metrics.
+  handlers (:mod:`._head_forward`), the head call under the accelerator's autocast, and TRL's paired metrics.
 - :func:`with_flag_signature`: the parent's constructor signature plus the keyword.
 - :func:`position_logit_means`: TRL's ``logits/*`` metrics from the hidden states, without logits.
 """
@@ -20,9 +20,8 @@ from torch import nn
 from .._tokens import IGNORE_INDEX, next_token_targets
 from ..models import apply_liger_kernel
 from ..models.head_call import causal_lm, check_head_not_adapted
-from ._fused_forward import install_fused_forward
+from ._head_forward import install_trainer_forward, liger_fused_lm_head_for
 from ._inputs import bound_arguments, check_config, check_datasets
-from ._trl_protocol import liger_fused_lm_head_for
 
 
 def apply_model_patches(model: nn.Module | None) -> Any:
@@ -33,7 +32,7 @@ def apply_model_patches(model: nn.Module | None) -> Any:
     if model is None:
         return None
     lm = causal_lm(model)
-    # The causal-LM forward is ours (install_fused_forward); only the layer kernels are wanted.
+    # The causal-LM forward's fused handlers are the trainers' (install_trainer_forward); only the layers here.
     return apply_liger_kernel(lm, fused_linear_cross_entropy=False)
 
 
@@ -97,7 +96,7 @@ class LigerTrainerMixin:
                 continue
             check_head_not_adapted(model)
             self._liger_patch(model)
-            install_fused_forward(causal_lm(model), outputs=outputs)
+            install_trainer_forward(causal_lm(model), outputs=outputs)
 
     def _liger_head_forward(
         self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, head: Callable[..., Any]
