@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _runner  # noqa: E402
 
-from liger_align.kernels import grad_weight_sum as gws  # noqa: E402
+from liger_align.kernels.head import grad_weight_sum as gws  # noqa: E402
 
 NAME = "grad_weight_sum"
 

@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _runner  # noqa: E402
 from _models import model_config  # noqa: E402
 
-from liger_align.kernels.rms_norm import rms_norm  # noqa: E402
-from liger_align.kernels.rope import rope  # noqa: E402
-from liger_align.kernels.swiglu import swiglu  # noqa: E402
+from liger_align.kernels.layers.rms_norm import rms_norm  # noqa: E402
+from liger_align.kernels.layers.rope import rope  # noqa: E402
+from liger_align.kernels.layers.swiglu import swiglu  # noqa: E402
 
 MIB = 2**20
 SIZES = {  # name: (hidden, intermediate, q heads, kv heads, head_dim)

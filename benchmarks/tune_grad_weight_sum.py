@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from liger_align.kernels import grad_weight_sum as gws  # noqa: E402
+from liger_align.kernels.head import grad_weight_sum as gws  # noqa: E402
 
 
 def main() -> None:

@@ -150,7 +150,7 @@ def check_num_items(value: Any, device: torch.device) -> tuple[torch.Tensor, tor
     Returns ``(denominator, deferred)``. A Python or numpy number and a CPU tensor are checked here.
     A tensor on an accelerator is returned as ``deferred`` too: reading it here would add a host
     synchronisation, so the caller folds its check into the one it already makes (the valid-token
-    count, see :func:`liger_align.kernels._linear_chunks.valid_token_index`).
+    count, see :func:`liger_align.kernels.head._linear_chunks.valid_token_index`).
     """
     name = "num_items_in_batch"
     if isinstance(value, torch.Tensor):

@@ -63,7 +63,7 @@ def count_products(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     Returns the list of the ``(rows, vocabulary columns)`` of every product, so ``len(...)`` is the number
     of chunks or slices that ran.
     """
-    from liger_align.kernels import _linear_chunks  # loads the kernel modules too
+    from liger_align.kernels.head import _linear_chunks  # loads the kernel modules too
 
     real = _linear_chunks.project
     calls: list[tuple[int, int]] = []

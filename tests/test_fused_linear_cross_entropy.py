@@ -136,7 +136,7 @@ def test_bad_shapes():
 def test_auto_strategy_respects_the_extra_memory_budget(monkeypatch):
     import importlib
 
-    module = importlib.import_module("liger_align.kernels.fused_linear_cross_entropy")
+    module = importlib.import_module("liger_align.kernels.head.fused_linear_cross_entropy")
 
     calls = []
     real = module.linear_token_objective

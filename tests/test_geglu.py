@@ -14,7 +14,7 @@ from transformers import GemmaConfig
 from transformers.activations import ACT2FN
 from transformers.models.gemma.modeling_gemma import GemmaMLP
 
-from liger_align.kernels.geglu import geglu
+from liger_align.kernels.layers.geglu import geglu
 from liger_align.models._layers import geglu_mlp_forward, uses_tanh_gelu
 
 

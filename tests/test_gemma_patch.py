@@ -124,9 +124,9 @@ def test_bf16_loss_close(model_type):
 def test_triton_interpreter_whole_model(model_type, monkeypatch):
     """The Triton kernels (interpreter on CPU) inside the model: same loss and gradients, each kernel used."""
     skip_unless_path("cpu", "triton")
-    from liger_align.kernels.geglu import GeGLUFunction
-    from liger_align.kernels.rms_norm import RMSNormFunction
-    from liger_align.kernels.rope import RoPEFunction
+    from liger_align.kernels.layers.geglu import GeGLUFunction
+    from liger_align.kernels.layers.rms_norm import RMSNormFunction
+    from liger_align.kernels.layers.rope import RoPEFunction
 
     launches: dict[str, int] = {}
     for fn in (GeGLUFunction, RMSNormFunction, RoPEFunction):

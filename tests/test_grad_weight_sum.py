@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from liger_align.kernels import _dispatch
-from liger_align.kernels import grad_weight_sum as gws_module
-from liger_align.kernels.grad_weight_sum import GradWeightSum
+from liger_align.kernels.head import grad_weight_sum as gws_module
+from liger_align.kernels.head.grad_weight_sum import GradWeightSum
 
 
 def make_chunks(vocab, hidden, rows, n_chunks, dtype, *, device="cpu", seed=1234):

@@ -8,7 +8,7 @@ from _helpers import PATHS, skip_unless_path
 from _reference import TOLERANCE, rel_err
 
 from liger_align.kernels import layer_norm
-from liger_align.kernels.layer_norm import layer_norm_torch
+from liger_align.kernels.layers.layer_norm import layer_norm_torch
 
 
 def _reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:

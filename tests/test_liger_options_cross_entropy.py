@@ -80,7 +80,7 @@ def _count_products(monkeypatch) -> list[int]:
     """Count the logits products (one per token chunk or vocabulary slice) of both strategies."""
     calls: list[int] = []
     for name in ("fused_linear_cross_entropy", "linear_logprobs"):  # the package's names are its functions
-        module = importlib.import_module(f"liger_align.kernels.{name}")
+        module = importlib.import_module(f"liger_align.kernels.head.{name}")
         real = module.project
         monkeypatch.setattr(module, "project", lambda *a, _real=real: calls.append(1) or _real(*a))
     return calls
@@ -242,7 +242,7 @@ class _LaunchRecorder:
 def test_kernels_compile_an_option_only_when_it_is_on(strategy, options, stats_flags, grad_flags, monkeypatch):
     if not triton_runs_on("cpu"):
         pytest.skip("Triton's interpreter is not on")
-    row_softmax = importlib.import_module("liger_align.kernels._row_softmax")
+    row_softmax = importlib.import_module("liger_align.kernels.head._row_softmax")
     launched: dict[str, list[dict]] = {"stats": [], "grad": []}
     monkeypatch.setattr(row_softmax, "_row_stats_kernel", _LaunchRecorder(row_softmax._row_stats_kernel,
                                                                           launched["stats"]))

@@ -276,9 +276,9 @@ def test_non_silu_mlp_is_not_patched():
 def test_triton_interpreter_whole_model(monkeypatch):
     """The Triton kernels (interpreter on CPU) inside the model: same loss and gradients."""
     skip_unless_path("cpu", "triton")
-    from liger_align.kernels.rms_norm import RMSNormFunction
-    from liger_align.kernels.rope import RoPEFunction
-    from liger_align.kernels.swiglu import SwiGLUFunction
+    from liger_align.kernels.layers.rms_norm import RMSNormFunction
+    from liger_align.kernels.layers.rope import RoPEFunction
+    from liger_align.kernels.layers.swiglu import SwiGLUFunction
 
     launches = {}
     for fn in (RMSNormFunction, RoPEFunction, SwiGLUFunction):

@@ -21,7 +21,7 @@ from transformers import (
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.models.qwen2_vl import modeling_qwen2_vl
 
-from liger_align.kernels.rope import rope
+from liger_align.kernels.layers.rope import rope
 from liger_align.models import apply_liger_kernel
 from liger_align.models._vision_layers import LigerLayerNorm, layer_norm_forward, make_vision_rope_function
 from liger_align.models.qwen2_vl import (

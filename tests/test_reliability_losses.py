@@ -13,7 +13,7 @@ from _helpers import leaf_copies
 from _reference import rel_err
 
 from liger_align.kernels import _dispatch, fused_linear_cross_entropy, linear_logprobs, rms_norm
-from liger_align.kernels._linear_chunks import valid_token_index
+from liger_align.kernels.head._linear_chunks import valid_token_index
 from liger_align.losses import (
     LigerFusedLinearCPOLoss,
     LigerFusedLinearDPOLoss,
@@ -269,7 +269,7 @@ def test_fused_orpo_with_a_vocabulary_of_one_and_a_certain_completion_is_finite(
 def test_default_cross_entropy_does_no_gradient_work_when_nothing_needs_it(monkeypatch) -> None:
     import importlib
 
-    module = importlib.import_module("liger_align.kernels.fused_linear_cross_entropy")
+    module = importlib.import_module("liger_align.kernels.head.fused_linear_cross_entropy")
     calls = []
     real_grad, real_chunks = module.row_grad_, module.TokenChunkGrads
     monkeypatch.setattr(module, "row_grad_", lambda *a, **k: calls.append("row_grad") or real_grad(*a, **k))

@@ -8,7 +8,7 @@ from _helpers import PATHS, skip_unless_path
 from _reference import TOLERANCE, rel_err
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from liger_align.kernels.rms_norm import rms_norm
+from liger_align.kernels.layers.rms_norm import rms_norm
 
 
 def _hf_reference(x: torch.Tensor, weight: torch.Tensor, eps: float):

@@ -11,7 +11,7 @@ from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 
-from liger_align.kernels.rms_norm import rms_norm
+from liger_align.kernels.layers.rms_norm import rms_norm
 from liger_align.models._layers import gemma_rms_norm_forward
 
 GEMMA_NORMS = [GemmaRMSNorm, Gemma2RMSNorm, Gemma3RMSNorm]

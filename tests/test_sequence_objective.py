@@ -13,8 +13,8 @@ from _helpers import count_products
 from _reference import reference_logits
 from conftest import triton_runs_on
 
-from liger_align.kernels import sequence_objective as so
-from liger_align.kernels.linear_logprobs import LogitOptions
+from liger_align.kernels.head import sequence_objective as so
+from liger_align.kernels.head.linear_logprobs import LogitOptions
 
 IGNORE = -100
 

@@ -12,7 +12,7 @@ from transformers import LlamaConfig
 from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from liger_align.kernels.swiglu import swiglu
+from liger_align.kernels.layers.swiglu import swiglu
 from liger_align.models._layers import swiglu_mlp_forward
 
 

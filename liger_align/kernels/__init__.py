@@ -7,15 +7,15 @@
 - :func:`layer_norm`: LayerNorm with optional bias (vision towers, e.g. Qwen2-VL).
 """
 
-from ._linear_chunks import DEFAULT_CHUNK_BYTES, check_linear_inputs
-from ._strategy import STRATEGIES
-from .fused_linear_cross_entropy import CrossEntropyOutput, fused_linear_cross_entropy
-from .geglu import geglu
-from .layer_norm import layer_norm
-from .linear_logprobs import LinearLogProbs, LogitOptions, linear_logprobs
-from .rms_norm import rms_norm
-from .rope import rope
-from .swiglu import swiglu
+from .head._linear_chunks import DEFAULT_CHUNK_BYTES, check_linear_inputs
+from .head._strategy import STRATEGIES
+from .head.fused_linear_cross_entropy import CrossEntropyOutput, fused_linear_cross_entropy
+from .head.linear_logprobs import LinearLogProbs, LogitOptions, linear_logprobs
+from .layers.geglu import geglu
+from .layers.layer_norm import layer_norm
+from .layers.rms_norm import rms_norm
+from .layers.rope import rope
+from .layers.swiglu import swiglu
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",

@@ -12,7 +12,7 @@ import torch
 from typing_extensions import Unpack
 
 from ..kernels import check_linear_inputs
-from ..kernels.linear_logprobs import LogitOptions
+from ..kernels.head.linear_logprobs import LogitOptions
 from ._sequences import SequenceStats, sequence_stats
 
 REF_NAMES = ("ref_hidden", "ref_weight", "target", "ref_bias")
@@ -25,7 +25,7 @@ class LogitKwargs(TypedDict, total=False):
     (None), ``logit_scale`` (1.0): ``z = softcap * tanh(logit_scale * raw / softcap) / temperature``.
     ``chunk_bytes`` (512 MiB): budget of one logits buffer. ``impl`` (None): ``"triton"``/``"torch"``
     forces a path. ``strategy`` (``"auto"``): ``"grad_in_forward"`` (3 products) or ``"recompute"``
-    (4 products), see :func:`liger_align.kernels.sequence_objective.sequence_strategy`.
+    (4 products), see :func:`liger_align.kernels.head.sequence_objective.sequence_strategy`.
     """
 
     ignore_index: int

@@ -11,8 +11,8 @@ from typing import Any, NamedTuple
 import torch
 
 from ..kernels import check_linear_inputs
-from ..kernels.linear_logprobs import LogitOptions, linear_token_objective
-from ..kernels.sequence_objective import sequence_objective, sequence_strategy
+from ..kernels.head.linear_logprobs import LogitOptions, linear_token_objective
+from ..kernels.head.sequence_objective import sequence_objective, sequence_strategy
 
 #: The losses' names of ``(hidden, weight, target, bias)``, as their error messages spell them.
 POLICY_NAMES = ("hidden", "lin_weight", "target", "bias")
@@ -116,8 +116,8 @@ def fused_sequence_loss(
     ``row_groups`` ``(R,)``: the group of each row (rows whose gradients couple: a pair, ORPO's chosen
     row with its NLL rows); ``separable``: whether ``objective`` is a sum over those groups (given the
     token counts, which are known up front) — only then can the gradient be formed chunk by chunk
-    (:mod:`liger_align.kernels.sequence_objective`). ``strategy``: ``"auto"`` (by memory, see
-    :func:`~liger_align.kernels.sequence_objective.sequence_strategy`), ``"grad_in_forward"`` (3 products)
+    (:mod:`liger_align.kernels.head.sequence_objective`). ``strategy``: ``"auto"`` (by memory, see
+    :func:`~liger_align.kernels.head.sequence_objective.sequence_strategy`), ``"grad_in_forward"`` (3 products)
     or ``"recompute"`` (4 products, any objective, several backwards allowed). ``metrics(stats, out)``
     (optional) completes ``objective``'s detached outputs once, after the pass: the place for metrics that
     would cost a host synchronisation (boolean indexing), since the 3-product path evaluates ``objective``

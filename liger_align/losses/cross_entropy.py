@@ -7,7 +7,7 @@ import torch
 from .._checks import check_choice, check_flag, check_non_negative, check_real
 from .._tokens import IGNORE_INDEX
 from ..kernels import CrossEntropyOutput
-from ..kernels.fused_linear_cross_entropy import REDUCTIONS, fused_linear_cross_entropy
+from ..kernels.head.fused_linear_cross_entropy import REDUCTIONS, fused_linear_cross_entropy
 from ._module import FusedLossModule
 
 
@@ -24,7 +24,7 @@ class LigerFusedLinearCrossEntropyLoss(FusedLossModule):
     (z-loss), ``return_z_loss``, ``return_token_accuracy``, ``use_token_scaling`` (each token's loss times
     its detached target probability), ``return_predicted_tokens`` (argmax ids, -1 where ignored),
     ``label_smoothing``, ``softcap``; see
-    :func:`liger_align.kernels.fused_linear_cross_entropy` for their exact semantics. The first seven
+    :func:`liger_align.kernels.head.fused_linear_cross_entropy` for their exact semantics. The first seven
     arguments come in Liger-Kernel's order; the others are keyword-only.
     """
 

@@ -17,7 +17,7 @@ averages, then do not divide again (the same loss under ``reverse_kl``; under an
 average is taken before ``f`` instead of after), and ``sft`` stays the NLL averaged over chosen tokens.
 
 Who uses this module: custom training loops. ``LigerDPOTrainer`` does not: it runs TRL's own
-DPO loss code over our per-token log-probs (:func:`liger_align.kernels.linear_logprobs`, through TRL's
+DPO loss code over our per-token log-probs (:func:`liger_align.kernels.head.linear_logprobs`, through TRL's
 fused-LM-head protocol); see docs/ARCHITECTURE.md.
 """
 

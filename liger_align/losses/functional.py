@@ -7,7 +7,7 @@ and ``fused_linear_medusa_loss``); the modules keep Liger-Kernel's call order ``
 
 from __future__ import annotations
 
-from ..kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from ..kernels.head.fused_linear_cross_entropy import fused_linear_cross_entropy
 from .cpo import fused_linear_cpo_loss, fused_linear_simpo_loss
 from .dpo import fused_linear_dpo_loss
 from .kto import fused_linear_kto_loss

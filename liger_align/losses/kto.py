@@ -15,7 +15,7 @@ and ``ref_kl_hidden``). Precomputed ``ref_logps``, ``ref_kl_logps`` and ``kl`` a
 A precomputed ``kl`` is clamped at 0 as TRL does (Liger-Kernel uses it unclamped).
 
 Who uses this module: custom training loops. ``LigerKTOTrainer`` does not: it runs TRL's own
-KTO loss code over our per-token log-probs (:func:`liger_align.kernels.linear_logprobs`, through TRL's
+KTO loss code over our per-token log-probs (:func:`liger_align.kernels.head.linear_logprobs`, through TRL's
 fused-LM-head protocol); see docs/ARCHITECTURE.md.
 """
 
@@ -28,7 +28,7 @@ from typing_extensions import Unpack
 
 from .._checks import check_choice, check_flag, check_non_negative, check_positive, check_real
 from .._tokens import IGNORE_INDEX
-from ..kernels.linear_logprobs import LogitOptions
+from ..kernels.head.linear_logprobs import LogitOptions
 from ._module import FusedLossModule
 from ._paired import (
     LogitKwargs,

@@ -33,7 +33,7 @@ from torch import nn
 
 from .._tokens import IGNORE_INDEX
 from ..kernels import DEFAULT_CHUNK_BYTES, STRATEGIES, fused_linear_cross_entropy
-from ..kernels.grad_weight_sum import GradWeightSum
+from ..kernels.head.grad_weight_sum import GradWeightSum
 from ._medusa_weights import SCHEDULERS, check_scheduler, medusa_loss_weights, medusa_schedule
 
 __all__ = [
@@ -145,7 +145,7 @@ def fused_linear_medusa_loss(
             accumulation): a scalar for every head or a ``(K+1,)`` sequence of per-head counts; default:
             each head's own valid-target count in this batch.
         softcap, logit_scale: the model's logit transform, applied to head 0 only (Medusa heads are linear).
-        chunk_bytes, strategy, impl: as in :func:`~liger_align.kernels.fused_linear_cross_entropy`;
+        chunk_bytes, strategy, impl: as in :func:`~liger_align.kernels.head.fused_linear_cross_entropy`;
             ``chunk_bytes=None`` puts a head's valid rows in one chunk when that needs less memory than
             token chunks with :class:`GradWeightSum`'s buffer (:func:`_single_chunk_bytes`).
         materialize_logits: compute every head's loss from its ``(M_k, V)`` logits and an fp32

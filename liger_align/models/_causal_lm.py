@@ -3,12 +3,12 @@
 Training with ``labels`` (``model.train()``): the loss is Hugging Face's ``ForCausalLMLoss`` (labels
 shifted left by one and padded with ``-100``, or ``shift_labels`` as given; mean over valid tokens,
 or ``sum / num_items_in_batch`` when the trainer passes ``num_items_in_batch``), computed by
-:func:`~liger_align.kernels.fused_linear_cross_entropy` straight from the last hidden states, and
+:func:`~liger_align.kernels.head.fused_linear_cross_entropy` straight from the last hidden states, and
 ``logits`` is ``None``.
 
 ``logprob_targets (B, T)``: the output's ``logps (B, T)`` fp32 holds ``log softmax(logits)[b, t,
 target[b, t]]`` (no shift: position ``t``'s own distribution), 0 where ``target == -100``, from
-:func:`~liger_align.kernels.linear_logprobs`; ``logits`` is ``None`` (train or eval).
+:func:`~liger_align.kernels.head.linear_logprobs`; ``logits`` is ``None`` (train or eval).
 
 Otherwise (eval, or no labels) the forward returns the logits exactly as before.
 

@@ -13,10 +13,10 @@ from typing import Callable
 
 import torch
 
-from ..kernels.geglu import geglu
-from ..kernels.rms_norm import rms_norm
-from ..kernels.rope import rope
-from ..kernels.swiglu import swiglu
+from ..kernels.layers.geglu import geglu
+from ..kernels.layers.rms_norm import rms_norm
+from ..kernels.layers.rope import rope
+from ..kernels.layers.swiglu import swiglu
 
 SILU_NAMES = ("silu", "swish")
 # transformers' activation modules computing 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3))):
@@ -36,7 +36,7 @@ def _eps(norm: torch.nn.Module) -> float:
 
 @_mark
 def rms_norm_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """``<Family>RMSNorm.forward``: ``(..., H) -> (..., H)`` through :func:`~liger_align.kernels.rms_norm.rms_norm`."""
+    """``<Family>RMSNorm.forward``: ``(..., H) -> (..., H)`` through :func:`~liger_align.kernels.rms_norm`."""
     return rms_norm(hidden_states, self.weight, eps=_eps(self))
 
 
@@ -59,7 +59,7 @@ def uses_silu(mlp: torch.nn.Module) -> bool:
 def swiglu_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``<Family>MLP.forward``: ``down_proj(silu(gate_proj(x)) * up_proj(x))``, ``(..., H) -> (..., H)``.
 
-    The gate runs through :func:`~liger_align.kernels.swiglu.swiglu`; its backward overwrites the two
+    The gate runs through :func:`~liger_align.kernels.layers.swiglu.swiglu`; its backward overwrites the two
     projections' outputs, which nothing else reads. Another activation runs Hugging Face's formula.
     """
     gate, up = self.gate_proj(x), self.up_proj(x)
@@ -84,7 +84,7 @@ def uses_tanh_gelu(mlp: torch.nn.Module) -> bool:
 def geglu_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``GemmaMLP.forward``: ``down_proj(gelu_tanh(gate_proj(x)) * up_proj(x))``, ``(..., H) -> (..., H)``.
 
-    The gate runs through :func:`~liger_align.kernels.geglu.geglu` (its backward overwrites the two
+    The gate runs through :func:`~liger_align.kernels.layers.geglu.geglu` (its backward overwrites the two
     projections' outputs, which nothing else reads). Another activation runs Hugging Face's formula.
     """
     gate, up = self.gate_proj(x), self.up_proj(x)
@@ -108,7 +108,7 @@ def make_rope_function(original: Callable) -> Callable:
 
     apply_rotary_pos_emb.__doc__ = (
         "Liger-align RoPE in place of Hugging Face's ``apply_rotary_pos_emb``; see "
-        ":func:`liger_align.kernels.rope.rope`."
+        ":func:`liger_align.kernels.layers.rope.rope`."
     )
     apply_rotary_pos_emb.original = original  # type: ignore[attr-defined]
     return apply_rotary_pos_emb

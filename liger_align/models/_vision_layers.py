@@ -1,12 +1,12 @@
 """Replacement ``forward``s and functions for the vision towers of vision-language models (Qwen2-VL, Qwen2.5-VL).
 
-- :func:`layer_norm_forward`: ``nn.LayerNorm.forward`` through :func:`~liger_align.kernels.layer_norm.layer_norm`
+- :func:`layer_norm_forward`: ``nn.LayerNorm.forward`` through :func:`~liger_align.kernels.layer_norm`
   (Qwen2-VL's vision blocks and patch merger).
 - :class:`LigerLayerNorm`: an ``nn.LayerNorm`` whose forward is :func:`layer_norm_forward` while a class patch
   of a modeling module's ``LayerNorm`` name is live (see :func:`register_layer_norm_owner`), and
   ``nn.LayerNorm``'s own forward after it was reverted.
 - :func:`make_vision_rope_function`: ``apply_rotary_pos_emb_vision(q, k, cos, sin)`` through
-  :func:`~liger_align.kernels.rope.rope`; the vision tower's ``q``/``k`` are ``(N, heads, D)`` (all images'
+  :func:`~liger_align.kernels.layers.rope.rope`; the vision tower's ``q``/``k`` are ``(N, heads, D)`` (all images'
   patches in one sequence) and ``cos``/``sin`` ``(N, D)``, i.e. the kernel's ``(B, T, H, D)`` layout with ``B = 1``.
 - :func:`gated_silu_mlp_forward`: a gated MLP that has no ``config`` (Qwen2.5-VL's vision ``Qwen2_5_VLMLP``,
   with biases), decided by its activation module.
@@ -22,9 +22,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..kernels.layer_norm import layer_norm
-from ..kernels.rope import rope
-from ..kernels.swiglu import swiglu
+from ..kernels.layers.layer_norm import layer_norm
+from ..kernels.layers.rope import rope
+from ..kernels.layers.swiglu import swiglu
 from ._handle import is_patched
 from ._layers import _rope_supported
 
@@ -46,7 +46,7 @@ def fits_layer_norm(module: nn.Module) -> bool:
 
 @_mark
 def layer_norm_forward(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """``nn.LayerNorm.forward``: ``(..., H) -> (..., H)`` through :func:`~liger_align.kernels.layer_norm.layer_norm`.
+    """``nn.LayerNorm.forward``: ``(..., H) -> (..., H)`` through :func:`~liger_align.kernels.layer_norm`.
 
     The output dtype is ``promote_types(x.dtype, weight.dtype)`` (``nn.LayerNorm`` under autocast gives fp32
     for fp32 weights; a bf16 model gets bf16). A LayerNorm without weight runs ``nn.LayerNorm.forward``.

@@ -4,7 +4,7 @@ What is patched (each flag as in :func:`~liger_align.models.llama.apply_liger_ke
 
 - ``rms_norm``: every ``Gemma*RMSNorm`` -- the input / post-attention norms, Gemma 2 and 3's pre/post
   feed-forward norms, Gemma 3's q/k norms over the head dimension and the final norm -- through
-  :func:`~liger_align.kernels.rms_norm.rms_norm` with ``offset=1.0`` (``x / rms(x) * (1 + weight)`` in
+  :func:`~liger_align.kernels.layers.rms_norm.rms_norm` with ``offset=1.0`` (``x / rms(x) * (1 + weight)`` in
   fp32, returned in the input's dtype, as ``GemmaRMSNorm`` does).
 - ``geglu``: ``Gemma*MLP`` -> ``down_proj(geglu(gate_proj(x), up_proj(x)))`` with the tanh-approximate
   GELU (``gelu_pytorch_tanh``); an MLP with another activation is left alone, with a warning.

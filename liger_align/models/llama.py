@@ -19,7 +19,7 @@ def apply_liger_kernel_to_llama(
 
     Args:
         rope: replace ``modeling_llama.apply_rotary_pos_emb`` (module-wide, also with ``model``).
-        rms_norm: ``LlamaRMSNorm.forward`` -> :func:`liger_align.kernels.rms_norm.rms_norm`.
+        rms_norm: ``LlamaRMSNorm.forward`` -> :func:`liger_align.kernels.layers.rms_norm.rms_norm`.
         swiglu: ``LlamaMLP.forward`` -> ``down_proj(swiglu(gate_proj(x), up_proj(x)))`` (SiLU models).
         fused_linear_cross_entropy: ``LlamaForCausalLM.forward`` computes the training loss and
             ``logprob_targets`` log-probs without materialising logits (see ``_causal_lm``).

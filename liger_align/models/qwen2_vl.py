@@ -15,7 +15,7 @@ flag                           Qwen2-VL                                Qwen2.5-V
 
 M-RoPE in transformers 5.x: the rotary embedding module already interleaves the temporal / height / width
 sections, so the attention receives per-token ``cos``/``sin`` of shape ``(B, T, D)``: exactly the layout of
-:func:`~liger_align.kernels.rope.rope`, which therefore runs unchanged. (Liger-Kernel's patch targets
+:func:`~liger_align.kernels.layers.rope.rope`, which therefore runs unchanged. (Liger-Kernel's patch targets
 ``apply_multimodal_rotary_pos_emb`` and ``Qwen2RMSNorm``, which these modules no longer have.)
 
 Class patch (``model=None``): every model of the family, built before or after, except the vision
@@ -224,10 +224,10 @@ def apply_liger_kernel_to_qwen2_vl(
     Args:
         model: ``None`` patches the classes; a ``Qwen2VLForConditionalGeneration`` (or ``Qwen2VLModel``, or a
             PEFT model wrapping one) patches that instance's modules only.
-        rope: text M-RoPE and vision RoPE through :func:`liger_align.kernels.rope` (module-wide).
+        rope: text M-RoPE and vision RoPE through :func:`liger_align.kernels.layers.rope` (module-wide).
         rms_norm: the decoder's ``Qwen2VLRMSNorm``\\ s.
         swiglu: the decoder's ``Qwen2MLP`` (SiLU models).
-        layer_norm: the vision tower's LayerNorms through :func:`liger_align.kernels.layer_norm`.
+        layer_norm: the vision tower's LayerNorms through :func:`liger_align.kernels.layers.layer_norm`.
         fused_linear_cross_entropy: ``Qwen2VLForConditionalGeneration.forward`` computes the training loss
             and ``logprob_targets`` log-probs without materialising logits (:func:`vision_language_forward`).
 

@@ -2,7 +2,7 @@
 
 TRL's DPO and KTO trainers call ``model(..., labels=labels, fused_lm_head=True)`` and read per-token
 log-probs (and metric fields) from a ``FusedCausalLMOutput``. :func:`trl_fused_output` computes those
-fields from the hidden states with :func:`~liger_align.kernels.linear_logprobs`, so TRL's own loss code
+fields from the hidden states with :func:`~liger_align.kernels.head.linear_logprobs`, so TRL's own loss code
 runs over our per-token log-probs and no ``[tokens, vocab]`` logits are built. The handler that calls it
 is installed by :mod:`._head_forward`.
 """
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .._tokens import IGNORE_INDEX, next_token_targets
-from ..kernels.linear_logprobs import linear_logprobs
+from ..kernels.head.linear_logprobs import linear_logprobs
 from ..models.head_call import call_through_head, logit_options, text_config
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ._dispatch import use_triton
+from .._dispatch import use_triton
 
 _BLOCK = 2048
 _NUM_WARPS = 8

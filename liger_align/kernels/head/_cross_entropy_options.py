@@ -23,14 +23,14 @@ from typing import NamedTuple
 
 import torch
 
-from .._checks import check_non_negative
+from ..._checks import check_non_negative
 from ._row_softmax import RowStats
 
 _WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class CrossEntropyOutput(NamedTuple):
-    """What :func:`~liger_align.kernels.fused_linear_cross_entropy` returns when ``return_z_loss`` or
+    """What :func:`~liger_align.kernels.head.fused_linear_cross_entropy` returns when ``return_z_loss`` or
     ``return_token_accuracy`` is set; a field not asked for is None.
 
     ``loss``: the loss (z-loss included), 0-d or shaped like target (``reduction="none"``).

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_choice, check_int
+from ..._checks import check_choice, check_int
 from ._linear_chunks import chunk_rows
 from .grad_weight_sum import GradWeightSum
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import use_triton
+from .._dispatch import use_triton
 from ._norm import check_norm_inputs, norm_backward, norm_forward
 
 

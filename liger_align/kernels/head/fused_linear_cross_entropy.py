@@ -9,7 +9,7 @@ Two strategies, picked with ``strategy=``:
   chunk), and the backward only scales the stored gradients by the upstream scalar. Fastest; the
   residual buffer and the ``(C, V)`` logits chunk are its memory cost.
 - ``"recompute"``: the per-token loss goes through the recomputing base
-  (:class:`~liger_align.kernels.linear_logprobs.LinearTokenObjectiveFunction`): 4 products, and only
+  (:class:`~liger_align.kernels.head.linear_logprobs.LinearTokenObjectiveFunction`): 4 products, and only
   an ``(M, Vc)`` logits slice and an ``(M, H)`` fp32 buffer of extra memory.
 
 ``"auto"`` takes ``"grad_in_forward"`` when the reduction allows it and its extra memory (the logits
@@ -23,15 +23,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import check_choice, check_flag, check_num_items, check_real
-from .._tokens import IGNORE_INDEX
+from ..._checks import check_choice, check_flag, check_num_items, check_real
+from ..._tokens import IGNORE_INDEX
+from .._dispatch import use_triton
 from ._cross_entropy_options import (
     CrossEntropyOutput,
     CrossEntropyTerms,
     check_ce_weight,
     check_lse_square_scale,
 )
-from ._dispatch import use_triton
 from ._linear_chunks import (
     check_linear_inputs,
     chunk_rows,

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from ._dispatch import triton_available
+from .._dispatch import triton_available
 from ._gated import GatedActivationFunction, GateKernels, gate_torch, gated_activation
 
 _K0 = math.sqrt(2.0 / math.pi)

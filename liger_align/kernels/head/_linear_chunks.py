@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .._checks import TargetOutOfRangeError, raise_bad_num_items
+from ..._checks import TargetOutOfRangeError, raise_bad_num_items
 
 # Default budget of one logits buffer. On an H200 (bf16, V=128256), 512 MiB was measurably faster
 # than 256 MiB for both vocabulary slices (fewer, wider products) and token chunks (fewer fp32

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import triton_available
+from .._dispatch import triton_available
 from ._gated import GatedActivationFunction, GateKernels, gate_torch, gated_activation
 
 if triton_available():

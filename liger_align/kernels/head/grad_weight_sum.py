@@ -48,8 +48,8 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_int
-from ._dispatch import check_triton_runs, kernels_interpreted, triton_available
+from ..._checks import check_int
+from .._dispatch import check_triton_runs, kernels_interpreted, triton_available
 from ._linear_chunks import addmm_fp32_
 
 # Bound of the torch path's fp32 temporary (one vocabulary slice of the sum, plus upcast operands on CPU).

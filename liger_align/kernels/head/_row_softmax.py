@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from ._dispatch import triton_available
+from .._dispatch import triton_available
 
 if triton_available():
     import triton

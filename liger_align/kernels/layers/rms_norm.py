@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._dispatch import use_triton
+from .._dispatch import use_triton
 from ._norm import check_norm_inputs, norm_backward, norm_forward
 
 

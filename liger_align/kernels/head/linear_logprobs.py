@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from .._checks import check_count, check_ignore_index, check_optional_positive, check_positive, check_real
-from .._tokens import IGNORE_INDEX
-from ._dispatch import _IMPLS, use_triton
+from ..._checks import check_count, check_ignore_index, check_optional_positive, check_positive, check_real
+from ..._tokens import IGNORE_INDEX
+from .._dispatch import _IMPLS, use_triton
 from ._linear_chunks import (
     addmm_fp32_,
     check_linear_inputs,
@@ -43,7 +43,7 @@ class LogitOptions:
 
     ``strategy`` (the sequence losses only; the per-token ops here always recompute): ``"auto"``,
     ``"grad_in_forward"`` (3 products) or ``"recompute"`` (4 products); see
-    :mod:`liger_align.kernels._strategy`.
+    :mod:`liger_align.kernels.head._strategy`.
     """
 
     ignore_index: int = IGNORE_INDEX

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import triton_available
+from .._dispatch import triton_available
 
 if triton_available():
     import triton

@@ -10,7 +10,7 @@ whole groups. Per chunk: the logits ``(C, V)`` (product 1), one row pass for the
 target logit, ``dL/ds`` of the chunk's rows (autograd on ``(R,)`` tensors, rows not yet seen filled
 with a finite placeholder that separability makes irrelevant), the logits' gradient in place, then
 grad-hidden (product 2) and grad-weight (product 3, summed over chunks by
-:class:`~liger_align.kernels.grad_weight_sum.GradWeightSum`: fp32-equivalent accuracy without a
+:class:`~liger_align.kernels.head.grad_weight_sum.GradWeightSum`: fp32-equivalent accuracy without a
 ``(V, H)`` fp32 buffer). The backward only scales the stored gradients by the upstream scalar, so one
 forward serves one backward (a second one raises).
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._dispatch import use_triton
+from .._dispatch import use_triton
 from ._linear_chunks import chunk_rows, compute_dtype, mm_fp32, project, raise_bad_targets
 from ._row_softmax import RowStats, fold_row_stats_, row_grad_
 from ._scale import save_gradients, scaled_gradients

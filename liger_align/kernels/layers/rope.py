@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import triton_available, use_triton
+from .._dispatch import triton_available, use_triton
 
 if triton_available():
     import triton
