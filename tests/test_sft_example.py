@@ -128,7 +128,6 @@ def _saved_model(tmp_path: Path, *, vocab_delta: int = 0, model_type: str = "lla
         ("misspelled_family", r"--embedded_family 'lama' is not supported.*'llama'"),
         ("family_with_model", r"--embedded_family 'qwen2'.*--model_name_or_path"),
         ("vocab_too_large", r"--model_name_or_path .*tokenizer has (\d+) tokens but the model's head scores only"),
-        ("unsupported_model_type", r"--use_liger: .*model_type='gpt2'.*--no-use_liger"),
     ],
 )
 def test_bad_input_is_a_clear_error(sft, case: str, match: str, tmp_path: Path) -> None:
@@ -138,12 +137,26 @@ def test_bad_input_is_a_clear_error(sft, case: str, match: str, tmp_path: Path) 
         "misspelled_family": lambda: ["--embedded_family", "lama"],
         "family_with_model": lambda: ["--embedded_family", "qwen2", "--model_name_or_path", str(tmp_path)],
         "vocab_too_large": lambda: ["--model_name_or_path", str(_saved_model(tmp_path, vocab_delta=-5))],
-        "unsupported_model_type": lambda: ["--model_name_or_path", str(_saved_model(tmp_path, model_type="gpt2"))],
     }[case]()
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=match):
         sft.main([*argv, "--output_dir", str(out), "--max_steps", "1"])
     assert not out.exists()
+
+
+def test_a_model_type_without_a_family_gets_the_probed_fused_loss(sft, tmp_path: Path) -> None:
+    """GPT-2 has no kernel family: its layers stay, its loss is fused (the probe proves its head), or
+    the one-line reason is an error naming --no-use_liger when nothing at all can be patched."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(_saved_model(tmp_path, model_type="gpt2"))
+    with pytest.warns(UserWarning, match="model_type='gpt2'"):
+        handle = sft.patch_model(model)
+    assert handle.patched == ["GPT2LMHeadModel.forward"]
+    handle.revert()
+    model.lm_head = torch.nn.Identity()  # nothing left to prove: the error names the way out
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"--use_liger: .*'gpt2'.*--no-use_liger"):
+        sft.patch_model(model)
 
 
 def test_a_head_larger_than_the_tokenizer_is_fine(sft, tmp_path: Path) -> None:
