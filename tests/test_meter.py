@@ -42,11 +42,33 @@ def test_meter_records_summary_and_jsonl(tmp_path: Path) -> None:
     measured = lines[2:]
     summary = meter.summary()
     assert summary["steps_measured"] == 4 and summary["warmup_steps"] == 2 and summary["world_size"] == 1
+    assert summary["statistic"] == "median step" and "mean_step_s" not in summary  # one statistic, named
     assert summary["median_step_s"] == pytest.approx(statistics.median(r["step_s"] for r in measured))
-    assert summary["tokens_per_s"] == pytest.approx(sum(counts[2:]) / sum(r["step_s"] for r in measured))
+    rates = [count / r["step_s"] for count, r in zip(counts[2:], measured)]
+    assert summary["tokens_per_s"] == pytest.approx(statistics.median(rates))
     assert summary["global_tokens_per_s"] == pytest.approx(summary["tokens_per_s"])
     assert summary["memory_kind"] == "cpu_rss" and summary["peak_allocated_mib"] > 0
     assert all(r["tokens_per_s"] > 0 and r["step_s"] > 0 for r in lines)
+
+
+def test_summary_is_the_median_step_for_time_and_tokens(monkeypatch) -> None:
+    """An outlier step (a save, an evaluation) moves neither figure; the mean would move both."""
+    from types import SimpleNamespace
+
+    from liger_align.utils import meter as meter_module
+
+    clock = iter([0.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 13.0, 13.0, 14.0])  # steps of 1, 1, 1, 10 and 1 s
+    monkeypatch.setattr(meter_module, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    meter = StepMeter(warmup_steps=0, device="cpu")
+    for _ in range(5):
+        meter.start_step()
+        meter.add_tokens(100)
+        meter.end_step()
+    summary = meter.summary()
+    assert [r["step_s"] for r in meter.records] == [1.0, 1.0, 1.0, 10.0, 1.0]
+    assert summary["statistic"] == "median step"
+    assert summary["median_step_s"] == 1.0 and summary["tokens_per_s"] == 100.0  # the mean: 2.8 s, 35.7 tokens/s
+    assert summary["global_tokens_per_s"] == 100.0
 
 
 def test_meter_bad_input_and_empty_summary() -> None:
@@ -54,6 +76,7 @@ def test_meter_bad_input_and_empty_summary() -> None:
         StepMeter(warmup_steps=-1)
     meter = StepMeter(warmup_steps=0)
     assert meter.summary()["steps_measured"] == 0 and meter.summary()["tokens_per_s"] is None
+    assert meter.summary()["median_step_s"] is None and meter.summary()["statistic"] == "median step"
     assert meter.end_step() is None  # outside a step
     meter.start_step()
     with pytest.raises(ValueError, match="0-d"):

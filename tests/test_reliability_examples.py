@@ -1,10 +1,16 @@
 """Reliability of the alignment examples (issue 12): output folders, early flag checks, malformed data,
-and a clean console (no deprecation or notice that does not concern the user)."""
+and a clean console (no deprecation or notice that does not concern the user).
+
+A refused flag, folder or data set raises ``preflight.FlagError`` in-process (a ``ValueError``; the path and
+type refusals are also ``FileNotFoundError`` / ``TypeError``); from the command line it is one line
+``<prog>: error: ...`` and exit status 2 (here: ``main`` with ``argv=None``; subprocess runs in
+``test_example_flag_errors.py``)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -18,6 +24,7 @@ from _helpers import example_module as _module
 if str(ALIGNMENT) not in sys.path:
     sys.path.insert(0, str(ALIGNMENT))
 
+from preflight import FlagError, FlagPathError, FlagTypeError  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -30,17 +37,17 @@ def test_output_dir_is_refused_overwritten_or_resumed(tmp_path: Path) -> None:
     saving = [*FEW_STEPS, "--save_strategy", "steps", "--save_steps", "1", "--output_dir", str(out)]
     assert main(saving)["steps"] == 2
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
-    with pytest.raises(ValueError, match=r"not empty \(checkpoints \['checkpoint-1', 'checkpoint-2'\]\).*"
-                                         r"--resume_from_checkpoint last.*--overwrite_output_dir"):
+    with pytest.raises(FlagError, match=r"not empty \(checkpoints \['checkpoint-1', 'checkpoint-2'\]\).*"
+                                        r"--resume_from_checkpoint last.*--overwrite_output_dir"):
         main(saving)
     longer = [a if a != "2" else "3" for a in saving]  # --max_steps 3
     summary = main([*longer, "--resume_from_checkpoint", "last"])
     assert summary["steps"] == 3
     assert len((out / "steps.jsonl").read_text().splitlines()) == 1  # one new step, after checkpoint-2
     assert main([*saving, "--overwrite_output_dir"])["steps"] == 2
-    with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
+    with pytest.raises(FlagPathError, match="no such checkpoint folder"):  # a FileNotFoundError too
         main([*saving, "--resume_from_checkpoint", str(tmp_path / "nowhere")])
-    with pytest.raises(ValueError, match="no checkpoint-\\* folder"):
+    with pytest.raises(FlagError, match="no checkpoint-\\* folder"):
         main([*FEW_STEPS, "--output_dir", str(tmp_path / "empty"), "--resume_from_checkpoint", "last"])
     # the embedded demo (no --output_dir) reruns into its default folder
     args, _ = common.parse_args(_module("orpo").ORPO, [])
@@ -59,30 +66,66 @@ BAD_FLAGS = [
     (["--num_train_epochs", "0"], "--num_train_epochs must be a number > 0"),
     (["--learning_rate", "nan"], "--learning_rate must be a finite number"),
     (["--eval_size", "0"], "--eval_size"),
+    (["--eval_size", "2.5"], "--eval_size must be a fraction in \\(0, 1\\) or a whole number of rows >= 1"),
+    (["--dtype", "fp8"], "--dtype must be one of auto, bfloat16, float16, float32"),
+    (["--meter_warmup_steps", "-1"], "--meter_warmup_steps must be an integer >= 0"),
+    (["--report_to", "nowhere"], "--report_to: nowhere is not supported"),
+    (["--beta", "0"], "LigerCPOTrainer: config beta must be a finite number > 0"),  # the trainer's own check
 ]
 
 
 @pytest.mark.parametrize("flags,message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
-def test_bad_flags_are_refused_before_loading(flags, message, tmp_path: Path, monkeypatch) -> None:
+def test_bad_flags_are_refused_before_loading(flags, message, tmp_path: Path, monkeypatch, capsys) -> None:
+    import common
     import loading
 
     def no_loading(*args, **kwargs):
         raise AssertionError("data were loaded before the flags were checked")
 
     monkeypatch.setattr(loading, "load_raw_dataset", no_loading)
-    with pytest.raises(ValueError, match=message):
-        _main("simpo")([*flags, "--output_dir", str(tmp_path / "out")])
+    argv = [*flags, "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(FlagError, match=message):  # in-process (argv given): the exception
+        _main("simpo")(argv)
+    # from the command line (argv=None): one line "<prog>: error: ...", exit status 2, no traceback
+    monkeypatch.setattr(sys, "argv", ["run_simpo.py", *argv])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        common.main(_module("simpo").SIMPO)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("run_simpo.py: error: ") and re.search(message, err[0]), err
     assert not (tmp_path / "out").exists()
+
+
+def test_argparse_errors_exit_with_one_line_in_process(capsys) -> None:
+    """What argparse refuses (an unknown flag, a bad type, Liger-Kernel's switch) exits 2 in-process too;
+    a combination the config's ``__post_init__`` refuses is a FlagError naming the flag."""
+    import common
+
+    algorithm = _module("orpo").ORPO
+    cases = [
+        (["--max_lenght", "8"], "unrecognized arguments: --max_lenght 8 (did you mean --max_length?)"),
+        (["--beta", "x"], "argument --beta: invalid float value: 'x'"),
+        (["--use_liger_kernel"], "liger-align is on by default (--use_liger)"),
+    ]
+    for argv, needle in cases:
+        with pytest.raises(SystemExit) as exit_:
+            common.parse_args(algorithm, argv)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and ": error: " in err[0] and needle in err[0], err
+    with pytest.raises(FlagError, match=r"^--bf16: Your setup doesn't support bf16"):
+        common.parse_args(algorithm, ["--bf16", "True"])
 
 
 def test_malformed_jsonl_names_the_line(tmp_path: Path) -> None:
     rows = [json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})] * 3
     path = tmp_path / "prefs.jsonl"
     path.write_text("\n".join(rows[:2] + ['{"prompt": "q", "chosen": "a",'] + rows[2:]) + "\n")
-    with pytest.raises(ValueError, match=r"line 3 is not valid JSON"):
+    with pytest.raises(FlagError, match=r"line 3 is not valid JSON"):
         _main("dpo")(["--dataset_name", str(path), "--output_dir", str(tmp_path / "out")])
     path.write_text("\n".join(rows + ["[1, 2]"]) + "\n")
-    with pytest.raises(ValueError, match=r"line 4 must be a JSON object"):
+    with pytest.raises(FlagError, match=r"line 4 must be a JSON object"):
         _main("dpo")(["--dataset_name", str(path), "--output_dir", str(tmp_path / "out")])
 
 
@@ -116,6 +159,10 @@ def test_a_clean_run_prints_no_notice_that_does_not_concern_the_user(name: str, 
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    # the step meter's figures are of one statistic, named in the printed line and in run_summary.json
+    meter = json.loads((tmp_path / "out" / "run_summary.json").read_text())["meter"]
+    assert meter["statistic"] == "median step" and "mean_step_s" not in meter
+    assert "median step: " in result.stdout and "tokens/s" in result.stdout
     text = result.stdout + result.stderr
     for notice in ("Warning", "deprecated", "trl.experimental", "remove_unused_columns", "pin_memory",
                    "Setting accelerator to CPU"):
@@ -127,6 +174,7 @@ def test_a_null_value_is_named_with_its_row_in_the_file(name: str, tmp_path: Pat
     rows = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": None if i == 5 else f"b{i}"} for i in range(20)]
     path = tmp_path / "prefs.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    with pytest.raises(TypeError, match=r"the data set row 5, column 'rejected': expected a string .*NoneType None"):
+    message = r"the data set row 5, column 'rejected': expected a string .*NoneType None"
+    with pytest.raises(FlagTypeError, match=message):  # a TypeError too
         _main(name)(["--dataset_name", str(path), "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()

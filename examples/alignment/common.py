@@ -4,12 +4,18 @@ Each ``run_<algorithm>.py`` describes its algorithm with an :class:`Algorithm` a
 With no ``--model_name_or_path`` the embedded default is used (``embedded.py``: a tiny Llama 3.2
 built from a config, a local tokenizer), and with no ``--dataset_name`` the shipped preference data.
 
-- ``cli.py``: the script arguments, :class:`Algorithm`, the embedded run's defaults, parsing;
-- ``preflight.py``: flag values and the output folder, checked before anything is loaded;
+- ``cli.py``: the script arguments, :class:`Algorithm`, the embedded run's defaults, parsing, ``--help``;
+- ``preflight.py``: flag values and the output folder, checked before anything is loaded (those that need
+  no torch or transformers before these are imported), and :class:`preflight.FlagError`;
 - ``loading.py``: data sets (load, check, split) and the model with its tokenizer;
 - ``evaluation.py``: the held-out preference accuracy, independent of the trainers;
 - ``reporting.py``: the StepMeter, peak memory, the timed training, the printed and written summary.
 - ``vocabulary_check.py``: a warning when the embedded tokenizer reads user data as ``<unk>``.
+
+A flag error (a bad value, an unknown flag, a missing path, data that do not fit) is one line
+``<prog>: error: <message>`` on stderr with exit status 2 from the command line, as argparse does; the
+flags that need no torch or transformers are checked when this module is imported by a ``run_*.py``
+script, before the heavy imports (:func:`preflight.check_command_line_early`).
 
 The other examples (SFT, Medusa, Qwen2-VL) put this folder on ``sys.path`` and use the same modules.
 Importing this module also quietens notices that do not concern the user (below).
@@ -17,19 +23,24 @@ Importing this module also quietens notices that do not concern the user (below)
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
-import warnings
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+import preflight
 
-import embedded
-import torch
-from cli import Algorithm, ScriptArguments, parse_args, parse_script_and_config
-from evaluation import held_out_metrics
-from loading import (
+# A run_*.py script of this folder imports this module first: its flags are checked before torch loads.
+preflight.check_command_line_early()
+
+import contextlib  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import embedded  # noqa: E402
+import torch  # noqa: E402
+from cli import Algorithm, ScriptArguments, parse_args, parse_script_and_config  # noqa: E402
+from evaluation import held_out_metrics  # noqa: E402
+from loading import (  # noqa: E402
     check_columns,
     load_model_and_tokenizer,
     load_raw_dataset,
@@ -37,13 +48,13 @@ from loading import (
     reference_copy,
     split_dataset,
 )
-from preflight import check_flags, check_output_dir
-from reporting import finish_run, step_meter, train_measured
-from vocabulary_check import warn_unknown_words
+from preflight import FlagError, FlagTypeError, check_flags, check_output_dir, exit_on_flag_error  # noqa: E402
+from reporting import finish_run, step_meter, train_measured  # noqa: E402
+from vocabulary_check import warn_unknown_words  # noqa: E402
 
 # What the other examples and the tests use through this module (``common.<name>``), beside main.
 __all__ = [
-    "Algorithm", "ScriptArguments", "add_repo_to_path", "check_columns", "embedded", "finish_run",
+    "Algorithm", "FlagError", "ScriptArguments", "add_repo_to_path", "check_columns", "embedded", "finish_run",
     "load_model_and_tokenizer", "load_raw_dataset", "main", "parse_args", "parse_script_and_config",
     "split_dataset", "step_meter", "train_measured",
 ]
@@ -68,16 +79,37 @@ def add_repo_to_path() -> None:
         sys.path.insert(0, str(REPO_ROOT))
 
 
+def check_trainer_config(algorithm: Algorithm, config: Any) -> None:
+    """The check of the config that ``algorithm.liger_trainer`` runs when it is built (lengths, ``beta``,
+    ``label_smoothing``, loss weights, ...), run before anything is loaded: raises :class:`FlagError`."""
+    from liger_align.trainers._inputs import check_config
+
+    try:
+        check_config(config, trainer=algorithm.liger_trainer.__name__, beta_may_be_zero=algorithm.beta_may_be_zero)
+    except TypeError as error:
+        raise FlagTypeError(str(error)) from None
+    except ValueError as error:
+        raise FlagError(str(error)) from None
+
+
 def main(algorithm: Algorithm, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse arguments, load everything (checking it first), train, save, print and return the summary.
 
-    The summary is also written to ``<output_dir>/run_summary.json``.
+    The summary is also written to ``<output_dir>/run_summary.json``. A flag error before training
+    (:class:`preflight.FlagError`: a value, a combination, the output folder, the data or model a flag names)
+    is raised to an in-process caller (``argv`` given); from the command line (``argv=None``) it is one line
+    ``<prog>: error: <message>`` on stderr and exit status 2. Errors argparse reports (an unknown flag, a
+    value of the wrong type) exit with status 2 either way, as argparse does.
     """
-    script_args, config = parse_args(algorithm, argv)
-    check_flags(script_args, config)
-    resume = check_output_dir(config, overwrite=script_args.overwrite_output_dir)
-    train, held_out, pairs = prepare_datasets(algorithm, script_args, config.seed)
-    model, tokenizer = load_model_and_tokenizer(script_args, config.seed)
+    from_command_line = argv is None
+    with exit_on_flag_error() if from_command_line else contextlib.nullcontext():
+        script_args, config = parse_args(algorithm, argv)
+        check_flags(script_args, config)
+        if script_args.use_liger:
+            check_trainer_config(algorithm, config)
+        resume = check_output_dir(config, overwrite=script_args.overwrite_output_dir)
+        train, held_out, pairs = prepare_datasets(algorithm, script_args, config.seed)
+        model, tokenizer = load_model_and_tokenizer(script_args, config.seed)
     warn_unknown_words(train, tokenizer, script_args)
 
     trainer_class = algorithm.liger_trainer if script_args.use_liger else algorithm.trl_trainer

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from preflight import FlagError
 
 if TYPE_CHECKING:  # annotations only: the Lightning example imports this module without transformers' Trainer
     from cli import ScriptArguments
@@ -31,20 +32,21 @@ def step_meter(args: ScriptArguments, config: TrainingArguments) -> Any:
     from liger_align.utils import StepMeterCallback
 
     if args.meter_warmup_steps < 0:
-        raise ValueError(f"--meter_warmup_steps must be >= 0, got {args.meter_warmup_steps}")
+        raise FlagError(f"--meter_warmup_steps must be an integer >= 0, got {args.meter_warmup_steps}")
     return StepMeterCallback(warmup_steps=args.meter_warmup_steps, jsonl_path=Path(config.output_dir) / "steps.jsonl")
 
 
 def print_meter(meter: dict[str, Any]) -> None:
-    """One line of the StepMeter's summary (see ``liger_align.utils.StepMeter.summary``)."""
+    """One line of the StepMeter's summary (see ``liger_align.utils.StepMeter.summary``): the step time and
+    tokens/s are both of the statistic the summary names (``"median step"``)."""
     if not meter["steps_measured"]:
         print(f"step meter   no step measured after {meter['warmup_steps']} warm-up step(s) (--meter_warmup_steps)")
         return
     kind = "process peak RSS" if meter["memory_kind"] == "cpu_rss" else f"{meter['memory_kind']} allocated/reserved"
     print(
-        f"step meter   {meter['steps_measured']} steps after {meter['warmup_steps']} warm-up: "
-        f"median {meter['median_step_s']:.3f} s/step, {meter['tokens_per_s']:.0f} tokens/s "
-        f"(all ranks {meter['global_tokens_per_s']:.0f}), peak {meter['peak_allocated_mib']:.0f}/"
+        f"step meter   {meter['steps_measured']} steps after {meter['warmup_steps']} warm-up; "
+        f"{meter.get('statistic', 'median step')}: {meter['median_step_s']:.3f} s, {meter['tokens_per_s']:.0f} "
+        f"tokens/s (all ranks {meter['global_tokens_per_s']:.0f}); peak {meter['peak_allocated_mib']:.0f}/"
         f"{meter['peak_reserved_mib']:.0f} MiB ({kind})"
     )
 

@@ -33,6 +33,7 @@ ORPO = common.Algorithm(
     trl_trainer=ORPOTrainer,
     liger_trainer=LigerORPOTrainer,
     embedded_defaults={"beta": 1.0},
+    beta_may_be_zero=True,  # as LigerORPOTrainer's config check
     # TRL's ORPO collator needs the raw columns; set here, TRL does not print its notice about it.
     config_defaults={"remove_unused_columns": False},
 )
