@@ -23,6 +23,14 @@ loss and answer accuracy before and after. The real job::
 ``question``, ``choices`` and ``answer`` (the **0-based** index of the right choice). ``--strategy``:
 ``auto``, ``ddp``, ``fsdp`` (wraps and activation-checkpoints the model's ``_no_split_modules``),
 ``deepspeed`` (ZeRO-3, bf16); the last two need CUDA GPUs.
+
+At the end the trained model is saved in ``--output_dir`` with ``save_pretrained`` (its full weights, gathered
+from the FSDP shards or the ZeRO-3 partitions; rank 0 writes), beside the tokenizer, ``run_summary.json`` and
+``steps.jsonl``. It reloads with transformers alone (liger_align's patches change no weight name)::
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained("outputs/mmlu")
+    tokenizer = AutoTokenizer.from_pretrained("outputs/mmlu")
 """
 
 from __future__ import annotations
@@ -55,7 +63,7 @@ from reporting import write_summary  # noqa: E402
 from liger_align.models import apply_liger_kernel  # noqa: E402
 from liger_align.utils import LightningStepMeter  # noqa: E402
 
-__all__ = ["MMLUModule", "main", "strategy_for", "warmup_cosine"]
+__all__ = ["MMLUModule", "hf_state_dict", "main", "save_hf_model", "strategy_for", "warmup_cosine"]
 
 # The embedded default: the tiny model's size and the settings under which it learns in well under a minute.
 EMBEDDED_MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
@@ -99,6 +107,7 @@ class MMLUModule(pl.LightningModule):
         self.log_every = log_every
         self.letter_ids = [int(i) for i in letter_ids]  # a plain list: no buffer for FSDP/DeepSpeed to cast or shard
         self.model: torch.nn.Module | None = None
+        self.use_cache: bool | None = None  # the model's config.use_cache before training (saved with it)
         self.liger_handle = None
         self._hf_ds_config = None
         self.train_losses: list[torch.Tensor] = []
@@ -125,6 +134,7 @@ class MMLUModule(pl.LightningModule):
             self.liger_handle = apply_liger_kernel(model)
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.use_cache = getattr(model.config, "use_cache", None)
         model.config.use_cache = False
         self.model = model
 
@@ -189,6 +199,55 @@ class MMLUModule(pl.LightningModule):
         self.evaluations.append(record)
         self.print(f"eval at step {record['step']}: loss {record['val_loss']:.4f}  "
                    f"accuracy {record['val_accuracy']:.3f} ({int(rows)} rows)")
+
+
+# ----------------------------------------------------------------------------------------------- saving
+
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def hf_state_dict(trainer: pl.Trainer) -> dict[str, torch.Tensor] | None:
+    """The full state dict of the module's Hugging Face model (``module.model``), under its own key names, on
+    rank 0 (``None`` on the other ranks). Every rank must call it: the gathering is a collective.
+
+    FSDP: Lightning's full state dict (``state_dict_type="full"``: gathered, offloaded to CPU, on rank 0);
+    DeepSpeed ZeRO-3: the engine's consolidated 16-bit weights (layer by layer, on rank 0's CPU), as the
+    Hugging Face ``Trainer`` saves them; otherwise (one device, DDP) the module's own state dict.
+    """
+    strategy = trainer.strategy
+    if type(strategy).__name__ == "DeepSpeedStrategy" and getattr(strategy, "zero_stage_3", False):
+        state = strategy.deepspeed_engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = strategy.lightning_module_state_dict()
+    if not trainer.is_global_zero:
+        return None
+    out = {}
+    for key, value in state.items():
+        for part in _WRAPPER_PARTS:
+            key = key.replace(part, "")
+        if key.startswith("model."):  # the LightningModule holds the Hugging Face model as ``self.model``
+            out[key.removeprefix("model.")] = value
+    if not out:
+        raise RuntimeError(f"the gathered state dict holds no weight of the model (keys: {list(state)[:5]}...)")
+    return out
+
+
+def save_hf_model(trainer: pl.Trainer, module: MMLUModule, tokenizer: Any, output_dir: Path) -> None:
+    """Save the trained model (``save_pretrained`` with its full state dict, :func:`hf_state_dict`) and
+    ``tokenizer`` in ``output_dir`` from rank 0; every rank calls it. ``config.use_cache`` is saved as it was
+    before training (training turns it off)."""
+    state = hf_state_dict(trainer)
+    if trainer.is_global_zero:
+        model = module.model
+        use_cache = model.config.use_cache
+        if module.use_cache is not None:
+            model.config.use_cache = module.use_cache
+        try:
+            model.save_pretrained(str(output_dir), state_dict=state)
+        finally:
+            model.config.use_cache = use_cache
+        tokenizer.save_pretrained(str(output_dir))
+    trainer.strategy.barrier("save_hf_model")
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -274,7 +333,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", help="32-true, bf16-mixed, bf16-true, ... (default: bf16-mixed on GPU, else 32)")
     p.add_argument("--max_steps", type=int, help="optimizer steps (default: --max_epochs over the data)")
     p.add_argument("--max_epochs", type=int, help="passes over the data when --max_steps is not set (embedded: 70)")
-    p.add_argument("--output_dir", default="outputs/lightning", help="run_summary.json and steps.jsonl go here")
+    p.add_argument("--output_dir", default="outputs/lightning",
+                   help="the trained model (save_pretrained), its tokenizer, run_summary.json and steps.jsonl go here")
     p.add_argument("--overwrite_output_dir", action="store_true",
                    help="train into a non-empty --output_dir anyway (its files are overwritten); without it a\n"
                         "non-empty folder is refused (the embedded demo's default folder is rerun into)")
@@ -393,6 +453,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     seconds = time.perf_counter() - began
     if args.save_checkpoint:
         trainer.save_checkpoint(output_dir / "last.ckpt")
+    save_hf_model(trainer, module, tokenizer, output_dir)
     handle = module.liger_handle
     patches = (handle.summary(), len(handle.patched)) if handle is not None else (None, 0)
     if handle is not None:
@@ -422,6 +483,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "before": before,
         "after": after,
         "meter": meter.summary(),
+        "output_dir": str(output_dir),
     }
     if trainer.is_global_zero:
         write_summary(summary, output_dir, printer=print_summary)
@@ -440,6 +502,8 @@ def print_summary(s: dict[str, Any]) -> None:
         if e is not None:
             print(f"{when:>6}: held-out loss {e['val_loss']:.4f}, answer accuracy {e['val_accuracy']:.3f} "
                   f"(chance {s['chance_accuracy']:.3f}, {e['rows']} rows)")
+    if s.get("output_dir"):
+        print(f"saved model and tokenizer to {s['output_dir']}")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,26 @@ after training (computed from materialised logits, independently of the fused lo
 
 A data set holds ShareGPT rows (``conversations``: ``[{"from": "human"|"gpt"|"system", "value": ...}]``)
 or chat rows (``messages``: ``[{"role": ..., "content": ...}]``), formatted with the tokenizer's chat
-template. The heads are saved alone (``medusa_lm_head.safetensors``, Medusa's key layout) in
-``--output_dir``; with Medusa-2 the model too.
+template.
+
+What ``--output_dir`` holds:
+
+- ``medusa_lm_head.safetensors``: the heads alone, in Medusa's key layout (``{k}.{l}.linear.weight``, ...),
+  the file Medusa's, TGI's and TensorRT-LLM's loaders read; ``config.json`` has Medusa's fields
+  (``medusa_num_heads``, ``medusa_num_layers``, ``base_model_name_or_path``);
+- the tokenizer's files (``AutoTokenizer.from_pretrained(output_dir)``);
+- the model: with Medusa-2 (``--medusa_only_heads false``) the trained model itself, in the folder
+  (``AutoModelForCausalLM.from_pretrained(output_dir)``; its ``config.json`` carries Medusa's fields too);
+  with Medusa-1 the backbone is unchanged, so ``base_model_name_or_path`` names it: the checkpoint of
+  ``--model_name_or_path``, or, for the embedded model (which exists nowhere else), ``output_dir/base_model``,
+  where this example saves it (``AutoModelForCausalLM.from_pretrained(output_dir + "/base_model")``).
+
+:func:`load_trained` reads all of it back: the model (``AutoModelForCausalLM``, no liger_align patch) with the
+heads loaded by ``liger_align.models.medusa.load_medusa_heads``, and the tokenizer::
+
+    from train import load_trained          # examples/medusa/train.py
+    model, tokenizer = load_trained("outputs/medusa")
+    heads = model.medusa_head               # head k: model.medusa_head[k](hidden) -> logits of token t+k+2
 """
 
 from __future__ import annotations
@@ -33,7 +51,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset, DatasetDict
-from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "alignment"))
 import common  # noqa: E402
@@ -43,7 +61,7 @@ from preflight import check_output_dir_or_exit, reruns_embedded_demo  # noqa: E4
 
 common.add_repo_to_path()
 from liger_align.models.head_call import backbone, causal_lm, output_head  # noqa: E402
-from liger_align.models.medusa import medusa_heads  # noqa: E402
+from liger_align.models.medusa import MEDUSA_CONFIG_FILE, load_medusa_heads, medusa_heads  # noqa: E402
 from liger_align.testing.conversations import (  # noqa: E402, F401
     FILLER,
     RING,
@@ -138,6 +156,49 @@ def load_model(args: MedusaScriptArguments, train: Dataset, seed: int) -> tuple[
     return model, tokenizer
 
 
+BASE_MODEL_FOLDER = "base_model"  # Medusa-1 on the embedded model: where the (unchanged) backbone is saved
+
+
+def save_base_model(trainer: MedusaTrainer, output_dir: str | Path) -> Path:
+    """Medusa-1 on the embedded model: save the backbone (without the heads) and the tokenizer in
+    ``output_dir/base_model``, and make it the ``base_model_name_or_path`` that the heads' ``config.json`` names.
+
+    The trainer's own ``save_model`` (Hugging Face's, which gathers FSDP/ZeRO-3 shards) writes it: every rank
+    calls it.
+    """
+    folder = Path(output_dir) / BASE_MODEL_FOLDER
+    Trainer.save_model(trainer, str(folder))  # Hugging Face's: the model (MedusaTrainer._save drops the heads)
+    causal_lm(trainer.model).config._name_or_path = str(folder.resolve())
+    return folder
+
+
+def load_trained(output_dir: str | Path, **from_pretrained: Any) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """``(model with its Medusa heads, tokenizer)`` from a folder this example saved (module docstring).
+
+    The model is ``AutoModelForCausalLM.from_pretrained`` of the folder when it holds the model (Medusa-2), else
+    of its ``base_model`` folder (Medusa-1 on the embedded model), else of the ``base_model_name_or_path`` its
+    ``config.json`` names (Medusa-1 on a checkpoint); ``from_pretrained`` (``dtype=...``, ...) goes to that call.
+    The heads come from ``medusa_lm_head.safetensors`` (``load_medusa_heads``), the tokenizer from the folder.
+    """
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(output_dir)
+    config = json.loads((folder / MEDUSA_CONFIG_FILE).read_text())
+    if "model_type" in config:  # Medusa-2: the trained model is in the folder
+        source: str | Path = folder
+    elif (folder / BASE_MODEL_FOLDER / MEDUSA_CONFIG_FILE).is_file():
+        source = folder / BASE_MODEL_FOLDER
+    elif config.get("base_model_name_or_path"):
+        source = config["base_model_name_or_path"]
+    else:
+        raise ValueError(f"output_dir: {folder} holds neither a model nor a base_model_name_or_path in its config.json")
+    model = AutoModelForCausalLM.from_pretrained(source, **from_pretrained)
+    load_medusa_heads(model, folder)
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     """The run's summary: stage, steps, wall time, the StepMeter figures, per-head held-out top-1."""
     meter = summary["meter"]
@@ -156,11 +217,13 @@ def print_summary(summary: dict[str, Any]) -> None:
         if k == 0 and summary["stage"] == 1:
             name += " [frozen]"  # stage 1 trains the Medusa heads only: the model head keeps its value
         print(f"  {name:<34}{start:.3f}    {end:.3f}")
-    print(f"saved the heads to {summary['output_dir']}")
+    saved = "the heads and the model" if summary["stage"] == 2 else "the heads" + (
+        f" (the base model in {BASE_MODEL_FOLDER}/)" if summary.get("base_model_saved") else "")
+    print(f"saved {saved} to {summary['output_dir']}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse arguments, build everything, train, save the heads, print and return the summary.
+    """Parse arguments, build everything, train, save (module docstring), print and return the summary.
 
     A non-empty ``--output_dir`` is refused (``error: ...``, exit status 2) before anything is loaded,
     unless ``--overwrite_output_dir`` or ``--resume_from_checkpoint``.
@@ -192,6 +255,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": str(config.device),
         "medusa_num_heads": config.medusa_num_heads,
     }
+    if config.medusa_only_heads and args.model_name_or_path is None:  # the embedded backbone exists nowhere else
+        save_base_model(trainer, config.output_dir)
+        described["base_model_saved"] = True
     return common.finish_run(trainer, described, measured, meter=meter, eval_rows=len(held_out),
                              printer=print_summary)
 

@@ -23,6 +23,13 @@ A data set needs a ``text`` column, or ``prompt`` and ``completion`` (or ``chose
 the completion and its EOS token (padding is masked by position, so EOS stays a target when the
 tokenizer pads with EOS). The held-out split is drawn with ``--seed``. ``--no-use_liger`` trains the
 unpatched model, for comparison.
+
+``--output_dir`` gets the trained model and its tokenizer, which reload with transformers alone (the patch
+changes no weight name, and is reverted when ``main`` returns)::
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained("outputs/sft")
+    tokenizer = AutoTokenizer.from_pretrained("outputs/sft")
 """
 
 from __future__ import annotations

@@ -19,6 +19,18 @@ the shape's colour and the rejected one another colour; it prints the held-out i
 A data set has TRL's vision preference columns: ``image`` (a file path) or ``images`` (a list of paths),
 and ``prompt``, ``chosen``, ``rejected`` (strings or conversational turns). ``--no-use_liger`` runs TRL's
 ``DPOTrainer``, for comparison.
+
+``--output_dir`` gets the trained policy and a standard processor: the embedded run trains with an
+image-only processor (``ImageOnlyQwen2VLProcessor``: no video processor, so no torchvision), and saves a
+``Qwen2VLProcessor`` of the same tokenizer and image processor in its place (a checkpoint's own processor is
+saved as it is). Both reload with transformers alone::
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    model = AutoModelForImageTextToText.from_pretrained("outputs/dpo_vlm")   # Qwen2VLForConditionalGeneration
+    processor = AutoProcessor.from_pretrained("outputs/dpo_vlm")             # Qwen2VLProcessor
+
+``AutoProcessor`` needs torchvision, as for any Qwen2-VL checkpoint; without it ``AutoImageProcessor`` and
+``AutoTokenizer`` load the two parts (see ``run_qwen2_vl.py``).
 """
 
 from __future__ import annotations
@@ -39,7 +51,7 @@ import vocabulary_check  # noqa: E402
 from cli import AlignmentScriptArguments  # noqa: E402
 from loading import first_split, reference_copy  # noqa: E402
 from preflight import check_output_dir_or_exit, reruns_embedded_demo  # noqa: E402
-from vlm_loading import data_root, limit_threads, load_checkpoint  # noqa: E402
+from vlm_loading import data_root, limit_threads, load_checkpoint, standard_processor  # noqa: E402
 
 common.add_repo_to_path()
 from liger_align.trainers import LigerDPOTrainer  # noqa: E402
@@ -152,8 +164,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": args.model_name_or_path or "embedded tiny Qwen2-VL",
         "device": str(trainer.args.device),
     }
-    return common.finish_run(
-        trainer, described, measured, meter=meter, eval_rows=len(held_out), save_with=processor
+    return common.finish_run(  # the standard processor in place of the embedded image-only one (docstring)
+        trainer, described, measured, meter=meter, eval_rows=len(held_out),
+        save_with=standard_processor(processor, trainer.model),
     )
 
 

@@ -19,6 +19,18 @@ every ``TrainingArguments`` flag works::
 A data set has the columns ``image`` (a file path, relative to the data file's folder or absolute),
 ``prompt`` and ``completion``; the loss covers the completion and its EOS. ``--no-use_liger`` trains the
 unpatched model, for comparison.
+
+``--output_dir`` gets the trained model (``model.safetensors``, ``config.json``) and its processor
+(``processor_config.json`` naming ``Qwen2VLProcessor``, the tokenizer's files, the chat template), which reload
+with transformers alone (no liger_align: its patches change no weight name)::
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    model = AutoModelForImageTextToText.from_pretrained("outputs/qwen2_vl")   # Qwen2VLForConditionalGeneration
+    processor = AutoProcessor.from_pretrained("outputs/qwen2_vl")             # Qwen2VLProcessor
+
+``AutoProcessor`` needs torchvision here as for any Qwen2-VL checkpoint (for the video processor); without
+it, ``AutoImageProcessor.from_pretrained`` and ``AutoTokenizer.from_pretrained`` of the folder give the image
+processor (Qwen2-VL's PIL one) and the tokenizer, which ``vlm_collator.VisionSFTCollator`` batches.
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ from cli import AlignmentScriptArguments  # noqa: E402
 from loading import first_split  # noqa: E402
 from preflight import check_output_dir_or_exit, reruns_embedded_demo  # noqa: E402
 from vlm_collator import VisionSFTCollator, uses_mm_token_type_ids  # noqa: E402
-from vlm_loading import data_root, limit_threads, load_checkpoint  # noqa: E402
+from vlm_loading import data_root, limit_threads, load_checkpoint, standard_processor  # noqa: E402
 
 common.add_repo_to_path()
 from liger_align.models import apply_liger_kernel  # noqa: E402
@@ -94,11 +106,14 @@ def load_data(args: VLMScriptArguments, seed: int) -> tuple[Any, Any]:
     return ImageRows(train, root), ImageRows(held_out, root)
 
 
-def load_model(args: VLMScriptArguments, seed: int) -> tuple[Any, Any, Any]:
-    """(model, tokenizer, image processor): the embedded tiny Qwen2-VL, or the checkpoint and its processor."""
+def load_model(args: VLMScriptArguments, seed: int) -> tuple[Any, Any, Any, Any]:
+    """(model, tokenizer, image processor, processor to save): the embedded tiny Qwen2-VL, or the checkpoint and
+    its processor. The last is what ``--output_dir`` gets beside the model, for ``AutoProcessor``: the checkpoint's
+    own processor, or (embedded, or no torchvision) the standard one of the tokenizer and image processor."""
     if args.model_name_or_path is None:
         tokenizer = embedded.build_tokenizer()
-        return embedded.build_tiny_qwen2_vl(tokenizer, seed=seed), tokenizer, embedded.build_image_processor()
+        model, image_processor = embedded.build_tiny_qwen2_vl(tokenizer, seed=seed), embedded.build_image_processor()
+        return model, tokenizer, image_processor, standard_processor((tokenizer, image_processor), model)
     from transformers import AutoProcessor
 
     model = load_checkpoint(args)
@@ -111,9 +126,10 @@ def load_model(args: VLMScriptArguments, seed: int) -> tuple[Any, Any, Any]:
 
         tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(args.model_name_or_path)
+        processor = (tokenizer, image_processor)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, image_processor
+    return model, tokenizer, image_processor, standard_processor(processor, model)
 
 
 @torch.no_grad()
@@ -151,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     resume = check_output_dir_or_exit(config, overwrite=args.overwrite_output_dir or reruns_embedded_demo(argv))
     limit_threads(args, config)
-    model, tokenizer, image_processor = load_model(args, config.seed)
+    model, tokenizer, image_processor, saved_processor = load_model(args, config.seed)
     train, held_out = load_data(args, config.seed)
     vocabulary_check.warn_unknown_words(getattr(train, "rows", train), tokenizer, args)
     collator = VisionSFTCollator(tokenizer, image_processor, max_length=args.max_length,
@@ -181,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": str(config.device),
         "patched": patched,
     }
-    return common.finish_run(trainer, described, measured, meter=meter, eval_rows=len(held_out), save_with=tokenizer)
+    return common.finish_run(trainer, described, measured, meter=meter, eval_rows=len(held_out),
+                             save_with=saved_processor)
 
 
 if __name__ == "__main__":
