@@ -156,6 +156,5 @@ def reference_logps(
     with torch.no_grad():
         stats = sequence_stats(
             ref_hidden.detach(), ref_weight.detach(), target, None if ref_bias is None else ref_bias.detach(), opts,
-            names=names,
         )
     return SequenceStats(*(t.detach() for t in stats))

@@ -72,18 +72,15 @@ def sequence_stats(
     target: torch.Tensor,
     bias: torch.Tensor | None,
     opts: LogitOptions,
-    *,
-    names: tuple[str, str, str, str] = POLICY_NAMES,
 ) -> SequenceStats:
     """Reduce ``hidden (R, T, H)`` and ``target (R, T)`` to :class:`SequenceStats` through the fused base.
 
-    ``names``: the caller's names of ``(hidden, weight, target, bias)``, used in the error messages.
+    The caller has checked the inputs under its own argument names (:func:`check_linear_inputs`).
     """
     rows, length, width = hidden.shape
     logps, logit_mean, *_ = linear_token_objective(
         hidden.reshape(rows * length, width), weight, target.reshape(-1), bias, target_weight=1.0, mean_weight=0.0,
         opts=opts,
-        names=names,
     )
     valid = (target != opts.ignore_index).float()
     return SequenceStats(
@@ -127,7 +124,7 @@ def fused_sequence_loss(
     group_rows = max(row_groups.count(g) for g in set(row_groups)) if row_groups else 1
     path = sequence_strategy(strategy, hidden, weight, separable=separable, group_rows=group_rows, opts=opts)
     if path == "recompute":
-        stats = sequence_stats(hidden, weight, target, bias, opts, names=names)
+        stats = sequence_stats(hidden, weight, target, bias, opts)
         loss, out = objective(stats)
         return loss, out if metrics is None else metrics(stats, out)
 

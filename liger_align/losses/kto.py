@@ -28,6 +28,7 @@ from typing_extensions import Unpack
 
 from .._checks import check_choice, check_flag, check_non_negative, check_positive, check_real
 from .._tokens import IGNORE_INDEX
+from ..kernels import check_linear_inputs
 from ..kernels.head.linear_logprobs import LogitOptions
 from ._module import FusedLossModule
 from ._paired import (
@@ -140,11 +141,10 @@ def kl_estimate(
     ``average_log_prob``: per-token average log-probs of the KL rows instead of sums.
     """
     check_rows(kl_hidden, kl_target, lin_weight, paired=False, names=("kl_hidden", "kl_target"))
+    check_linear_inputs(kl_hidden.reshape(-1, kl_hidden.shape[-1]), lin_weight, kl_target.reshape(-1), bias,
+                        names=("kl_hidden", "lin_weight", "kl_target", "bias"))
     with torch.no_grad():
-        kl_stats = sequence_stats(
-            kl_hidden.detach(), lin_weight.detach(), kl_target, _detach(bias), opts,
-            names=("kl_hidden", "lin_weight", "kl_target", "bias"),
-        )
+        kl_stats = sequence_stats(kl_hidden.detach(), lin_weight.detach(), kl_target, _detach(bias), opts)
         kl_logps = sequence_logps(kl_stats, average_log_prob)
     ref = reference_logps(
         kl_target, opts, ref_hidden=ref_kl_hidden, ref_weight=ref_weight if ref_kl_hidden is not None else None,

@@ -239,20 +239,19 @@ class LinearTokenObjectiveFunction(torch.autograd.Function):
 def linear_token_objective(
     hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None, *,
     target_weight: float, mean_weight: float, opts: LogitOptions, distribution: bool = False,
-    num_items: torch.Tensor | None = None, names: tuple[str, str, str, str] = ("hidden", "weight", "target", "bias"),
-    terms: CrossEntropyTerms | None = None,
+    num_items: torch.Tensor | None = None, terms: CrossEntropyTerms | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Checked entry to :class:`LinearTokenObjectiveFunction`.
 
     Returns ``(value, logit_mean, entropy, log_sum_sq_probs, is_top1, z_loss, predicted)``, each ``(N,)``; the
     metrics are empty unless asked for (``distribution``, ``terms``: see the Function). ``num_items``: a
     0-d accelerator tensor checked ``> 0`` in the op's one host synchronisation (see
-    :func:`._linear_chunks.valid_token_index`); ``names``: the caller's names of the inputs, for the
-    error messages.
+    :func:`._linear_chunks.valid_token_index`). A caller that names its inputs otherwise checks them
+    first (:func:`._linear_chunks.check_linear_inputs` with its names).
     """
     if not isinstance(opts, LogitOptions):
         raise TypeError(f"opts must be a LogitOptions, got {type(opts).__name__}")
-    check_linear_inputs(hidden, weight, target, bias, names=names)
+    check_linear_inputs(hidden, weight, target, bias)
     use_triton(hidden, weight, impl=opts.impl)  # a path that cannot run is refused here, before any product
     spec = TokenObjective(opts, float(target_weight), float(mean_weight), bool(distribution), terms)
     return LinearTokenObjectiveFunction.apply(hidden, weight, bias, target.long(), spec, num_items)
