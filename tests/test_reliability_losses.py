@@ -270,9 +270,10 @@ def test_default_cross_entropy_does_no_gradient_work_when_nothing_needs_it(monke
     import importlib
 
     module = importlib.import_module("liger_align.kernels.head.fused_linear_cross_entropy")
+    passes = importlib.import_module("liger_align.kernels.head._row_softmax").RowPasses
     calls = []
-    real_grad, real_chunks = module.row_grad_, module.TokenChunkGrads
-    monkeypatch.setattr(module, "row_grad_", lambda *a, **k: calls.append("row_grad") or real_grad(*a, **k))
+    real_grad, real_chunks = passes.grad, module.TokenChunkGrads
+    monkeypatch.setattr(passes, "grad", lambda *a, **k: calls.append("row_grad") or real_grad(*a, **k))
     monkeypatch.setattr(module, "TokenChunkGrads", lambda *a, **k: calls.append("buffers") or real_chunks(*a, **k))
     hidden, weight, target = rows(9)
     h, t = hidden.reshape(-1, H), target.reshape(-1)

@@ -138,7 +138,7 @@ class CrossEntropyTerms:
     def grad_coefficients(
         self, target: torch.Tensor, lse: torch.Tensor, upstream: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """``(a, b, options)`` for :func:`row_grad_`, each ``(M,)`` fp32: ``upstream`` is ``(M,)`` or 0-d."""
+        """``(a, b, options)`` for :meth:`RowPasses.grad`, each ``(M,)`` fp32: ``upstream`` is ``(M,)`` or 0-d."""
         rows = lse.shape[0]
         a = (self.alpha * upstream).expand(rows).contiguous()
         b = (self.beta * upstream).expand(rows).contiguous()

@@ -24,6 +24,7 @@ the gradient pass use ``b_i * c_v / V`` in place of ``b_i / V``; a per-row coeff
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -195,16 +196,11 @@ class RowStats:
         return self.target_logit >= self.running_max
 
 
-def fold_row_stats_(
+def _fold_row_stats_(
     stats: RowStats, logits: torch.Tensor, target: torch.Tensor, vocab_start: int, *, logit_scale: float,
     softcap: float | None, temperature: float, triton_path: bool, class_weight: torch.Tensor | None = None,
 ) -> None:
-    """Fold the logits ``(M, Vc)`` of vocabulary ids ``[vocab_start, vocab_start + Vc)`` into ``stats``.
-
-    ``target (M,)`` holds vocabulary ids in ``[0, V)``; a row's target logit is taken from the slice
-    that contains it. ``class_weight``: ``(V,)`` fp32 (all classes), folded into
-    ``stats.weighted_logit_sum`` (the stats must be built with ``weighted=True``).
-    """
+    """:meth:`RowPasses.fold` on the path ``triton_path`` says."""
     rows, n_cols = logits.shape
     if (class_weight is None) != (stats.weighted_logit_sum is None):
         raise ValueError("class_weight must be given exactly when the RowStats were built with weighted=True")
@@ -244,18 +240,12 @@ def fold_row_stats_(
     )
 
 
-def row_grad_(
+def _row_grad_(
     logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
     vocab_start: int, vocab: int, logit_scale: float, softcap: float | None, temperature: float, triton_path: bool,
     g: torch.Tensor | None = None, class_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Overwrite ``logits (M, Vc)`` with the gradient of ``a * log p[target] + b * mean_v log p`` per row.
-
-    The columns are vocabulary ids ``[vocab_start, vocab_start + Vc)`` of a vocabulary of ``vocab``;
-    ``lse``, ``a`` and ``b`` are ``(M,)`` fp32. Options: ``g (M,)`` fp32 adds ``g_i * p_iv``;
-    ``class_weight (V,)`` fp32 turns the ``b_i / V`` term into ``b_i * c_v / V``. Returns ``logits``,
-    now holding the gradient with respect to the raw (untransformed) logits, in the logits' dtype.
-    """
+    """:meth:`RowPasses.grad` on the path ``triton_path`` says."""
     rows, n_cols = logits.shape
     if not triton_path:
         raw = logits.float() * logit_scale
@@ -284,3 +274,45 @@ def row_grad_(
         HAS_SOFTCAP=softcap is not None, BLOCK=block, **_grad_flags(g, class_weight),
     )
     return logits
+
+
+@dataclass(frozen=True)
+class RowPasses:
+    """The two row passes of one call: the Triton kernels or their PyTorch twins, picked once per call
+    (``triton``), with the call's logit transform bound (``z = softcap * tanh(logit_scale * raw / softcap)
+    / temperature``, no tanh when ``softcap`` is None)."""
+
+    triton: bool
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    temperature: float = 1.0
+
+    def fold(
+        self, stats: RowStats, logits: torch.Tensor, target: torch.Tensor, vocab_start: int, *,
+        class_weight: torch.Tensor | None = None,
+    ) -> None:
+        """Fold the logits ``(M, Vc)`` of vocabulary ids ``[vocab_start, vocab_start + Vc)`` into ``stats``.
+
+        ``target (M,)`` holds vocabulary ids in ``[0, V)``; a row's target logit is taken from the slice
+        that contains it. ``class_weight``: ``(V,)`` fp32 (all classes), folded into
+        ``stats.weighted_logit_sum`` (the stats must be built with ``weighted=True``).
+        """
+        _fold_row_stats_(stats, logits, target, vocab_start, class_weight=class_weight, **self._transform())
+
+    def grad(
+        self, logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
+        vocab_start: int, vocab: int, g: torch.Tensor | None = None, class_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Overwrite ``logits (M, Vc)`` with the gradient of ``a * log p[target] + b * mean_v log p`` per row.
+
+        The columns are vocabulary ids ``[vocab_start, vocab_start + Vc)`` of a vocabulary of ``vocab``;
+        ``lse``, ``a`` and ``b`` are ``(M,)`` fp32. Options: ``g (M,)`` fp32 adds ``g_i * p_iv``;
+        ``class_weight (V,)`` fp32 turns the ``b_i / V`` term into ``b_i * c_v / V``. Returns ``logits``,
+        now holding the gradient with respect to the raw (untransformed) logits, in the logits' dtype.
+        """
+        return _row_grad_(logits, target, lse, a, b, vocab_start=vocab_start, vocab=vocab, g=g,
+                          class_weight=class_weight, **self._transform())
+
+    def _transform(self) -> dict:
+        return dict(logit_scale=self.logit_scale, softcap=self.softcap, temperature=self.temperature,
+                    triton_path=self.triton)

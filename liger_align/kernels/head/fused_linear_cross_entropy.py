@@ -39,7 +39,6 @@ from ._linear_chunks import (
     project,
     valid_token_index,
 )
-from ._row_softmax import fold_row_stats_, row_grad_
 from ._scale import save_gradients, scaled_gradients
 from ._strategy import STRATEGIES, choose_strategy, grad_in_forward_extra_bytes
 from .grad_weight_sum import GradWeightSum
@@ -123,7 +122,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, denominator, deferred_num_items, spec: CrossEntropyPass):
         opts, terms, wanted, want_accuracy = spec.opts, spec.terms, spec.wanted, spec.want_accuracy
-        triton_path = use_triton(hidden, weight, impl=opts.impl)
+        passes = opts.row_passes(use_triton(hidden, weight, impl=opts.impl))
         dtype = compute_dtype(hidden, weight)
         rows_all = valid_token_index(target, opts.ignore_index, weight.shape[0], num_items=deferred_num_items)
         vocab = weight.shape[0]
@@ -136,7 +135,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         # whether autograd will ever ask for these gradients.
         needs = tuple(n and w_ for n, w_ in zip(ctx.needs_input_grad[:3], wanted))
         grads = TokenChunkGrads(
-            hidden, weight, bias, needs, n_chunks=n_chunks, chunk_dtype=dtype, triton_path=triton_path
+            hidden, weight, bias, needs, n_chunks=n_chunks, chunk_dtype=dtype, triton_path=passes.triton
         )
         inv_denominator = 1.0 / denominator.to(device=hidden.device, dtype=torch.float32)
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
@@ -153,7 +152,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             chunk_target = target.index_select(0, rows)
             logits = project(h_chunk, w, b, buffer[: rows.shape[0]])
             stats = terms.row_stats(rows.shape[0], hidden.device)
-            fold_row_stats_(stats, logits, chunk_target, 0, **opts.row_kwargs(triton_path), **terms.fold_kwargs())
+            passes.fold(stats, logits, chunk_target, 0, **terms.fold_kwargs())
             lse = stats.lse()
             is_top1.index_copy_(0, rows, stats.is_top1())
             if predicted is not None:
@@ -166,10 +165,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             if any_grad:
                 upstream = inv_denominator if scale is None else inv_denominator * scale
                 a, b_coef, options = terms.grad_coefficients(chunk_target, lse, upstream)
-                row_grad_(
-                    logits, chunk_target, lse, a, b_coef, vocab_start=0, vocab=vocab, **opts.row_kwargs(triton_path),
-                    **options,
-                )
+                passes.grad(logits, chunk_target, lse, a, b_coef, vocab_start=0, vocab=vocab, **options)
                 grads.add_chunk(logits, h_chunk, rows, w)
         grad_hidden, grad_weight, grad_bias = grads.as_inputs(weight, bias)
         save_gradients(ctx, (grad_hidden, grad_weight, grad_bias))

@@ -28,7 +28,7 @@ from ._linear_chunks import (
     slice_cols,
     valid_token_index,
 )
-from ._row_softmax import RowStats, fold_row_stats_, row_grad_
+from ._row_softmax import RowPasses, RowStats
 from ._strategy import STRATEGIES
 
 if TYPE_CHECKING:
@@ -72,10 +72,9 @@ class LogitOptions:
         for key, value in values.items():
             object.__setattr__(self, key, value)
 
-    def row_kwargs(self, triton_path: bool) -> dict:
-        return dict(
-            logit_scale=self.logit_scale, softcap=self.softcap, temperature=self.temperature, triton_path=triton_path
-        )
+    def row_passes(self, triton: bool) -> RowPasses:
+        """The row passes of one call with these logit options, on the Triton path or not (picked once)."""
+        return RowPasses(triton, self.logit_scale, self.softcap, self.temperature)
 
 
 class LinearLogProbs(NamedTuple):
@@ -129,7 +128,7 @@ class LinearTokenObjectiveFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, target, spec: TokenObjective, num_items: torch.Tensor | None = None):
         opts, distribution, terms = spec.opts, spec.distribution, spec.terms
         alpha, beta = spec.target_weight, spec.mean_weight
-        triton_path = use_triton(hidden, weight, impl=opts.impl)
+        passes = opts.row_passes(use_triton(hidden, weight, impl=opts.impl))
         dtype = compute_dtype(hidden, weight)
         rows = valid_token_index(target, opts.ignore_index, weight.shape[0], num_items=num_items)
         vocab, n_valid = weight.shape[0], rows.shape[0]
@@ -158,7 +157,7 @@ class LinearTokenObjectiveFunction(torch.autograd.Function):
             for start, stop in _vocab_slices(vocab, width):
                 out = buffer[: n_valid * (stop - start)].view(n_valid, stop - start)
                 logits = project(h, w[start:stop], None if b is None else b[start:stop], out)
-                fold_row_stats_(stats, logits, valid_target, start, **opts.row_kwargs(triton_path), **fold_extra)
+                passes.fold(stats, logits, valid_target, start, **fold_extra)
             lse = stats.lse()
             z_mean = stats.logit_sum / vocab
             if terms is None:
@@ -184,7 +183,7 @@ class LinearTokenObjectiveFunction(torch.autograd.Function):
             if top1:
                 is_top1.index_copy_(0, rows, stats.is_top1())
         ctx.save_for_backward(hidden, weight, bias, target, rows, lse, scale)
-        ctx.spec, ctx.dtype, ctx.triton_path = spec, dtype, triton_path
+        ctx.spec, ctx.dtype, ctx.passes = spec, dtype, passes
         ctx.mark_non_differentiable(logit_mean, entropy, log_sum_sq, is_top1, z_loss, predicted)
         return value, logit_mean, entropy, log_sum_sq, is_top1, z_loss, predicted
 
@@ -221,10 +220,7 @@ class LinearTokenObjectiveFunction(torch.autograd.Function):
             w_slice = w[start:stop]
             out = buffer[: n_valid * (stop - start)].view(n_valid, stop - start)
             logits = project(h, w_slice, None if b is None else b[start:stop], out)
-            row_grad_(
-                logits, valid_target, lse, a_coef, b_coef, vocab_start=start, vocab=vocab,
-                **opts.row_kwargs(ctx.triton_path), **grad_extra,
-            )
+            ctx.passes.grad(logits, valid_target, lse, a_coef, b_coef, vocab_start=start, vocab=vocab, **grad_extra)
             if need_weight:
                 mm_into_(grad_weight[start:stop], logits.t(), h)
             if need_bias:

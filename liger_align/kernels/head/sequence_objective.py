@@ -29,7 +29,7 @@ import torch
 
 from .._dispatch import use_triton
 from ._linear_chunks import chunk_rows, compute_dtype, mm_fp32, project, raise_bad_targets
-from ._row_softmax import RowStats, fold_row_stats_, row_grad_
+from ._row_softmax import RowStats
 from ._scale import save_gradients, scaled_gradients
 from ._strategy import choose_strategy, grad_in_forward_extra_bytes
 from .grad_weight_sum import GradWeightSum
@@ -93,7 +93,7 @@ class SequenceObjectiveFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, spec: SequenceObjective):
         opts = spec.opts
-        triton_path = use_triton(hidden, weight, impl=opts.impl)
+        passes = opts.row_passes(use_triton(hidden, weight, impl=opts.impl))
         dtype = compute_dtype(hidden, weight)
         rows, length, vocab = len(spec.row_groups), spec.length, weight.shape[0]
         device = hidden.device
@@ -125,7 +125,7 @@ class SequenceObjectiveFunction(torch.autograd.Function):
         if needs[1]:
             grad_weight = GradWeightSum(
                 vocab, weight.shape[1], dtype=weight.dtype, device=device, n_chunks=max(n_chunks, 1),
-                triton_path=triton_path, chunk_dtype=dtype,
+                triton_path=passes.triton, chunk_dtype=dtype,
             )
         if n_valid:
             w = weight.to(dtype)
@@ -145,7 +145,7 @@ class SequenceObjectiveFunction(torch.autograd.Function):
                 chunk_target = target.index_select(0, tokens)
                 logits = project(h_chunk, w, b, buffer[: size * vocab].view(size, vocab))
                 stats = RowStats(size, device)
-                fold_row_stats_(stats, logits, chunk_target, 0, **opts.row_kwargs(triton_path))
+                passes.fold(stats, logits, chunk_target, 0)
                 lse = stats.lse()
                 token_logps.index_copy_(0, tokens, stats.target_logit - lse)
                 token_means.index_copy_(0, tokens, stats.logit_sum / vocab)
@@ -155,10 +155,8 @@ class SequenceObjectiveFunction(torch.autograd.Function):
                     continue
                 # logits <- onehot - p (the gradient of the token's log-prob), then the products that do not
                 # need dL/ds, so that the GPU has work while the host evaluates the objective's gradient.
-                row_grad_(
-                    logits, chunk_target, lse, torch.ones_like(lse), torch.zeros_like(lse), vocab_start=0,
-                    vocab=vocab, **opts.row_kwargs(triton_path),
-                )
+                passes.grad(logits, chunk_target, lse, torch.ones_like(lse), torch.zeros_like(lse), vocab_start=0,
+                            vocab=vocab)
                 unscaled_hidden = mm_fp32(logits, w) if grad_hidden is not None else None
                 row_of_token = tokens // length
                 seen = torch.where(chunk_id <= chunk, sum_logps, -n_tokens)  # rows not seen yet: mean log-prob -1
