@@ -2,7 +2,9 @@
 
 fp32 with TF32 off: 30 steps of training then an evaluation, every logged number equal to TRL's (rel 1e-4).
 bf16: the per-step distance of our loss from TRL's (same seed) is no larger than TRL's distance from itself
-under another seed (data order), i.e. within the spread that a user sees from TRL alone.
+under another seed (data order), i.e. within the spread that a user sees from TRL alone — or, where the seed
+changes nothing in TRL's run (KTO: its two runs agree to the bit), no larger than one bf16 rounding of the
+loss (``2**-8`` relative), the smallest difference bf16 can show.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from test_trainers_parity import CASES, train_and_eval
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 STEPS = 30
+BF16_ROUNDING = 2.0**-8
 LONG = {"max_steps": STEPS, "use_cpu": False, "per_device_train_batch_size": 4, "learning_rate": 5e-4}
 
 
@@ -55,4 +58,5 @@ def test_bf16_stays_within_trls_own_spread(case: str, tmp_path: Path) -> None:
     ours = _losses(_run("liger", case, tmp_path, bf16=True))
     ours_gap = sum(abs(a - b) for a, b in zip(ours, trl)) / STEPS
     trl_gap = sum(abs(a - b) for a, b in zip(trl_other_seed, trl)) / STEPS
-    assert ours_gap <= trl_gap, (ours_gap, trl_gap, ours[-5:], trl[-5:])
+    rounding = BF16_ROUNDING * sum(abs(a) for a in trl) / STEPS
+    assert ours_gap <= max(trl_gap, rounding), (ours_gap, trl_gap, rounding, ours[-5:], trl[-5:])
