@@ -68,7 +68,7 @@ def ours(loss: str, x: Inputs, strategy: str = "auto") -> Callable[[], None]:
         return lambda: fn(x.weight, x.hidden, x.target)[0].backward()
     fn = LigerFusedLinearKTOLoss(strategy=strategy)
     return lambda: fn(
-        x.weight, x.hidden, x.target, x.labels, ref_hidden=x.ref_hidden, ref_weight=x.ref_weight
+        x.weight, x.hidden, x.target, preference_labels=x.labels, ref_hidden=x.ref_hidden, ref_weight=x.ref_weight
     )[0].backward()
 
 

@@ -286,9 +286,9 @@ def kto_case(average, *, impl="torch", size=None, module=False):
     config = dict(beta=beta, desirable_weight=dw, undesirable_weight=uw, average_log_prob=average, impl=impl)
     extra = dict(ref_hidden=ref_h, ref_weight=ref_w, kl_hidden=kl_hidden, kl_target=kl_target, ref_kl_hidden=ref_kl_h)
     if module:
-        loss, out = LigerFusedLinearKTOLoss(**config)(weight, hidden, target, labels, bias, **extra)
+        loss, out = LigerFusedLinearKTOLoss(**config)(weight, hidden, target, bias, preference_labels=labels, **extra)
     else:
-        loss, out = fused_linear_kto_loss(hidden, weight, target, labels, bias, **extra, **config)
+        loss, out = fused_linear_kto_loss(hidden, weight, target, bias, preference_labels=labels, **extra, **config)
     logps, _ = seq(h64, w64, b64, target, average)
     with torch.no_grad():
         ref_logps, _ = seq(ref_h, ref_w, None, target, average)
@@ -317,9 +317,9 @@ def test_kto_precomputed_kl_clamped_at_zero():
     hidden, weight, bias, target = inputs(seed=6)
     labels = torch.tensor([True, False, False, True])
     common = dict(reference_free=True, average_log_prob=True, impl="torch")
-    neg, out = fused_linear_kto_loss(hidden, weight, target, labels, bias, kl=-0.5, **common)
-    zero, _ = fused_linear_kto_loss(hidden, weight, target, labels, bias, kl=0.0, **common)
-    pos, _ = fused_linear_kto_loss(hidden, weight, target, labels, bias, kl=0.5, **common)
+    neg, out = fused_linear_kto_loss(hidden, weight, target, bias, preference_labels=labels, kl=-0.5, **common)
+    zero, _ = fused_linear_kto_loss(hidden, weight, target, bias, preference_labels=labels, kl=0.0, **common)
+    pos, _ = fused_linear_kto_loss(hidden, weight, target, bias, preference_labels=labels, kl=0.5, **common)
     assert torch.equal(neg, zero) and not torch.equal(pos, zero) and float(out["kl"]) == 0.0
 
 
@@ -412,7 +412,7 @@ def test_non_bool_flags_raise_naming_the_argument(value):
         lambda: fused_linear_simpo_loss(hidden, weight, target, bias, average_log_prob=value),
         lambda: LigerFusedLinearKTOLoss(average_log_prob=value),
         lambda: fused_linear_kto_loss(
-            hidden, weight, target, labels, bias, reference_free=True, average_log_prob=value
+            hidden, weight, target, bias, preference_labels=labels, reference_free=True, average_log_prob=value
         ),
     ]
     for call in calls:

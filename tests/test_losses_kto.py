@@ -92,7 +92,7 @@ def run_case(dtype, config, labels, *, bias=True, reference="hidden", impl="torc
         trl_ref = dict(ref_logps=(ref_logps.double(), ref_kl_logps.double()))
     with pytest.MonkeyPatch.context() as patch:
         products = count_products(patch)
-        loss, out = loss_fn(weight, hidden, target, label_tensor, b, **kwargs)
+        loss, out = loss_fn(weight, hidden, target, b, preference_labels=label_tensor, **kwargs)
     if chunk_bytes is not None:
         # the small budget split the forward into several chunks (the 3-product path keeps a row whole)
         assert len(products) > 1 or (LOSS_PATH["current"] == "grad_in_forward" and len(products) == 1 == rows)
@@ -136,13 +136,15 @@ def test_precomputed_kl_equals_estimated_kl():
     ref_logps = torch.randn(R) * 5 - 150
     kl_hidden, _, _, kl_target = make_rows(R, T, H, V, torch.float32, bias=False, seed=10)
     ref_kl_logps = torch.randn(R) - 300
-    _, estimated = fused_linear_kto_loss(hidden, weight, target, labels, b, ref_logps=ref_logps, kl_hidden=kl_hidden,
-                                         kl_target=kl_target, ref_kl_logps=ref_kl_logps, impl="torch")
+    _, estimated = fused_linear_kto_loss(hidden, weight, target, b, preference_labels=labels, ref_logps=ref_logps,
+                                         kl_hidden=kl_hidden, kl_target=kl_target, ref_kl_logps=ref_kl_logps,
+                                         impl="torch")
     assert estimated["kl"] > 0
-    loss, out = fused_linear_kto_loss(hidden, weight, target, labels, b, ref_logps=ref_logps, kl=estimated["kl"],
-                                      impl="torch")
-    loss_est, _ = fused_linear_kto_loss(hidden, weight, target, labels, b, ref_logps=ref_logps, kl_hidden=kl_hidden,
-                                        kl_target=kl_target, ref_kl_logps=ref_kl_logps, impl="torch")
+    loss, out = fused_linear_kto_loss(hidden, weight, target, b, preference_labels=labels, ref_logps=ref_logps,
+                                      kl=estimated["kl"], impl="torch")
+    loss_est, _ = fused_linear_kto_loss(hidden, weight, target, b, preference_labels=labels, ref_logps=ref_logps,
+                                        kl_hidden=kl_hidden, kl_target=kl_target, ref_kl_logps=ref_kl_logps,
+                                        impl="torch")
     assert torch.equal(out["kl"], estimated["kl"]) and torch.allclose(loss, loss_est)
 
 
@@ -151,8 +153,8 @@ def test_scaled_upstream_and_sum_with_another_loss():
     hidden, weight, b, target = make_rows(R, T, H, V, torch.float32, bias=True, seed=12)
     labels = COMPOSITIONS["mixed"]
     h64, w64, b64 = leaf_copies(hidden, weight, b, device="cpu")
-    loss, _ = fused_linear_kto_loss(hidden, weight, target, torch.tensor(labels), b, reference_free=True,
-                                    loss_type="apo_zero_unpaired", impl="torch")
+    loss, _ = fused_linear_kto_loss(hidden, weight, target, b, preference_labels=torch.tensor(labels),
+                                    reference_free=True, loss_type="apo_zero_unpaired", impl="torch")
     ce = fused_linear_cross_entropy(hidden, weight, target, b, impl="torch")
     ref_loss, _ = trl_kto((h64, w64, b64), None, target, target, labels, config=dict(loss_type="apo_zero_unpaired"),
                           ref_logps=(torch.zeros(R, dtype=torch.float64), None))
@@ -175,7 +177,7 @@ def test_cuda(dtype):
 
 def test_all_masked_row_is_finite_with_zero_gradient():
     hidden, weight, b, target = make_rows(R, T, H, V, torch.float32, bias=True, seed=15, masked_rows=(1, 2))
-    loss, out = fused_linear_kto_loss(hidden, weight, target, torch.tensor(COMPOSITIONS["mixed"]), b,
+    loss, out = fused_linear_kto_loss(hidden, weight, target, b, preference_labels=torch.tensor(COMPOSITIONS["mixed"]),
                                       ref_logps=torch.zeros(R), impl="torch")
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(v).all() for v in out.values())
@@ -188,17 +190,17 @@ def test_bad_input_names_the_argument():
     labels = torch.tensor(COMPOSITIONS["mixed"])
     free = dict(reference_free=True)
     with pytest.raises(ValueError, match="preference_labels"):
-        fused_linear_kto_loss(hidden, weight, target, labels[:-1], **free)
+        fused_linear_kto_loss(hidden, weight, target, preference_labels=labels[:-1], **free)
     with pytest.raises(ValueError, match="target"):
-        fused_linear_kto_loss(hidden, weight, target[:-1], labels, **free)
+        fused_linear_kto_loss(hidden, weight, target[:-1], preference_labels=labels, **free)
     with pytest.raises(ValueError, match="ref_hidden"):
-        fused_linear_kto_loss(hidden, weight, target, labels, ref_hidden=hidden[:-1])
+        fused_linear_kto_loss(hidden, weight, target, preference_labels=labels, ref_hidden=hidden[:-1])
     with pytest.raises(ValueError, match="ref_logps"):
-        fused_linear_kto_loss(hidden, weight, target, labels, ref_logps=torch.zeros(R + 1))
+        fused_linear_kto_loss(hidden, weight, target, preference_labels=labels, ref_logps=torch.zeros(R + 1))
     with pytest.raises(ValueError, match="needs a reference.*ref_hidden"):
-        fused_linear_kto_loss(hidden, weight, target, labels)
+        fused_linear_kto_loss(hidden, weight, target, preference_labels=labels)
     with pytest.raises(ValueError, match="ref_kl_hidden"):
-        fused_linear_kto_loss(hidden, weight, target, labels, ref_logps=torch.zeros(R), kl_hidden=hidden,
-        kl_target=target)
+        fused_linear_kto_loss(hidden, weight, target, preference_labels=labels, ref_logps=torch.zeros(R),
+                              kl_hidden=hidden, kl_target=target)
     with pytest.raises(ValueError, match=r"loss_type must be one of \['kto', 'apo_zero_unpaired'\]"):
         LigerFusedLinearKTOLoss(loss_type="bco")

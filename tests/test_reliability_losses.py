@@ -100,9 +100,9 @@ def test_functional_losses_and_objectives_check_the_same_settings() -> None:
         orpo_objective(c, r, torch.tensor(1.0), beta=-0.1)
     labels = torch.tensor([True, False, True, False])
     with pytest.raises(ValueError, match="beta"):
-        fused_linear_kto_loss(hidden, weight, target, labels, beta=0.0, reference_free=True)
+        fused_linear_kto_loss(hidden, weight, target, preference_labels=labels, beta=0.0, reference_free=True)
     with pytest.raises(ValueError, match=r"kl must be a scalar .*got a tensor of shape \(4,\)"):
-        fused_linear_kto_loss(hidden, weight, target, labels, kl=torch.ones(4), reference_free=True)
+        fused_linear_kto_loss(hidden, weight, target, preference_labels=labels, kl=torch.ones(4), reference_free=True)
     with pytest.raises(ValueError, match=r"kl must be a scalar"):
         kto_objective(c, r, labels[:B], kl=torch.ones(B))
     with pytest.raises(ValueError, match="kl must be a finite number"):
@@ -146,11 +146,11 @@ def test_bad_reference_inputs_name_the_reference_argument() -> None:
         loss_fn(weight.detach().long(), hidden, target, ref_hidden=ref_hidden)  # the shared head is the policy's
     labels = torch.tensor([True, False, True, False])
     with pytest.raises(TypeError, match="ref_kl_hidden must be a floating-point tensor"):
-        fused_linear_kto_loss(hidden, weight, target, labels, ref_hidden=ref_hidden, kl_hidden=hidden.detach(),
-                              kl_target=target, ref_kl_hidden=ref_hidden.long())
+        fused_linear_kto_loss(hidden, weight, target, preference_labels=labels, ref_hidden=ref_hidden,
+                              kl_hidden=hidden.detach(), kl_target=target, ref_kl_hidden=ref_hidden.long())
     with pytest.raises(ValueError, match="kl_target must have shape"):
-        fused_linear_kto_loss(hidden, weight, target, labels, ref_hidden=ref_hidden, kl_hidden=hidden.detach(),
-                              kl_target=target[:, :-1], ref_kl_hidden=ref_hidden)
+        fused_linear_kto_loss(hidden, weight, target, preference_labels=labels, ref_hidden=ref_hidden,
+                              kl_hidden=hidden.detach(), kl_target=target[:, :-1], ref_kl_hidden=ref_hidden)
 
 
 # ----------------------------------------------------------------------------------------- num_items_in_batch

@@ -170,9 +170,9 @@ def fused_linear_kto_loss(
     hidden: torch.Tensor,
     lin_weight: torch.Tensor,
     target: torch.Tensor,
-    preference_labels: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
+    preference_labels: torch.Tensor,
     ref_hidden: torch.Tensor | None = None,
     ref_weight: torch.Tensor | None = None,
     ref_bias: torch.Tensor | None = None,
@@ -290,7 +290,7 @@ def _rows_where(stats: SequenceStats, mask: torch.Tensor) -> SequenceStats:
 class LigerFusedLinearKTOLoss(FusedLossModule):
     """KTO (Ethayarajh et al., 2024) as in TRL's ``KTOTrainer``, without materialising the logits.
 
-    ``loss_fn(lin_weight, hidden, target, preference_labels, bias=None, *, ref_hidden=None, ref_weight=None,
+    ``loss_fn(lin_weight, hidden, target, bias=None, *, preference_labels, ref_hidden=None, ref_weight=None,
     ref_bias=None, ref_logps=None, kl=None, kl_hidden=None, kl_target=None, ref_kl_hidden=None,
     ref_kl_logps=None) -> (loss, out)``; see :func:`fused_linear_kto_loss`.
     """
@@ -323,9 +323,9 @@ class LigerFusedLinearKTOLoss(FusedLossModule):
         lin_weight: torch.Tensor,
         hidden: torch.Tensor,
         target: torch.Tensor,
-        preference_labels: torch.Tensor,
         bias: torch.Tensor | None = None,
         *,
+        preference_labels: torch.Tensor,
         ref_hidden: torch.Tensor | None = None,
         ref_weight: torch.Tensor | None = None,
         ref_bias: torch.Tensor | None = None,
@@ -337,7 +337,7 @@ class LigerFusedLinearKTOLoss(FusedLossModule):
         ref_kl_logps: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return fused_linear_kto_loss(
-            hidden, lin_weight, target, preference_labels, bias,
+            hidden, lin_weight, target, bias, preference_labels=preference_labels,
             ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps, kl=kl,
             kl_hidden=kl_hidden, kl_target=kl_target, ref_kl_hidden=ref_kl_hidden, ref_kl_logps=ref_kl_logps,
             **self.config, **self.logit_kwargs,
