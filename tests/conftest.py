@@ -76,6 +76,23 @@ def _dispatch_to_torch_on_cpu(request: pytest.FixtureRequest, monkeypatch: pytes
 
 
 @pytest.fixture(autouse=True)
+def _revert_leftover_patches():
+    """Undo every attribute patch a test left applied (e.g. an example run in-process patches
+    ``modeling_llama.apply_rotary_pos_emb`` for the life of its process), so no test sees another's."""
+    import sys
+
+    handle_module = sys.modules.get("liger_align.models._handle")
+    before = set(handle_module._REGISTRY) if handle_module is not None else set()
+    yield
+    handle_module = sys.modules.get("liger_align.models._handle")
+    if handle_module is None:
+        return
+    with handle_module._LOCK:
+        for key in set(handle_module._REGISTRY) - before:
+            handle_module._restore(handle_module._REGISTRY.pop(key))
+
+
+@pytest.fixture(autouse=True)
 def _skip_gpu_without_cuda(request: pytest.FixtureRequest):
     if request.node.get_closest_marker("gpu") is not None and not HAS_CUDA:
         pytest.skip("needs a CUDA device")
