@@ -125,12 +125,14 @@ def test_embedded_model_is_llama_3_2_shaped() -> None:
 
 
 @pytest.mark.slow
-def test_default_orpo_run_learns_the_preference(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["orpo", "dpo", "kto"])
+def test_default_run_learns_the_preference(name: str, tmp_path: Path) -> None:
     """The no-argument run (only the output folder moved): held-out preference accuracy rises clearly."""
     output_dir = tmp_path / "out"
-    result = run_script(SCRIPTS["orpo"], ["--output_dir", str(output_dir)], cwd=tmp_path, timeout=600)
+    result = run_script(SCRIPTS[name], ["--output_dir", str(output_dir)], cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((output_dir / "run_summary.json").read_text())
     start, end = summary["start"], summary["end"]
     assert end["preference_accuracy"] >= start["preference_accuracy"] + 0.15, summary
-    assert end["eval_rewards/accuracies"] >= start["eval_rewards/accuracies"] + 0.15, summary
+    if name == "orpo":  # DPO's reward accuracy starts at 0 (policy == reference: all ties); KTO logs none
+        assert end["eval_rewards/accuracies"] >= start["eval_rewards/accuracies"] + 0.15, summary

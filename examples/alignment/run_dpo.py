@@ -26,7 +26,13 @@ DPO = common.Algorithm(
     trl_trainer=DPOTrainer,
     liger_trainer=LigerDPOTrainer,
     reference_model=True,
-    embedded_defaults={"beta": 0.1, "learning_rate": 1e-3},
+    # DPO + an NLL term on the chosen answer (RPO): from random init pure DPO only pushes rejected answers down.
+    embedded_defaults={
+        "beta": 0.1,
+        "learning_rate": 1e-3,
+        "loss_type": ["sigmoid", "sft"],
+        "loss_weights": [1.0, 1.0],
+    },
 )
 
 if __name__ == "__main__":
