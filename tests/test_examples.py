@@ -125,7 +125,7 @@ def test_embedded_model_is_llama_3_2_shaped() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["orpo", "dpo", "kto"])
+@pytest.mark.parametrize("name", ["orpo", "dpo", "simpo", "kto"])
 def test_default_run_learns_the_preference(name: str, tmp_path: Path) -> None:
     """The no-argument run (only the output folder moved): held-out preference accuracy rises clearly."""
     output_dir = tmp_path / "out"

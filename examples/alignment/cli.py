@@ -87,7 +87,7 @@ class Algorithm:
     """How one example script differs from the others.
 
     ``liger_trainer`` runs by default, ``trl_trainer`` with ``--no-use_liger``. ``embedded_defaults``
-    tune the embedded run; ``config_defaults`` apply to every run (flags still override both).
+    tune the embedded run (over ``config_defaults``, which apply to every run; flags override both).
     ``reference_model``: the trainer takes a ``ref_model`` (DPO, KTO); TRL loads it from the model's
     path, so the embedded model, which has none, gets a frozen copy of itself. ``beta_may_be_zero``: the
     config check of ``liger_trainer`` accepts ``beta == 0`` (ORPO, whose beta weighs the odds-ratio term).
@@ -256,8 +256,9 @@ def parse_script_and_config(
     """Parse ``argv`` (default: the command line) into ``script_class`` and ``config_class`` instances.
 
     The output folder defaults to ``outputs/<name>``. Without ``--model_name_or_path``,
-    ``EMBEDDED_DEFAULTS`` updated with ``embedded_defaults`` are the defaults (bf16 on a GPU that has
-    it); ``config_defaults`` apply to every run. Flags given on the command line always win.
+    ``config_defaults`` apply to every run; without ``--model_name_or_path``, ``EMBEDDED_DEFAULTS`` updated
+    with ``embedded_defaults`` are laid over them (bf16 on a GPU that has it). Flags given on the command
+    line always win.
 
     An unknown flag, a bad value or choice and transformers' Liger-Kernel switches exit as argparse does
     (one line, status 2; ``SystemExit(2)`` in-process); a combination the config class refuses raises
@@ -270,10 +271,10 @@ def parse_script_and_config(
     defaults: dict[str, Any] = {"output_dir": str(Path("outputs") / name)}
     # Pinned host memory only helps copies to a GPU; without one, the DataLoader warns about it.
     defaults["dataloader_pin_memory"] = torch.cuda.is_available()
-    if not _given(argv, "model_name_or_path"):
+    defaults.update(config_defaults or {})
+    if not _given(argv, "model_name_or_path"):  # the embedded run's own settings win over the script's
         defaults.update(EMBEDDED_DEFAULTS, **embedded_defaults)
         defaults["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    defaults.update(config_defaults or {})
     defaults = checkpointing_defaults(config_class, defaults, argv)
     parser.set_defaults(**defaults)
     try:

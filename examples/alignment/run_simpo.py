@@ -26,7 +26,9 @@ SIMPO = common.Algorithm(
     config_class=CPOConfig,
     trl_trainer=CPOTrainer,
     liger_trainer=LigerCPOTrainer,
-    embedded_defaults={"beta": 2.0, "simpo_gamma": 0.5, "learning_rate": 1e-3},
+    # CPO-SimPO (SimPO + an NLL term on the chosen answers, cpo_alpha 1): from random init pure SimPO only
+    # pushes rejected answers down (0.583 -> 0.667 held-out preference accuracy; with the NLL term 0.854).
+    embedded_defaults={"beta": 2.0, "simpo_gamma": 0.5, "learning_rate": 1e-3, "cpo_alpha": 1.0},
     config_defaults={"loss_type": "simpo", "cpo_alpha": 0.0, "remove_unused_columns": False},
 )
 
