@@ -317,3 +317,12 @@ def example_main(name: str):
 
     algorithm = getattr(module, name.upper())
     return lambda argv: common.main(algorithm, argv)
+
+
+def gradient_path(hidden, weight) -> str:
+    """The sequence losses' gradient path in force for a separable objective on these tensors: the one the
+    ``loss_path`` fixture forces (asked of the strategy choice itself; no state is shared)."""
+    from liger_align.kernels import LogitOptions
+    from liger_align.losses import _sequences
+
+    return _sequences.sequence_strategy("auto", hidden, weight, separable=True, group_rows=1, opts=LogitOptions())

@@ -98,11 +98,6 @@ def _skip_gpu_without_cuda(request: pytest.FixtureRequest):
         pytest.skip("needs a CUDA device")
 
 
-#: The path of the sequence losses a ``loss_path`` test runs on ("grad_in_forward" or "recompute"), for
-#: assertions that differ by path (e.g. how many chunks a single pair takes).
-LOSS_PATH = {"current": None}
-
-
 @pytest.fixture(params=["grad_in_forward", "recompute"])
 def loss_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run the test once per gradient path of the sequence losses: ``strategy="auto"`` is forced to it
@@ -118,6 +113,4 @@ def loss_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
         return real(strategy, *args, separable=separable, **kwargs)
 
     monkeypatch.setattr(_sequences, "sequence_strategy", forced)
-    LOSS_PATH["current"] = path
-    yield path
-    LOSS_PATH["current"] = None
+    return path

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-from _helpers import count_products  # noqa: E402
+from _helpers import count_products, gradient_path  # noqa: E402
 from _preference_reference import (  # noqa: E402
     IGNORE,
     LogitsModel,
@@ -23,7 +23,6 @@ from _preference_reference import (  # noqa: E402
     token_logps64,
     trainer_stub,
 )
-from conftest import LOSS_PATH  # noqa: E402
 from trl.experimental.cpo import CPOTrainer  # noqa: E402
 
 from liger_align.losses import (  # noqa: E402
@@ -74,7 +73,7 @@ def run_case(dtype, config, *, bias=True, impl="torch", device="cpu", pairs=B, s
         loss, out = loss_fn(weight, hidden, target, b)
     if chunk_bytes is not None:
         # the small budget split the forward into several chunks (the 3-product path keeps a pair whole)
-        assert len(products) > 1 or (LOSS_PATH["current"] == "grad_in_forward" and len(products) == 1 == pairs)
+        assert len(products) > 1 or (gradient_path(hidden, weight) == "grad_in_forward" and len(products) == 1 == pairs)
     h64, w64, b64 = leaf_copies(hidden, weight, b, device="cpu")
     ref_loss, metrics = trl_cpo(h64, w64, b64, target.cpu(), config)
 

@@ -6,7 +6,7 @@ import types
 
 import pytest
 import torch
-from _helpers import count_products
+from _helpers import count_products, gradient_path
 from _preference_reference import (
     IGNORE,
     FusedHeadModel,
@@ -20,7 +20,6 @@ from _preference_reference import (
     trainer_stub,
     unshifted_batch,
 )
-from conftest import LOSS_PATH  # noqa: E402
 from trl import DPOTrainer
 
 from liger_align.losses import DPO_LOSS_TYPES, LigerFusedLinearDPOLoss, fused_linear_cross_entropy
@@ -84,7 +83,7 @@ def run_case(dtype, config, *, bias=True, reference="hidden", impl="torch", devi
         loss, out = loss_fn(weight, hidden, target, b, **kwargs)
     if chunk_bytes is not None:
         # the small budget split the forward into several chunks (the 3-product path keeps a pair whole)
-        assert len(products) > 1 or (LOSS_PATH["current"] == "grad_in_forward" and len(products) == 1 == pairs)
+        assert len(products) > 1 or (gradient_path(hidden, weight) == "grad_in_forward" and len(products) == 1 == pairs)
     ref_loss, metrics = trl_dpo(h64, w64, b64, target.cpu(), config=config, **trl_ref)
 
     assert loss.dtype == torch.float32 and loss.shape == () and torch.isfinite(loss)

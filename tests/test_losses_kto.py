@@ -6,7 +6,7 @@ import types
 
 import pytest
 import torch
-from _helpers import count_products
+from _helpers import count_products, gradient_path
 from _preference_reference import (
     FusedHeadModel,
     check_grads,
@@ -19,7 +19,6 @@ from _preference_reference import (
     trainer_stub,
     unshifted_batch,
 )
-from conftest import LOSS_PATH  # noqa: E402
 from trl import KTOTrainer
 
 from liger_align.losses import LigerFusedLinearKTOLoss, fused_linear_cross_entropy
@@ -95,7 +94,7 @@ def run_case(dtype, config, labels, *, bias=True, reference="hidden", impl="torc
         loss, out = loss_fn(weight, hidden, target, b, preference_labels=label_tensor, **kwargs)
     if chunk_bytes is not None:
         # the small budget split the forward into several chunks (the 3-product path keeps a row whole)
-        assert len(products) > 1 or (LOSS_PATH["current"] == "grad_in_forward" and len(products) == 1 == rows)
+        assert len(products) > 1 or (gradient_path(hidden, weight) == "grad_in_forward" and len(products) == 1 == rows)
     ref_loss, metrics = trl_kto(
         (h64, w64, b64), (kl64, w64, b64), target.cpu(), kl_target.cpu(), labels, config=config, **trl_ref
     )
