@@ -11,7 +11,8 @@ from typing import Any, NamedTuple, TypedDict
 import torch
 from typing_extensions import Unpack
 
-from ..kernels import check_linear_inputs
+from .._checks import check_choice
+from ..kernels import STRATEGIES, check_linear_inputs
 from ..kernels.head.linear_logprobs import LogitOptions
 from ._sequences import SequenceStats, sequence_stats
 
@@ -40,20 +41,21 @@ class LogitKwargs(TypedDict, total=False):
 _LOGIT_KEYS = tuple(LogitKwargs.__annotations__)
 
 
-def logit_options(**kwargs: Unpack[LogitKwargs]) -> LogitOptions:
-    """The :class:`LogitOptions` of a loss's keyword arguments (validated here, before any kernel).
+def logit_options(**kwargs: Unpack[LogitKwargs]) -> tuple[LogitOptions, str]:
+    """``(LogitOptions, strategy)`` of a loss's keyword arguments (validated here, before any kernel).
 
     An unknown keyword raises ``TypeError`` naming it and the accepted ones.
     """
     unknown = sorted(set(kwargs) - set(_LOGIT_KEYS))
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {unknown}; the logit options are {list(_LOGIT_KEYS)}")
-    return LogitOptions(**kwargs)
+    strategy = check_choice("strategy", kwargs.pop("strategy", "auto"), STRATEGIES)
+    return LogitOptions(**kwargs), strategy
 
 
-def options_kwargs(opts: LogitOptions) -> dict[str, Any]:
-    """The keyword arguments that rebuild ``opts`` through :func:`logit_options`."""
-    return {key: getattr(opts, key) for key in _LOGIT_KEYS}
+def options_kwargs(opts: LogitOptions, strategy: str) -> dict[str, Any]:
+    """The keyword arguments that rebuild ``(opts, strategy)`` through :func:`logit_options`."""
+    return {**{key: getattr(opts, key) for key in _LOGIT_KEYS if key != "strategy"}, "strategy": strategy}
 
 
 def check_vector(name: str, value: torch.Tensor, length: int) -> torch.Tensor:

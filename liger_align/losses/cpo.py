@@ -170,7 +170,7 @@ def fused_linear_cpo_loss(
         simpo_gamma=simpo_gamma, alpha=alpha,
     )
     average = cpo_averages_logps(config["loss_type"], average_log_prob)
-    opts = logit_options(**logit_kwargs)
+    opts, strategy = logit_options(**logit_kwargs)
     def objective(stats: SequenceStats) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         policy = split_pairs(stats)
         chosen_logps = sequence_logps(policy.chosen, average)
@@ -187,7 +187,7 @@ def fused_linear_cpo_loss(
     half = hidden.shape[0] // 2
     return fused_sequence_loss(
         hidden, lin_weight, target, bias, opts, objective, row_groups=tuple(range(half)) * 2, separable=True,
-        strategy=opts.strategy,
+        strategy=strategy,
     )
 
 

@@ -220,7 +220,7 @@ def fused_linear_dpo_loss(
         loss_type, loss_weights, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type, beta=beta,
         discopop_tau=discopop_tau, f_alpha_divergence_coef=f_alpha_divergence_coef,
     )
-    opts = logit_options(**logit_kwargs)
+    opts, strategy = logit_options(**logit_kwargs)
     half = hidden.shape[0] // 2
     if ref_hidden is not None and (ref_chosen_logps is not None or ref_rejected_logps is not None):
         raise ValueError("pass either ref_hidden or ref_chosen_logps/ref_rejected_logps, not both")
@@ -269,7 +269,7 @@ def fused_linear_dpo_loss(
     separable = not set(loss_types) & _COUPLED_LOSS_TYPES
     return fused_sequence_loss(
         hidden, lin_weight, target, bias, opts, objective, row_groups=tuple(range(half)) * 2, separable=separable,
-        strategy=opts.strategy,
+        strategy=strategy,
     )
 
 

@@ -224,7 +224,7 @@ def fused_linear_kto_loss(
             f"preference_labels must have shape (R,) = ({rows},) like hidden, "
             f"got {tuple(getattr(preference_labels, 'shape', ()))}"
         )
-    opts = logit_options(**logit_kwargs)
+    opts, strategy = logit_options(**logit_kwargs)
     if ref_hidden is not None and ref_logps is not None:
         raise ValueError("pass either ref_hidden or ref_logps, not both")
     ref_stats = reference_logps(
@@ -278,7 +278,7 @@ def fused_linear_kto_loss(
     # Separable over rows: the KL estimate is computed before, without gradient.
     return fused_sequence_loss(
         hidden, lin_weight, target, bias, opts, objective, row_groups=tuple(range(rows)), separable=True,
-        strategy=opts.strategy, metrics=split_metrics,
+        strategy=strategy, metrics=split_metrics,
     )
 
 

@@ -128,7 +128,7 @@ def fused_linear_orpo_loss(
     check_rows(hidden, target, lin_weight, paired=True)
     beta = check_orpo_config(beta)
     compute_nll_loss = check_flag("compute_nll_loss", compute_nll_loss)
-    opts = logit_options(**logit_kwargs)
+    opts, strategy = logit_options(**logit_kwargs)
     half = hidden.shape[0] // 2
     rows_hidden, rows_target = hidden, target
     if nll_target is not None:
@@ -167,7 +167,7 @@ def fused_linear_orpo_loss(
     groups = tuple(range(half)) * (rows_hidden.shape[0] // half)
     return fused_sequence_loss(
         rows_hidden, lin_weight, rows_target, bias, opts, objective, row_groups=groups, separable=True,
-        strategy=opts.strategy,
+        strategy=strategy,
     )
 
 

@@ -29,7 +29,6 @@ from ._linear_chunks import (
     valid_token_index,
 )
 from ._row_softmax import RowPasses, RowStats
-from ._strategy import STRATEGIES
 
 if TYPE_CHECKING:
     from ._cross_entropy_options import CrossEntropyTerms
@@ -41,9 +40,7 @@ if TYPE_CHECKING:
 class LogitOptions:
     """How logits are formed and chunked. ``z = (softcap * tanh(logit_scale * raw / softcap)) / temperature``.
 
-    ``strategy`` (the sequence losses only; the per-token ops here always recompute): ``"auto"``,
-    ``"grad_in_forward"`` (3 products) or ``"recompute"`` (4 products); see
-    :mod:`liger_align.kernels.head._strategy`.
+    The gradient path (``strategy``) is an argument of each op, not an option of the logits.
     """
 
     ignore_index: int = IGNORE_INDEX
@@ -52,7 +49,6 @@ class LogitOptions:
     logit_scale: float = 1.0
     chunk_bytes: int | None = None
     impl: str | None = None
-    strategy: str = "auto"
 
     def __post_init__(self) -> None:
         # Checked and normalised to Python numbers (numpy scalars and 0-d tensors are accepted).
@@ -67,8 +63,6 @@ class LogitOptions:
             raise ValueError(f"logit_scale must be a finite non-zero number, got {self.logit_scale!r}")
         if self.impl not in _IMPLS:
             raise ValueError(f"impl must be one of {list(_IMPLS)}, got {self.impl!r}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
         for key, value in values.items():
             object.__setattr__(self, key, value)
 
