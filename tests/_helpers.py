@@ -296,12 +296,19 @@ def run_script(script: Path, args: list[str], cwd: Path, timeout: float = 300) -
 
 
 def example_module(name: str):
-    """Example ``name`` imported as a module (its ``__main__`` block does not run)."""
+    """Example ``name`` of :data:`SCRIPTS` imported as a module (its ``__main__`` block does not run)."""
+    return import_script(SCRIPTS[name], f"example_{name}")
+
+
+def import_script(script: Path, module_name: str):
+    """The example ``script`` imported as module ``module_name`` (its ``__main__`` block does not run), with the
+    shared alignment helpers and the script's own folder importable."""
     import importlib.util
 
-    if str(ALIGNMENT) not in sys.path:
-        sys.path.insert(0, str(ALIGNMENT))
-    spec = importlib.util.spec_from_file_location(f"example_{name}", SCRIPTS[name])
+    for path in (ALIGNMENT, script.parent):
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+    spec = importlib.util.spec_from_file_location(module_name, script)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)

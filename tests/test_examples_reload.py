@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import torch
+from _helpers import import_script
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -111,14 +112,7 @@ def reload_in_fresh_python(tmp_path: Path, **job: Any) -> tuple[dict[str, Any], 
 
 def load_example(name: str):
     """The example as a module (its ``__main__`` block does not run), under a name of its own."""
-    for path in (EXAMPLES / "alignment", SCRIPTS[name].parent):
-        if str(path) not in sys.path:
-            sys.path.insert(0, str(path))
-    spec = importlib.util.spec_from_file_location(f"reload_example_{name}", SCRIPTS[name])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return import_script(SCRIPTS[name], f"reload_example_{name}")
 
 
 def train(name: str, out: Path, monkeypatch: pytest.MonkeyPatch, *extra: str) -> tuple[dict[str, Any], Any]:

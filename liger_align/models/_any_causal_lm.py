@@ -27,7 +27,7 @@ from torch import nn
 from .._tokens import IGNORE_INDEX
 from ._causal_lm import fused_output
 from ._vision_forward import _with_logps
-from .head_call import backbone, output_head, router_aux_loss, text_config
+from .head_call import backbone, output_head, router_aux_loss, router_aux_weight, text_config
 
 #: Keywords the fused forward handles itself; every other argument of the model's forward goes to the backbone.
 _OWN = ("labels", "shift_labels", "num_items_in_batch", "logits_to_keep", "return_dict", "output_router_logits",
@@ -65,9 +65,7 @@ def _fused_call(lm: nn.Module, named: dict[str, Any], out_cls: type, *, fuse: bo
         aux = router_aux_loss(lm, outputs.router_logits, body.get("attention_mask"))
         out.aux_loss = aux
         if out.loss is not None:
-            coef = getattr(lm, "router_aux_loss_coef", None)
-            coef = getattr(text_config(lm), "router_aux_loss_coef", 0.0) if coef is None else coef
-            out.loss = out.loss + coef * aux.to(out.loss.device)
+            out.loss = out.loss + router_aux_weight(lm) * aux.to(out.loss.device)
     return out
 
 

@@ -173,6 +173,12 @@ def router_aux_loss(lm: nn.Module, router_logits: Any, attention_mask: torch.Ten
     return loss_fn(router_logits, experts, top_k, attention_mask)
 
 
+def router_aux_weight(lm: nn.Module) -> float:
+    """The weight of the MoE router's auxiliary loss in ``lm``'s loss (its ``router_aux_loss_coef``; 0 without)."""
+    coef = getattr(lm, "router_aux_loss_coef", None)
+    return getattr(text_config(lm), "router_aux_loss_coef", 0.0) if coef is None else coef
+
+
 def _full(param: torch.Tensor | None) -> torch.Tensor | None:
     """A DTensor (FSDP2 sharded parameter) gathered to a plain tensor, differentiably; others unchanged."""
     if param is not None and hasattr(param, "full_tensor") and type(param).__name__ == "DTensor":

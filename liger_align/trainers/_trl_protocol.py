@@ -9,7 +9,6 @@ is installed by :mod:`._head_forward`.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -17,9 +16,7 @@ from torch import nn
 
 from .._tokens import IGNORE_INDEX, next_token_targets
 from ..kernels.head.linear_logprobs import linear_logprobs
-from ..models.head_call import call_through_head, logit_options, text_config
-
-logger = logging.getLogger(__name__)
+from ..models.head_call import call_through_head, logit_options, router_aux_weight
 
 _TRL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 _STATS = ("entropy", "is_top1", "log_sum_sq_probs")
@@ -58,7 +55,7 @@ def trl_fused_output(
     log_probs = per_token["log_probs"]
     loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items is None else num_items)
     if aux is not None:
-        loss = loss + getattr(text_config(lm), "router_aux_loss_coef", 0.0) * aux
+        loss = loss + router_aux_weight(lm) * aux
     return FusedCausalLMOutput(
         loss=loss,
         label_mask=mask,
