@@ -68,7 +68,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     rewards = [summary["start"].get(f"eval_rewards/{side}") for side in ("chosen", "rejected")]
     if summary["start"].get("eval_rewards/accuracies") == 0 and all(r is not None and r == 0 for r in rewards):
         print("  (at the start the policy is the reference: every reward is 0, and a tie counts as a miss)")
-    print(f"saved model and tokenizer to {summary['output_dir']}")
+    kind = "processor" if (Path(summary["output_dir"]) / "processor_config.json").exists() else "tokenizer"
+    print(f"saved model and {kind} to {summary['output_dir']}")
 
 
 
